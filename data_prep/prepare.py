@@ -1,0 +1,483 @@
+r"""Prepares a product catalogue as sharded TFRecords for mic_jax.
+
+Example (generic CSV, image paths relative to the CSV's folder):
+
+  python -m data_prep.prepare --input=catalogue.csv --id_column=id \
+    --title_column=productDisplayName --label_column=articleType \
+    --image_pattern='images/{id}.jpg' --tokenizer=TOKENIZER_DIR \
+    --max_length=32 --output_dir=prepared/
+
+Passes: (1) stream the catalogue, validate ids/titles/labels, write the good
+rows to a spill file and collect per-title-group label counts; (2) assign
+splits and deal rows to per-shard spill files; (3) process shards in
+parallel (images + tokens -> one TFRecord each). Every stage leaves a marker,
+so a rerun with the same arguments resumes; other arguments are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+# Before TensorFlow loads (here and in the spawned workers): quiet C++ logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tqdm import tqdm  # noqa: E402
+
+from data_prep import readers
+from data_prep import split as split_lib
+from data_prep import writer
+from mic_jax.data import records
+from mic_jax.text import title_group_key
+
+WORK = ".work"
+# Reasons a row is rejected before images are looked at.
+EMPTY_TITLE = "empty_title"
+MISSING_ID = "missing_id"
+MISSING_LABEL = "missing_label"
+UNKNOWN_LABEL = "unknown_label"
+DUPLICATE_ID = "duplicate_id"
+BAD_SPLIT = "bad_split_value"
+RARE_CLASS = "rare_class"
+TITLE_TRUNCATED = "title_truncated"
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m data_prep.prepare", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  a = p.add_argument
+  a("--input", required=True,
+    help="catalogue file (csv/tsv/jsonl), the fashion folder, or Rakuten "
+         "X_train.csv")
+  a("--format", default="auto", choices=("auto", "generic", "fashion",
+                                         "rakuten"))
+  a("--output_dir", required=True)
+  a("--tokenizer", required=True, help="tokenizer directory or .model file")
+  a("--max_length", type=int, default=64, help="tokens incl. [CLS]/[SEP]")
+  a("--id_column", default="id")
+  a("--title_column", default="title")
+  a("--label_column", default="label")
+  a("--image_column", default="", help="column with an image path")
+  a("--image_pattern", default="",
+    help="image path pattern with {column} fields, e.g. images/{id}.jpg")
+  a("--image_root", default="",
+    help="folder image paths are relative to (default: the input's folder)")
+  a("--delimiter", default=None, help="override the CSV delimiter")
+  a("--split_column", default="",
+    help="keep the given splits (values train/validation/test)")
+  a("--parent_columns", default="",
+    help="comma-separated parent levels, coarse to fine -> taxonomy.json")
+  a("--fashion_level", default="articleType",
+    choices=readers.FASHION_LEVELS)
+  a("--rakuten_labels", default="", help="Y_train.csv (default: next to X)")
+  a("--rakuten_images", default="",
+    help="image folder (default: images/image_train next to X)")
+  a("--rakuten_description", action="store_true",
+    help="append the description to the designation")
+  a("--labels_file", default="",
+    help="fixed class list (one per line); other labels are rejected")
+  a("--seed", type=int, default=0, help="split seed")
+  a("--split_fractions", default="0.8,0.1,0.1")
+  a("--min_examples_per_class", type=int, default=2)
+  a("--rare_classes", default="drop", choices=("drop", "keep"))
+  a("--drop_missing_images", action="store_true",
+    help="reject products without a usable image instead of keeping them "
+         "with image/present=0")
+  a("--max_title_chars", type=int, default=1000)
+  a("--max_image_side", type=int, default=512)
+  a("--jpeg_quality", type=int, default=90)
+  a("--examples_per_shard", type=int, default=2048)
+  a("--num_workers", type=int, default=os.cpu_count() or 1)
+  a("--overwrite", action="store_true", help="delete output_dir first")
+  return p
+
+
+# Arguments that do not change the output (safe to vary on restart).
+_RUNTIME_ONLY = ("num_workers", "overwrite")
+
+
+def _fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+  return {k: v for k, v in sorted(vars(args).items()) if k not in _RUNTIME_ONLY}
+
+
+def _rows(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
+  """The row stream and the parent level names."""
+  path = pathlib.Path(args.input)
+  fmt = args.format
+  if fmt == "auto":
+    fmt = ("fashion" if (path / "styles.csv").exists() else
+           "rakuten" if path.name.startswith("X_") else "generic")
+  if fmt == "fashion":
+    root = path if path.is_dir() else path.parent
+    parents = readers.FASHION_LEVELS[:readers.FASHION_LEVELS.index(
+        args.fashion_level)]
+    return readers.read_fashion(root, args.fashion_level), parents
+  if fmt == "rakuten":
+    y = pathlib.Path(args.rakuten_labels or path.with_name(
+        path.name.replace("X_", "Y_", 1)))
+    img = pathlib.Path(args.rakuten_images or path.parent / "images" /
+                       "image_train")
+    return readers.read_rakuten(path, y, img,
+                                use_description=args.rakuten_description), ()
+  parents = readers.parse_columns(args.parent_columns)
+  columns = readers.Columns(
+      id=args.id_column, title=args.title_column, label=args.label_column,
+      image=args.image_column, image_pattern=args.image_pattern,
+      split=args.split_column, parents=parents)
+  root = pathlib.Path(args.image_root) if args.image_root else None
+  return readers.read_generic(path, columns, image_root=root,
+                              delimiter=args.delimiter), parents
+
+
+class _Rejects:
+  """Counts rejected rows by reason and logs each to rejected.jsonl."""
+
+  def __init__(self, path: pathlib.Path):
+    self.counts: collections.Counter[str] = collections.Counter()
+    self._f = open(path, "w", encoding="utf-8")
+
+  def add(self, row: readers.RawRow, reason: str, detail: str = "") -> None:
+    self.counts[reason] += 1
+    self._f.write(json.dumps(
+        {"source": row.source, "id": row.product_id, "reason": reason,
+         "detail": detail, "title": row.title[:200]},
+        ensure_ascii=False) + "\n")
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def _id_hash(product_id: str) -> bytes:
+  return hashlib.blake2b(product_id.encode("utf-8", "replace"),
+                         digest_size=8).digest()
+
+
+def pass1(args: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
+  """Validates rows, writes good ones to rows.jsonl, counts groups/labels.
+
+  Memory is one 8-byte id hash and one small label counter per title group
+  (not per row); rows themselves stream to disk.
+  """
+  stream, parents = _rows(args)
+  rejects = _Rejects(work / "rejected_pass1.jsonl")
+  fixed = None
+  if args.labels_file:
+    fixed = set(pathlib.Path(args.labels_file).read_text(
+        encoding="utf-8").splitlines()) - {""}
+  seen_ids: set[bytes] = set()
+  groups: dict[int, collections.Counter[str]] = collections.defaultdict(
+      collections.Counter)
+  given: collections.Counter[tuple[str, str]] = collections.Counter()
+  taxonomy: dict[str, collections.Counter[str]] = collections.defaultdict(
+      collections.Counter)
+  repaired: collections.Counter[str] = collections.Counter()
+  rows_in = 0
+  with open(work / "rows.jsonl.tmp", "w", encoding="utf-8") as out:
+    for row in tqdm(stream, desc="pass 1: validate", unit=" rows",
+                    mininterval=2, disable=None):
+      rows_in += 1
+      if row.error:
+        rejects.add(row, row.error, row.detail)
+        continue
+      if not row.product_id:
+        rejects.add(row, MISSING_ID)
+        continue
+      if not row.title.strip() or not title_group_key(row.title):
+        rejects.add(row, EMPTY_TITLE)
+        continue
+      if not row.label:
+        rejects.add(row, MISSING_LABEL)
+        continue
+      if fixed is not None and row.label not in fixed:
+        rejects.add(row, UNKNOWN_LABEL, row.label)
+        continue
+      if args.split_column and row.split not in split_lib.SPLITS:
+        rejects.add(row, BAD_SPLIT, row.split)
+        continue
+      key = _id_hash(row.product_id)
+      if key in seen_ids:
+        rejects.add(row, DUPLICATE_ID)
+        continue
+      seen_ids.add(key)
+      if len(row.title) > args.max_title_chars:
+        row.title = row.title[:args.max_title_chars]
+        repaired[TITLE_TRUNCATED] += 1
+      group = split_lib.group_hash(title_group_key(row.title), args.seed)
+      groups[group][row.label] += 1
+      given[(row.split, row.label)] += 1
+      if parents:
+        taxonomy[row.label][" > ".join(row.parents)] += 1
+      out.write(json.dumps({"source": row.source, "id": row.product_id,
+                            "title": row.title, "label": row.label,
+                            "image": row.image_path, "split": row.split,
+                            "group": group}, ensure_ascii=False) + "\n")
+  rejects.close()
+  os.replace(work / "rows.jsonl.tmp", work / "rows.jsonl")
+  return {"rows_in": rows_in, "rejected": dict(rejects.counts),
+          "repaired": dict(repaired), "parents": list(parents),
+          "groups": {str(g): dict(c) for g, c in groups.items()},
+          "given": [[s, l, n] for (s, l), n in given.items()],
+          "taxonomy": {k: dict(v) for k, v in taxonomy.items()}}
+
+
+def plan(args: argparse.Namespace, p1: dict[str, Any]
+         ) -> tuple[list[str], set[str], dict[int, str], set[str]]:
+  """Chooses the classes, the group splits, and labels to reject.
+
+  Returns:
+    (labels in id order, rare labels, group hash -> split, labels rejected
+    as unknown because given splits have them outside train).
+  """
+  label_totals: collections.Counter[str] = collections.Counter()
+  train_labels: set[str] = set()
+  for s, label, n in p1["given"]:
+    label_totals[label] += n
+    if s == "train":
+      train_labels.add(label)
+  rare = {l for l, n in label_totals.items()
+          if n < args.min_examples_per_class}
+  keep = set(label_totals)
+  if args.rare_classes == "drop":
+    keep -= rare
+  unknown: set[str] = set()
+  if args.split_column:
+    # A class never seen in training cannot be learned: reject its rows.
+    unknown = keep - train_labels
+    keep &= train_labels
+  if args.labels_file:
+    labels = [l for l in pathlib.Path(args.labels_file).read_text(
+        encoding="utf-8").splitlines() if l]
+  else:
+    labels = sorted(keep)
+  assignment: dict[int, str] = {}
+  if not args.split_column:
+    fractions = [float(x) for x in args.split_fractions.split(",")]
+    groups = {int(g): {l: n for l, n in c.items() if l in keep}
+              for g, c in p1["groups"].items()}
+    groups = {g: c for g, c in groups.items() if c}
+    assignment = split_lib.assign_groups(groups, seed=args.seed,
+                                         fractions=fractions)
+  return labels, rare, assignment, unknown
+
+
+def pass2(args: argparse.Namespace, work: pathlib.Path, labels: list[str],
+          rare: set[str], unknown: set[str], assignment: dict[int, str]
+          ) -> dict[str, int]:
+  """Deals validated rows to per-shard spill files; returns shard counts."""
+  label_id = {l: i for i, l in enumerate(labels)}
+  rejects = _Rejects(work / "rejected_pass2.jsonl")
+  counts: collections.Counter[str] = collections.Counter()
+  with open(work / "rows.jsonl", encoding="utf-8") as f:
+    for line in f:
+      r = json.loads(line)
+      split = r["split"] or assignment.get(r["group"], "")
+      counts[split] += 1
+  num_shards = {s: max(1, -(-counts[s] // args.examples_per_shard))
+                for s in split_lib.SPLITS if counts[s]}
+  handles = {}
+  for s, n in num_shards.items():
+    for i in range(n):
+      handles[(s, i)] = open(work / f"spill-{s}-{i:05d}.jsonl", "w",
+                             encoding="utf-8")
+  position: collections.Counter[str] = collections.Counter()
+  with open(work / "rows.jsonl", encoding="utf-8") as f:
+    for line in f:
+      r = json.loads(line)
+      row = readers.RawRow(source=r["source"], product_id=r["id"],
+                           title=r["title"])
+      if r["label"] in unknown:
+        rejects.add(row, UNKNOWN_LABEL, r["label"] + " (not in train)")
+        continue
+      if r["label"] not in label_id:
+        rejects.add(row, RARE_CLASS if r["label"] in rare else UNKNOWN_LABEL,
+                    r["label"])
+        continue
+      split = r["split"] or assignment[r["group"]]
+      shard = position[split] % num_shards[split]
+      position[split] += 1
+      r["label_id"] = label_id[r["label"]]
+      handles[(split, shard)].write(json.dumps(r, ensure_ascii=False) + "\n")
+  for h in handles.values():
+    h.close()
+  rejects.close()
+  return {**num_shards, "rejected": dict(rejects.counts)}
+
+
+def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
+  for key in ("repaired", "rejected", "token_lengths", "image_sizes"):
+    bucket = total.setdefault(key, collections.Counter())
+    bucket.update(part.get(key, {}))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Runs (or resumes) the whole preparation; returns stats.json's content."""
+  start = time.time()
+  out = pathlib.Path(args.output_dir)
+  if args.overwrite and out.exists():
+    shutil.rmtree(out)
+  work = out / WORK
+  work.mkdir(parents=True, exist_ok=True)
+  fingerprint = _fingerprint(args)
+  fp_file = work / "arguments.json"
+  if fp_file.exists():
+    old = json.loads(fp_file.read_text(encoding="utf-8"))
+    if old != fingerprint:
+      diff = sorted(k for k in set(old) | set(fingerprint)
+                    if old.get(k) != fingerprint.get(k))
+      raise SystemExit(
+          f"{out} holds a preparation with other arguments (differs in: "
+          f"{', '.join(diff)}). Use another --output_dir or --overwrite.")
+  elif (out / records.INFO_FILE).exists():
+    raise SystemExit(f"{out} already holds a prepared data set; use "
+                     "--overwrite to replace it")
+  records.write_json_atomic(fp_file, fingerprint)
+
+  p1_file = work / "pass1.json"
+  if not p1_file.exists():
+    records.write_json_atomic(p1_file, pass1(args, work))
+  p1 = json.loads(p1_file.read_text(encoding="utf-8"))
+  labels, rare, assignment, unknown = plan(args, p1)
+  if not labels:
+    raise SystemExit("no class has enough valid rows; see rejected.jsonl")
+  p2_file = work / "pass2.json"
+  if not p2_file.exists():
+    records.write_json_atomic(
+        p2_file, pass2(args, work, labels, rare, unknown, assignment))
+  p2 = json.loads(p2_file.read_text(encoding="utf-8"))
+
+  tasks = []
+  for s in split_lib.SPLITS:
+    for i in range(p2.get(s, 0)):
+      tasks.append((s, i, writer.ShardTask(
+          spill=str(work / f"spill-{s}-{i:05d}.jsonl"),
+          output=str(out / records.shard_name(s, i, p2[s])),
+          rejected=str(work / f"rejected-{s}-{i:05d}.jsonl"),
+          tokenizer=str(args.tokenizer), max_length=args.max_length,
+          num_classes=len(labels), max_side=args.max_image_side,
+          jpeg_quality=args.jpeg_quality,
+          drop_missing_images=args.drop_missing_images)))
+  done = {}
+  todo = []
+  for s, i, task in tasks:
+    marker = work / f"done-{s}-{i:05d}.json"
+    if marker.exists() and pathlib.Path(task.output).exists():
+      done[(s, i)] = json.loads(marker.read_text(encoding="utf-8"))
+    else:
+      todo.append((s, i, task))
+  sizes = {(s, i): sum(1 for _ in open(t.spill, encoding="utf-8"))
+           for s, i, t in todo}
+  bar = tqdm(total=sum(sizes.values()), desc="pass 3: images+tokens",
+             unit=" products", mininterval=2, disable=None)
+  workers = max(1, min(args.num_workers, len(todo)))
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(workers) if workers > 1 else _InlinePool() as pool:
+    keyed = pool.imap_unordered(_run_task, todo)
+    for (s, i), stats in keyed:
+      records.write_json_atomic(work / f"done-{s}-{i:05d}.json", stats)
+      done[(s, i)] = stats
+      bar.update(sizes[(s, i)])
+  bar.close()
+  return finish(args, out, work, p1, p2, labels, rare, done, tasks,
+                time.time() - start)
+
+
+def _run_task(item):
+  s, i, task = item
+  return (s, i), writer.process_shard(task)
+
+
+class _InlinePool:
+  """``multiprocessing.Pool`` stand-in for one worker (no process start)."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def imap_unordered(self, fn, items):
+    return map(fn, items)
+
+
+def finish(args, out, work, p1, p2, labels, rare, done, tasks, seconds):
+  """Merges shard stats, writes rejected.jsonl, stats.json, info files."""
+  shards: dict[str, list[dict[str, Any]]] = {}
+  total: dict[str, Any] = {}
+  splits: dict[str, Any] = {}
+  for s, i, task in tasks:
+    st = done[(s, i)]
+    _merge(total, st)
+    shards.setdefault(s, []).append({
+        "file": pathlib.Path(task.output).name, "examples": st["examples"],
+        "class_counts": st["class_counts"]})
+    sp = splits.setdefault(s, {"examples": 0, "image_present": 0,
+                               "per_class": collections.Counter()})
+    sp["examples"] += st["examples"]
+    sp["image_present"] += st["image_present"]
+    sp["per_class"].update({labels[c]: n for c, n in
+                            enumerate(st["class_counts"]) if n})
+  rejected = collections.Counter(p1["rejected"])
+  rejected.update(p2["rejected"])
+  rejected.update(total.get("rejected", {}))
+  with open(out / "rejected.jsonl.tmp", "w", encoding="utf-8") as f:
+    for part in [work / "rejected_pass1.jsonl", work / "rejected_pass2.jsonl"
+                 ] + [pathlib.Path(t.rejected) for _, _, t in tasks]:
+      if part.exists():
+        f.write(part.read_text(encoding="utf-8"))
+  os.replace(out / "rejected.jsonl.tmp", out / "rejected.jsonl")
+  repaired = collections.Counter(p1["repaired"])
+  repaired.update(total.get("repaired", {}))
+  rows_out = sum(sp["examples"] for sp in splits.values())
+  stats = {
+      "rows_in": p1["rows_in"], "rows_out": rows_out,
+      "rejected_total": sum(rejected.values()),
+      "splits": {s: {**sp, "per_class": dict(sorted(sp["per_class"].items()))}
+                 for s, sp in splits.items()},
+      "rejected": dict(sorted(rejected.items())),
+      "repaired": dict(sorted(repaired.items())),
+      "rare_classes": sorted(rare), "rare_classes_policy": args.rare_classes,
+      "num_classes": len(labels),
+      "token_length_histogram": dict(sorted(
+          total.get("token_lengths", {}).items(), key=lambda kv: int(kv[0]))),
+      "image_size_histogram": dict(total.get("image_sizes", {})),
+      "seconds": round(seconds, 1),
+      "products_per_second": round(p1["rows_in"] / max(seconds, 1e-9), 1),
+  }
+  if stats["rows_in"] != rows_out + stats["rejected_total"]:
+    raise RuntimeError("internal error: rows in != rows out + rejected")
+  extra = {"tokenizer": str(args.tokenizer), "seed": args.seed}
+  if p1["parents"]:
+    taxonomy = {"levels": p1["parents"] + [args.fashion_level
+                if not args.parent_columns else args.label_column],
+                "parents": {l: p1["taxonomy"].get(l, {}) for l in labels}}
+    records.write_json_atomic(out / "taxonomy.json", taxonomy)
+    extra["taxonomy_file"] = "taxonomy.json"
+  records.write_json_atomic(out / "stats.json", stats)
+  records.write_info(out, labels=labels, max_length=args.max_length,
+                     shards=shards, extra=extra)
+  shutil.rmtree(work, ignore_errors=True)
+  return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
+  stats = run(args)
+  print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "rejected",
+                                          "repaired", "seconds",
+                                          "products_per_second")}))
+  print("splits: " + ", ".join(f"{s}={v['examples']}"
+                               for s, v in stats["splits"].items()))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,307 @@
+"""The multimodal classifier: towers + fusion + head, built from a config.
+
+One module covers the four end-to-end systems of the paper's Table 2 (late
+fusion is two separately trained ``text_only`` / ``image_only`` models whose
+probabilities are mixed afterwards, see :func:`mic_jax.train.metrics.
+choose_alpha`):
+
+  kind          towers      fusion                      head input
+  text_only     txt         -                           text [CLS]
+  image_only    img         -                           image token 0
+  early         txt, img    EarlyFusion (concat + MLP)  fusion output
+  cross_modal   txt, img    CrossModalAttention         Σ_i h'_i
+
+Sub-modules have stable names, ``txt`` (BERT), ``img`` (ViT or BiT),
+``fusion`` and ``head``, so a regex over parameter paths can freeze a
+tower, re-initialise the head or give a tower its own learning rate
+(:func:`tower_patterns`). A tower a kind does not use is not built at all,
+so it has no parameters, no optimizer state and no checkpoint entry.
+
+"Text [CLS]" is BERT's pooled output (the tanh ``pooler`` over the [CLS]
+state, what Hugging Face's sequence classifier fine-tunes) unless
+``config.model.text_repr = "cls"`` asks for the raw ``seq[:, 0]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from mic_jax.models import bert as bert_lib
+from mic_jax.models import fusion as fusion_lib
+
+Batch = Mapping[str, jnp.ndarray]
+KINDS = ("text_only", "image_only", "early", "cross_modal")
+TOWERS = ("txt", "img", "fusion", "head")
+TEXT_REPRS = ("pooler", "cls")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+def uses_text(kind: str) -> bool:
+  return kind in ("text_only", "early", "cross_modal")
+
+
+def uses_image(kind: str) -> bool:
+  return kind in ("image_only", "early", "cross_modal")
+
+
+def towers_of(kind: str) -> tuple[str, ...]:
+  """The sub-module names a kind builds, e.g. ``("txt", "head")``."""
+  _check_kind(kind)
+  names = []
+  if uses_text(kind):
+    names.append("txt")
+  if uses_image(kind):
+    names.append("img")
+  if kind in ("early", "cross_modal"):
+    names.append("fusion")
+  names.append("head")
+  return tuple(names)
+
+
+def tower_patterns(kind: str) -> dict[str, str]:
+  """``{tower: regex}`` over ``/``-joined parameter paths, per built tower.
+
+  E.g. ``{"txt": "txt/.*", "img": "img/.*", "head": "head/.*"}``; use them
+  for ``optim.freeze`` or ``optim.lr_multipliers``, or to decide what a
+  pretrained checkpoint must not overwrite.
+  """
+  return {name: f"{name}/.*" for name in towers_of(kind)}
+
+
+def _check_kind(kind: str) -> None:
+  if kind == "late":
+    raise ValueError("late fusion is not one model: train a 'text_only' and "
+                     "an 'image_only' model and mix their probabilities "
+                     "(mic_jax.train.metrics.choose_alpha)")
+  if kind not in KINDS:
+    raise ValueError(f"unknown model kind {kind!r}; known: {KINDS} (and "
+                     "'late', built from two of them)")
+
+
+class MultimodalClassifier(nn.Module):
+  """Title + photo -> category logits, for every kind of :data:`KINDS`.
+
+  Build it with :func:`build_model`; the towers are passed in as unbound
+  modules and adopted under the names ``txt`` and ``img``.
+
+  Attributes:
+    kind: which system (see the module docstring).
+    num_classes: number of categories.
+    txt: the BERT text tower (``None`` for image_only).
+    img: the image tower (``None`` for text_only); returns tokens
+      ``[B, 1+N, D]`` with the global representation at index 0.
+    fusion_heads, fusion_gate, fusion_dropout, fusion_pool: the
+      cross-modal options (see :class:`fusion.CrossModalAttention`).
+    mlp_dim: hidden width of the early-fusion MLP.
+    head_dropout: dropout on the head's input.
+    head_bias: bias on the output layer; eq. (4) has none, so
+      :func:`build_model` turns it off for cross_modal.
+    text_repr: "pooler" or "cls" (see the module docstring).
+    dtype: compute dtype; parameters keep their own ``param_dtype``.
+  """
+  kind: str
+  num_classes: int
+  txt: nn.Module | None = None
+  img: nn.Module | None = None
+  fusion_heads: int = 1
+  fusion_gate: bool = True
+  fusion_dropout: float = 0.0
+  fusion_pool: str = "sum"
+  mlp_dim: int = 512
+  head_dropout: float = 0.0
+  head_bias: bool = True
+  text_repr: str = "pooler"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    _check_kind(self.kind)
+    for tower, needed, what in ((self.txt, uses_text(self.kind), "text"),
+                                (self.img, uses_image(self.kind), "image")):
+      if (tower is not None) != needed:
+        raise ValueError(f"kind {self.kind!r} "
+                         f"{'needs' if needed else 'must not have'} "
+                         f"a {what} tower")
+    if self.text_repr not in TEXT_REPRS:
+      raise ValueError(f"text_repr must be one of {TEXT_REPRS}, got "
+                       f"{self.text_repr!r}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.kind == "cross_modal":
+      self.fusion = fusion_lib.CrossModalAttention(
+          heads=self.fusion_heads, gate=self.fusion_gate,
+          dropout=self.fusion_dropout, pool=self.fusion_pool,
+          return_stats=True, **kw)
+    elif self.kind == "early":
+      self.fusion = fusion_lib.EarlyFusion(
+          mlp_dim=self.mlp_dim, dropout=self.fusion_dropout, **kw)
+    self.head = fusion_lib.ClassifierHead(
+        self.num_classes, dropout=self.head_dropout, use_bias=self.head_bias,
+        **kw)
+
+  def __call__(self, batch: Batch, *, train: bool = False
+               ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Classifies a batch of the data pipeline.
+
+    Args:
+      batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` ``[B, L]``,
+        ``image`` ``[B, H, W, 3]`` in [-1, 1], ``image_present`` ``[B]``; a
+        kind reads only the keys of the towers it has (other keys such as
+        ``label`` and ``mask`` are ignored).
+      train: enables dropout (needs a ``dropout`` RNG).
+
+    Returns:
+      ``(logits [B, C] float32, aux)``; ``aux`` holds the features the head
+      saw (``features``), the towers' global vectors (``text_cls``,
+      ``image_cls``) and, for cross_modal, ``gate_mean`` (a float32 scalar,
+      the visual gate averaged over real tokens of products with a photo).
+    """
+    aux: dict[str, jnp.ndarray] = {}
+    if self.txt is not None:
+      text_mask = batch["attention_mask"]
+      seq, pooled = self.txt(batch["input_ids"], text_mask,
+                             batch.get("token_type_ids"), train=train)
+      text_cls = pooled if self.text_repr == "pooler" else seq[:, 0]
+      aux["text_cls"] = text_cls
+    if self.img is not None:
+      tokens = self.img(batch["image"], train=train)
+      image_cls = tokens[:, 0]
+      aux["image_cls"] = image_cls
+
+    if self.kind == "text_only":
+      features = text_cls
+    elif self.kind == "image_only":
+      features = image_cls
+    elif self.kind == "early":
+      features = self.fusion(text_cls, image_cls, batch["image_present"],
+                             train=train)
+    else:
+      features, stats = self.fusion(seq, tokens, text_mask,
+                                    batch["image_present"], train=train)
+      aux.update(stats)
+    aux["features"] = features
+    return self.head(features, train=train), aux
+
+
+# ------------------------------------------------------------ building --
+
+
+def compute_dtype(name: str) -> Any:
+  """``"bfloat16"`` -> ``jnp.bfloat16``; unknown names raise."""
+  if name not in _DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+  return _DTYPES[name]
+
+
+def text_config(config: ml_collections.ConfigDict) -> bert_lib.BertConfig:
+  """The BERT architecture of ``config.text``.
+
+  In order: an explicit ``config.text.bert`` dict of :class:`BertConfig`
+  fields; else the ``config.json`` of ``config.text.checkpoint`` (a local
+  directory or a hub id, so the tower matches the weights to be loaded);
+  else the named size ``config.text.size``. ``config.text.dropout`` (when
+  present) sets both BERT dropout rates and ``config.text.vocab_size``
+  (when present and positive) the vocabulary size.
+  """
+  text = config.text
+  explicit = text.get("bert")
+  overrides: dict[str, Any] = {}
+  if text.get("dropout") is not None:
+    overrides.update(hidden_dropout_prob=float(text.dropout),
+                     attention_probs_dropout_prob=float(text.dropout))
+  if text.get("vocab_size"):
+    overrides["vocab_size"] = int(text.vocab_size)
+  if explicit:
+    values = dict(explicit.to_dict() if hasattr(explicit, "to_dict")
+                  else explicit)
+    return bert_lib.BertConfig(**{**values, **overrides})
+  if text.get("checkpoint"):
+    # Lazy: reading a checkpoint's config may download it from the hub.
+    # pylint: disable=g-import-not-at-top
+    from mic_jax.checkpoints import bert as bert_ckpt
+    from mic_jax.checkpoints import hub
+    # pylint: enable=g-import-not-at-top
+    base = bert_ckpt.read_config(
+        hub.resolve_dir(text.checkpoint, what="BERT checkpoint"))
+    return dataclasses.replace(base, **overrides)
+  return bert_lib.get_bert_config(text.get("size", "base"), **overrides)
+
+
+def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
+                      param_dtype: Any = jnp.float32) -> nn.Module:
+  """The ViT or BiT tower of ``config.image`` (``kind`` and ``variant``)."""
+  image = config.image
+  kind = image.get("kind", "vit")
+  overrides: dict[str, Any] = {}
+  if image.get("remat"):
+    overrides["remat"] = True
+  if kind == "vit":
+    from mic_jax.models import vit  # pylint: disable=g-import-not-at-top
+    if image.get("dropout"):
+      overrides["dropout"] = float(image.dropout)
+    return vit.get_vit(image.variant, dtype=dtype, param_dtype=param_dtype,
+                       **overrides)
+  if kind == "bit":
+    from mic_jax.models import bit  # pylint: disable=g-import-not-at-top
+    return bit.get_bit(image.variant, dtype=dtype, param_dtype=param_dtype,
+                       **overrides)
+  raise ValueError(f"config.image.kind must be 'vit' or 'bit', got {kind!r}")
+
+
+def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
+  """The classifier of ``config`` (the one place models are constructed).
+
+  Reads ``config.model.kind``, ``config.num_classes`` (must be filled in),
+  ``config.dtype`` (compute; parameters stay float32), ``config.text`` (see
+  :func:`text_config`; plus ``remat``), ``config.image.{kind, variant,
+  dropout, remat}`` and ``config.fusion.{heads, gate, dropout, pool,
+  mlp_dim}``. Optional: ``config.model.text_repr`` ("pooler"/"cls") and
+  ``config.fusion.head_bias`` (default: off for cross_modal, as in eq. 4,
+  on otherwise).
+  """
+  kind = config.model.kind
+  _check_kind(kind)
+  num_classes = int(config.num_classes)
+  if num_classes < 1:
+    raise ValueError(f"config.num_classes must be set (got {num_classes}); "
+                     "the trainer fills it in from the data's labels.txt")
+  dtype = compute_dtype(config.get("dtype", "float32"))
+  txt = img = None
+  if uses_text(kind):
+    txt = bert_lib.BertEncoder(text_config(config), dtype=dtype,
+                               param_dtype=jnp.float32,
+                               remat=bool(config.text.get("remat", False)))
+  if uses_image(kind):
+    img = build_image_tower(config, dtype)
+  fusion_cfg = config.get("fusion") or ml_collections.ConfigDict()
+  head_bias = fusion_cfg.get("head_bias")
+  if head_bias is None:
+    head_bias = kind != "cross_modal"
+  # Dropout on the head's input: the tower's rate for a single modality (as
+  # Hugging Face's classifiers do), the fusion rate for cross_modal; early
+  # fusion already drops out its hidden layer, the head's only input.
+  if kind == "text_only":
+    head_dropout = config.text.get("dropout", 0.0)
+  elif kind == "image_only":
+    head_dropout = config.image.get("dropout", 0.0)
+  elif kind == "cross_modal":
+    head_dropout = fusion_cfg.get("dropout", 0.0)
+  else:
+    head_dropout = 0.0
+  model_cfg = config.get("model") or {}
+  return MultimodalClassifier(
+      kind=kind, num_classes=num_classes, txt=txt, img=img,
+      fusion_heads=int(fusion_cfg.get("heads", 1)),
+      fusion_gate=bool(fusion_cfg.get("gate", True)),
+      fusion_dropout=float(fusion_cfg.get("dropout", 0.0)),
+      fusion_pool=fusion_cfg.get("pool", "sum"),
+      mlp_dim=int(fusion_cfg.get("mlp_dim", 512)),
+      head_dropout=float(head_dropout or 0.0),
+      head_bias=bool(head_bias),
+      text_repr=model_cfg.get("text_repr", "pooler"),
+      dtype=dtype, param_dtype=jnp.float32)

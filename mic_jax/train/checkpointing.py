@@ -1,0 +1,116 @@
+"""Orbax checkpoints of a run: the latest states for resuming, the best params.
+
+``workdir/checkpoints/<step>`` holds full train states (params, optimizer
+state, step), the newest ``keep`` of them, written asynchronously so training
+continues while they are written. ``workdir/best/<step>`` holds the
+parameters with the best validation macro-F1 (Orbax keeps only the best).
+
+Restores always go through an abstract target whose leaves carry the
+*current* run's shardings, so a checkpoint written on one mesh restores onto
+another.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+
+BEST_METRIC = "validation/macro_f1"
+
+
+class RunCheckpoints:
+  """The two checkpoint managers of a workdir."""
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    self.latest = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max(int(keep), 1),
+            enable_async_checkpointing=async_save,
+            create=True))
+    self.best = ocp.CheckpointManager(
+        os.path.join(workdir, "best"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+            keep_checkpoints_without_metrics=False,
+            enable_async_checkpointing=False, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save_state(self, step: int, state: Any, *, force: bool = False) -> None:
+    self.latest.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def restore_state(self, abstract_state: Any, step: int | None = None) -> Any:
+    step = self.latest.latest_step() if step is None else step
+    logging.info("restoring train state from step %d", step)
+    return self.latest.restore(step, args=ocp.args.StandardRestore(
+        abstract_state))
+
+  def save_best(self, step: int, params: Any, metrics: dict[str, float]
+                ) -> None:
+    self.best.save(step, args=ocp.args.StandardSave(params),
+                   metrics={BEST_METRIC: float(metrics[BEST_METRIC])},
+                   force=True)
+
+  def best_step(self) -> int | None:
+    return self.best.best_step()
+
+  def restore_best(self, abstract_params: Any) -> tuple[int, Any]:
+    step = self.best.best_step()
+    if step is None:
+      raise FileNotFoundError(f"no best checkpoint in {self.best.directory}")
+    return step, self.best.restore(step, args=ocp.args.StandardRestore(
+        abstract_params))
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.latest.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
+    self.latest.close()
+    self.best.close()
+
+
+def restore_params_from(directory: str, abstract_params: Any) -> Any:
+  """Params of a checkpoint written by another run (``config.init_checkpoint``).
+
+  Accepts a run's workdir (uses its best checkpoint, else its latest state),
+  a ``checkpoints``/``best`` manager directory, or one step directory.
+  """
+  for sub, is_state in (("best", False), ("checkpoints", True), ("", None)):
+    path = os.path.join(directory, sub) if sub else directory
+    if not ocp.path.utils.is_gcs_path(path) and not os.path.isdir(path):
+      continue
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        read_only=True))
+    step = manager.best_step() if sub == "best" else manager.latest_step()
+    if step is None:
+      continue
+    if is_state is None:
+      is_state = "opt_state" in str(manager.item_metadata(step))
+    if is_state:
+      target = {"params": abstract_params}
+      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=jax.tree.map(
+              _restore_arg, target),
+          partial_restore=True))
+      return restored["params"]
+    return manager.restore(step, args=ocp.args.StandardRestore(
+        abstract_params))
+  raise FileNotFoundError(
+      f"config.init_checkpoint={directory!r}: no Orbax checkpoint found (give "
+      "a run's workdir, its checkpoints/ or best/ directory)")
+
+
+def _restore_arg(x: Any) -> ocp.ArrayRestoreArgs:
+  return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                              dtype=x.dtype)

@@ -1,0 +1,94 @@
+"""Pictures of a run: confusion matrix, per-class F1, training curves.
+
+A 141-class confusion matrix or a per-class F1 table is read faster as a
+picture than as numbers. Rows of the confusion matrix are normalised by
+class support so rare classes are as visible as frequent ones.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  tmp = f"{path}.tmp"
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    f.write(buf.getvalue())
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def confusion_matrix(path: str, matrix: np.ndarray, labels: Sequence[str],
+                     title: str) -> None:
+  """Row-normalised confusion matrix; class names shown up to 60 classes."""
+  matrix = np.asarray(matrix, np.float64)
+  rows = matrix.sum(axis=1, keepdims=True)
+  norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+  n = len(labels)
+  size = min(max(6.0, n * 0.18), 22.0)
+  fig, ax = plt.subplots(figsize=(size + 1.5, size))
+  im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of row")
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title(title)
+  if n <= 60:
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=max(4, 9 - n // 10))
+    ax.set_yticks(range(n), labels, fontsize=max(4, 9 - n // 10))
+  if n <= 15:
+    for i in range(n):
+      for j in range(n):
+        if matrix[i, j]:
+          ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+                  fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
+  _save(fig, path)
+
+
+def per_class_f1(path: str, report: Mapping[str, Any], labels: Sequence[str],
+                 title: str) -> None:
+  """Horizontal bars of F1 per class, sorted, with support in the label."""
+  f1 = np.asarray(report["f1"], np.float64)
+  support = np.asarray(report["support"])
+  order = [i for i in np.argsort(f1) if support[i] > 0]
+  height = min(max(3.0, 0.16 * len(order) + 1), 30.0)
+  fig, ax = plt.subplots(figsize=(8, height))
+  ax.barh(range(len(order)), f1[order], color="tab:blue")
+  ax.set_yticks(range(len(order)),
+                [f"{labels[i]} (n={support[i]})" for i in order],
+                fontsize=max(4, 9 - len(order) // 25))
+  ax.set_xlim(0, 1)
+  ax.axvline(report["macro_f1"], color="tab:red", linestyle="--",
+             label=f"macro-F1 {report['macro_f1']:.3f}")
+  ax.set_xlabel("F1")
+  ax.set_title(title)
+  ax.legend(loc="lower right")
+  _save(fig, path)
+
+
+def training_curves(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+  """Train loss, learning rate and validation macro-F1 against step."""
+  def series(key):
+    pts = [(r["step"], r[key]) for r in records if key in r]
+    return (zip(*pts) if pts else ((), ()))
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, key, name in zip(
+      axes, ("train/loss", "train/learning_rate", "validation/macro_f1"),
+      ("train loss", "learning rate", "validation macro-F1")):
+    xs, ys = series(key)
+    ax.plot(list(xs), list(ys), marker="o" if key.startswith("val") else None,
+            markersize=3)
+    ax.set_title(name)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  _save(fig, path)

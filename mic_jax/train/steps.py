@@ -1,0 +1,123 @@
+"""The jitted train and eval steps, and the state they update.
+
+The loss is a weighted softmax cross-entropy: per-example weights are the
+batch ``mask`` (0 for padding) times an optional class weight. Gradient
+accumulation splits the global batch into ``grad_accum_steps`` micro-batches
+and normalises by the *whole* batch's weight, so accumulating is exactly a
+larger batch (up to float summation order).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Batch = dict[str, jnp.ndarray]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint must hold to resume bit for bit."""
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+
+
+def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
+  """Per-class loss weights from training counts, mean 1 over the classes.
+
+  ``inverse`` weighs a class by 1/count, ``inverse_sqrt`` by 1/sqrt(count);
+  classes with no training examples get weight 0.
+  """
+  counts = np.asarray(counts, np.float64)
+  if mode == "none":
+    return np.ones_like(counts, np.float32)
+  power = {"inverse": 1.0, "inverse_sqrt": 0.5}.get(mode)
+  if power is None:
+    raise ValueError(f"loss.class_weighting must be none, inverse or "
+                     f"inverse_sqrt, got {mode!r}")
+  w = np.where(counts > 0, 1.0 / np.maximum(counts, 1) ** power, 0.0)
+  present = counts > 0
+  w[present] /= w[present].mean()
+  return w.astype(np.float32)
+
+
+def weighted_xent(logits: jnp.ndarray, labels: jnp.ndarray,
+                  weights: jnp.ndarray, label_smoothing: float
+                  ) -> jnp.ndarray:
+  """Sum over the batch of weight * smoothed cross-entropy (float32)."""
+  num_classes = logits.shape[-1]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  target = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    target = target * (1 - label_smoothing) + label_smoothing / num_classes
+  return jnp.sum(-jnp.sum(target * logp, axis=-1) * weights)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, seed: int,
+                    grad_accum_steps: int, label_smoothing: float,
+                    loss_class_weights: np.ndarray
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """Builds ``train_step(state, batch) -> (state, metrics)`` (not yet jitted)."""
+  weights_table = jnp.asarray(loss_class_weights)
+  base_key = jax.random.key(seed)
+
+  def train_step(state: TrainState, batch: Batch):
+    step_key = jax.random.fold_in(base_key, state.step)
+    weights = batch["mask"] * weights_table[batch["label"]]
+    total_weight = jnp.maximum(weights.sum(), 1e-9)
+
+    def micro_loss(params, micro, key):
+      logits, _ = model.apply({"params": params}, micro, train=True,
+                              rngs={"dropout": key})
+      w = micro["mask"] * weights_table[micro["label"]]
+      return weighted_xent(logits, micro["label"], w,
+                           label_smoothing) / total_weight
+
+    grad_fn = jax.value_and_grad(micro_loss)
+    if grad_accum_steps == 1:
+      loss, grads = grad_fn(state.params, batch, step_key)
+    else:
+      micro_batches = jax.tree.map(
+          lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+      def body(carry, inputs):
+        loss_sum, grad_sum = carry
+        micro, i = inputs
+        loss, grads = grad_fn(state.params, micro,
+                              jax.random.fold_in(step_key, i))
+        return (loss_sum + loss,
+                jax.tree.map(jnp.add, grad_sum, grads)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (loss, grads), _ = jax.lax.scan(
+          body, (jnp.zeros((), jnp.float32), zeros),
+          (micro_batches, jnp.arange(grad_accum_steps)))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "train/loss": loss,
+        "train/grad_norm": optax.tree.norm(grads),
+        "train/learning_rate": schedule(state.step),
+    }
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], jnp.ndarray]:
+  """``eval_step(params, batch) -> probabilities [B, C]`` (float32)."""
+
+  def eval_step(params, batch):
+    logits, _ = model.apply({"params": params}, batch, train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  return eval_step
