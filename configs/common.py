@@ -159,11 +159,11 @@ def _small(c: ml_collections.ConfigDict) -> None:
   real pretrained BERT (6 x 384), the image tower a 4-layer ViT trained from
   scratch on 64x64 photos.
   """
-  c.total_steps = 1_500
+  c.total_steps = 800         # ~1.8 epochs of the fashion catalogue.
   c.batch_size = 64
   c.log_every_steps = 25
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
   c.dtype = "float32"
   c.text.checkpoint = minilm_dir()
   c.text.max_length = 32
@@ -172,7 +172,7 @@ def _small(c: ml_collections.ConfigDict) -> None:
   c.image.variant = "small-scratch" if c.image.kind == "vit" else "R26x1-scratch"
   c.fusion.mlp_dim = 256
   c.optim.lr = 3e-4
-  c.optim.warmup_steps = 100
+  c.optim.warmup_steps = 80
   # The pretrained text tower wants a smaller step than the scratch towers.
   c.optim.lr_multipliers = "txt=0.25"
 

@@ -170,7 +170,7 @@ def _train(model, batch, steps, lr):
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
 def test_a_few_steps_fit_a_tiny_batch(kind):
-  """Honest check: the loss from a zero head is log C and must clearly fall.
+  """Honest check: the loss starts near log C and must clearly fall.
 
   The training loss (dropout on) of the last step is checked, on the batch
   being trained on: this tests that gradients reach the model and move it
@@ -179,7 +179,7 @@ def test_a_few_steps_fit_a_tiny_batch(kind):
   model = classifier.build_model(_config(kind))
   batch = {k: jnp.asarray(v) for k, v in _batch().items()}
   losses, _ = _train(model, batch, steps=10, lr=1e-2)
-  np.testing.assert_allclose(losses[0], np.log(C), rtol=1e-5)
+  np.testing.assert_allclose(losses[0], np.log(C), rtol=0.05)
   assert losses[-1] < 0.5 * np.log(C), (kind, losses)
 
 
@@ -192,9 +192,6 @@ def test_bf16_compute_with_f32_params_and_no_image_invariance():
   variables = _init_jit(model, batch)
   params = nn.meta.unbox(variables["params"])
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
-  # Give the zero-initialised head weights so logits depend on the inputs.
-  params["head"]["output"]["kernel"] = jax.random.normal(
-      jax.random.key(3), params["head"]["output"]["kernel"].shape) * 0.02
   apply = jax.jit(lambda p, b: model.apply({"params": p}, b))
   logits, aux = apply(params, batch)
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()

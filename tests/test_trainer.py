@@ -150,3 +150,25 @@ def test_two_steps_on_real_fashion_tfrecords(tmp_path, fashion_dir, minilm_dir):
   results = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["test"]["num_examples"] > 0
   assert 0 <= results["test"]["macro_f1"] <= 1
+
+
+def test_optimizer_moments_shard_like_their_params(tmp_path):
+  """With lr groups (MaskedNode holes) and FSDP, mu/nu follow their params."""
+  config = _demo_config(**{"optim.lr_multipliers": "txt=0.5",
+                           "mesh.data": 2, "mesh.fsdp": 4})
+  run = trainer.build_run(config, str(tmp_path))
+  params = {tuple(k.key for k in path): s for path, s in
+            jax.tree_util.tree_flatten_with_path(
+                run.state_shardings.params)[0]}
+  assert any(s.spec != jax.sharding.PartitionSpec() for s in params.values())
+  moments = {}
+  for path, sharding in jax.tree_util.tree_flatten_with_path(
+      run.state_shardings.opt_state)[0]:
+    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    for kind in ("mu", "nu"):
+      if kind in names:
+        key = tuple(names[names.index(kind) + 1:])
+        moments[(kind, key)] = sharding
+  assert len(moments) == 2 * len(params)
+  for (kind, key), sharding in moments.items():
+    assert sharding == params[key], (kind, key)

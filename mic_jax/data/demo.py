@@ -136,3 +136,47 @@ def ensure_demo_dataset(data_dir: str | os.PathLike[str], *, max_length: int,
       "--image_column=image", "--split_column=split",
       f"--max_image_side={max(image_size, 32)}", "--num_workers=1"])
   return prepared
+
+
+def single_modality_ceilings(data_dir: str | os.PathLike[str], split: str
+                             ) -> dict[str, float]:
+  """The best accuracy any text-only or image-only model can reach on ``split``.
+
+  By construction a title carries only the product family (brand and
+  adjective are drawn independently of the label) and a photo only the
+  colour line. An oracle that knows the family (or that the title is
+  generic) gives each such group its most frequent label in the split; an
+  oracle that knows the colour (or that there is no photo) does the same.
+  Both are fitted on the split itself, so no model that reads only one
+  modality can expect to beat them: the demo's fusion model must, to show
+  that it uses both.
+
+  Args:
+    data_dir: the directory given to :func:`ensure_demo_dataset`.
+    split: ``"validation"`` or ``"test"``.
+  """
+  with open(pathlib.Path(data_dir) / "raw" / "catalogue.csv",
+            encoding="utf-8") as f:
+    rows = [r for r in csv.DictReader(f) if r["split"] == split]
+  if not rows:
+    raise ValueError(f"no {split} rows in {data_dir}/raw/catalogue.csv")
+
+  def oracle_accuracy(evidence) -> float:
+    groups: dict[str, dict[str, int]] = {}
+    for r in rows:
+      counts = groups.setdefault(evidence(r), {})
+      counts[r["label"]] = counts.get(r["label"], 0) + 1
+    return sum(max(c.values()) for c in groups.values()) / len(rows)
+
+  def colour(r):
+    return r["label"].split("-")[1] if r["image"] else "no photo"
+
+  family_of = {noun: family for family, nouns in FAMILIES.items()
+               for noun in nouns}
+
+  def family(r):
+    noun = r["title"].split(" ", 2)[2]  # After brand and adjective.
+    return family_of.get(noun, "generic")
+
+  return {"text_only_max_accuracy": oracle_accuracy(family),
+          "image_only_max_accuracy": oracle_accuracy(colour)}

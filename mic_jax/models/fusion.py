@@ -76,6 +76,9 @@ def masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray,
   return e / jnp.where(total > 0, total, 1.0)
 
 
+HEAD_INIT_STD = 0.02
+
+
 def _dense_init():
   return nn.initializers.xavier_uniform()
 
@@ -315,10 +318,15 @@ class EarlyFusion(nn.Module):
 class ClassifierHead(nn.Module):
   """Dropout -> optional hidden layer -> logits (``W_3`` of eq. 4).
 
-  The output layer starts at zero, so a fresh model predicts the uniform
-  distribution (initial loss ``log C``) and fine-tuning starts from the
-  pretrained features unchanged. Logits are float32 whatever the compute
-  dtype, so the loss and the softmax of eq. (4) are stable in bf16.
+  The output layer starts small, normal with stddev 0.02 (BERT's
+  ``initializer_range``, as in Hugging Face's classifiers), so a fresh model
+  predicts nearly the uniform distribution (initial loss close to ``log C``).
+  Not at zero: a zero head gives the towers no gradient on the first step
+  and every output column the same first Adam update; a scratch BERT below
+  it was measured to learn the demo's titles far more slowly that way
+  (text-only loss 1.58 vs 1.00 after 300 steps). Logits are float32 whatever
+  the compute dtype, so the loss and the softmax of eq. (4) are stable in
+  bf16.
 
   Attributes:
     num_classes: number of categories.
@@ -347,7 +355,8 @@ class ClassifierHead(nn.Module):
       x = nn.Dropout(self.dropout)(x, deterministic=not train)
     logits = nn.Dense(
         self.num_classes, use_bias=self.use_bias,
-        kernel_init=P.logical(nn.initializers.zeros, (None, P.CLASSES)),
+        kernel_init=P.logical(nn.initializers.normal(stddev=HEAD_INIT_STD),
+                              (None, P.CLASSES)),
         bias_init=P.logical(nn.initializers.zeros, (P.CLASSES,)),
         dtype=self.dtype, param_dtype=self.param_dtype, name="output")(x)
     return logits.astype(jnp.float32)

@@ -90,6 +90,11 @@ class Evaluator:
       report = metrics_lib.classification_report(
           labels, probs.argmax(-1), run.info.num_classes)
       results[split] = summarize(report)
+      if run.config.data.demo:
+        # What neither modality alone can reach (see mic_jax.data.demo).
+        from mic_jax.data import demo  # pylint: disable=g-import-not-at-top
+        results[split].update(demo.single_modality_ceilings(
+            os.path.dirname(run.data_dir), split))
       write_split_report(run.workdir, split, report, run.info.labels)
     if reporting.is_writer():
       plots.training_curves(os.path.join(run.workdir, "training_curves.png"),

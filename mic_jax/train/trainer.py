@@ -126,8 +126,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
                                    config.total_steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_shardings = _opt_state_shardings(tx, abstract_opt, param_shardings,
-                                       replicated)
+  opt_shardings = _opt_state_shardings(abstract_opt, abstract_params,
+                                       param_shardings, replicated)
   state_shardings = steps.TrainState(step=replicated, params=param_shardings,
                                      opt_state=opt_shardings)
   abstract_state = steps.TrainState(
@@ -142,13 +142,31 @@ def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
              state_shardings, abstract_state)
 
 
-def _opt_state_shardings(tx, abstract_opt, param_shardings, replicated):
-  """Optimizer moments shard like their parameters; scalars replicate."""
-  import optax  # pylint: disable=g-import-not-at-top
-  return optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+def _opt_state_shardings(abstract_opt, abstract_params, param_shardings,
+                         replicated):
+  """Optimizer moments shard like their parameters; scalars replicate.
+
+  A moment is recognised by its key path: the trailing dictionary keys of an
+  optimizer-state leaf are the path of the parameter it belongs to (optax
+  keeps the params' tree inside every per-param state, with ``MaskedNode``
+  holes for parameters another lr group or the freeze mask owns).
+  """
+  by_path = {
+      tuple(k.key for k in path): (param.shape, sharding)
+      for (path, param), sharding in zip(
+          jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+          jax.tree.leaves(param_shardings))}
+
+  def sharding_of(path, leaf):
+    keys = []
+    for entry in reversed(path):
+      if not isinstance(entry, jax.tree_util.DictKey):
+        break
+      keys.append(entry.key)
+    shape, sharding = by_path.get(tuple(reversed(keys)), (None, replicated))
+    return sharding if shape == leaf.shape else replicated
+
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt)
 
 
 def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
