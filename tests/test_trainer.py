@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -172,3 +173,41 @@ def test_optimizer_moments_shard_like_their_params(tmp_path):
   assert len(moments) == 2 * len(params)
   for (kind, key), sharding in moments.items():
     assert sharding == params[key], (kind, key)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """Without dropout, k micro-batches give the same update as one batch."""
+  from mic_jax.train import optimizer, steps, towers  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  config = _demo_config(**{"text.dropout": 0.0, "fusion.dropout": 0.0,
+                           "num_classes": 8})
+  model = towers.build_model(config)
+  rng = np.random.default_rng(0)
+  b, length, size = 8, config.text.max_length, config.image.size
+  batch = {
+      "input_ids": rng.integers(5, 40, (b, length)).astype(np.int32),
+      "attention_mask": (np.arange(length)[None] < rng.integers(
+          3, length, (b, 1))).astype(np.int32),
+      "token_type_ids": np.zeros((b, length), np.int32),
+      "image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
+      "image_present": np.array([1, 0, 1, 1, 1, 1, 0, 1], np.int32),
+      "label": rng.integers(0, 8, (b,)).astype(np.int32),
+      "mask": np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32),
+  }
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+  tx, schedule = optimizer.make_optimizer(config.optim, params, 10)
+  state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  out = {}
+  for k in (1, 4):
+    step = jax.jit(steps.make_train_step(
+        model, tx, schedule, seed=0, grad_accum_steps=k, label_smoothing=0.1,
+        loss_class_weights=np.ones(8, np.float32)))
+    out[k] = step(state, batch)
+  for k in (4,):
+    np.testing.assert_allclose(out[k][1]["train/loss"],
+                               out[1][1]["train/loss"], rtol=1e-5)
+    np.testing.assert_allclose(out[k][1]["train/grad_norm"],
+                               out[1][1]["train/grad_norm"], rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(out[k][0].params),
+                    jax.tree.leaves(out[1][0].params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
