@@ -305,14 +305,22 @@ class EarlyFusion(nn.Module):
                          image_cls.astype(self.dtype) * flag, flag], axis=-1)
     if not self.mlp_dim:
       return x
-    x = nn.Dense(
-        self.mlp_dim,
-        kernel_init=P.logical(_dense_init(), (None, P.MLP)),
-        bias_init=P.logical(nn.initializers.zeros, (P.MLP,)),
-        dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(x)
-    x = jax.nn.gelu(x, approximate=False)
-    x = P.constrain(x, (P.BATCH, P.ACT_MLP))
+    x = _gelu_hidden(self, x)
     return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+def _gelu_hidden(module: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
+  """The ``hidden`` Dense + exact GELU layer of ``module`` (``mlp_dim`` wide).
+
+  Called inside a compact method, so the layer is ``module``'s child.
+  """
+  x = nn.Dense(
+      module.mlp_dim,
+      kernel_init=P.logical(_dense_init(), (None, P.MLP)),
+      bias_init=P.logical(nn.initializers.zeros, (P.MLP,)),
+      dtype=module.dtype, param_dtype=module.param_dtype, name="hidden")(x)
+  x = jax.nn.gelu(x, approximate=False)
+  return P.constrain(x, (P.BATCH, P.ACT_MLP))
 
 
 class ClassifierHead(nn.Module):
@@ -346,12 +354,7 @@ class ClassifierHead(nn.Module):
     """``[B, D]`` -> float32 logits ``[B, num_classes]``."""
     x = nn.Dropout(self.dropout)(x.astype(self.dtype), deterministic=not train)
     if self.mlp_dim:
-      x = nn.Dense(
-          self.mlp_dim,
-          kernel_init=P.logical(_dense_init(), (None, P.MLP)),
-          bias_init=P.logical(nn.initializers.zeros, (P.MLP,)),
-          dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(x)
-      x = jax.nn.gelu(x, approximate=False)
+      x = _gelu_hidden(self, x)
       x = nn.Dropout(self.dropout)(x, deterministic=not train)
     logits = nn.Dense(
         self.num_classes, use_bias=self.use_bias,
