@@ -202,6 +202,29 @@ def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
   return steps.TrainState(step, params, opt_state), how
 
 
+def jit_train_step(run: Run, *, donate: bool = True):
+  """The run's train step, jitted with the state's shardings in and out.
+
+  Call it under ``jax.set_mesh(run.mesh)`` and ``nn.logical_axis_rules(
+  run.rules)`` so the models' activation constraints apply.
+  """
+  config = run.config
+  tx, schedule = optimizer.make_optimizer(config.optim,
+                                          run.abstract_state.params,
+                                          config.total_steps)
+  weights = steps.class_weights(run.info.class_counts("train"),
+                                config.loss.class_weighting)
+  return jax.jit(
+      steps.make_train_step(
+          run.model, tx, schedule, seed=config.seed,
+          grad_accum_steps=config.grad_accum_steps,
+          label_smoothing=config.loss.label_smoothing,
+          loss_class_weights=weights),
+      in_shardings=(run.state_shardings, None),
+      out_shardings=(run.state_shardings, None),
+      donate_argnums=(0,) if donate else ())
+
+
 # ---------------------------------------------------------------- loop --
 
 
@@ -259,20 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   logging.info("state %s; training steps %d..%d", how, start_step,
                config.total_steps)
 
-  tx, schedule = optimizer.make_optimizer(config.optim,
-                                          run.abstract_state.params,
-                                          config.total_steps)
-  weights = steps.class_weights(run.info.class_counts("train"),
-                                config.loss.class_weighting)
-  train_step = jax.jit(
-      steps.make_train_step(
-          run.model, tx, schedule, seed=config.seed,
-          grad_accum_steps=config.grad_accum_steps,
-          label_smoothing=config.loss.label_smoothing,
-          loss_class_weights=weights),
-      in_shardings=(run.state_shardings, None),
-      out_shardings=(run.state_shardings, None),
-      donate_argnums=(0,))
+  train_step = jit_train_step(run)
   evaluator = evaluation.Evaluator(run)
   data_sharding = shd.batch_sharding(run.mesh, run.rules)
   writer = reporting.create_writer(workdir)
