@@ -30,6 +30,7 @@ from typing import Any, Iterator
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -69,9 +70,13 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str
   """
   if config.data.demo:
     from mic_jax.data import demo  # pylint: disable=g-import-not-at-top
-    data_dir = str(demo.ensure_demo_dataset(
-        os.path.join(workdir, "demo_data"), max_length=config.text.max_length,
-        image_size=config.image.size, seed=0))
+    demo_dir = os.path.join(workdir, "demo_data")
+    if jax.process_index() == 0:  # One writer; the others wait for it.
+      demo.ensure_demo_dataset(demo_dir, max_length=config.text.max_length,
+                               image_size=config.image.size, seed=0)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mic_jax demo data ready")
+    data_dir = os.path.join(demo_dir, "prepared")
   else:
     data_dir = config.data.dir
     if not data_dir:
