@@ -73,6 +73,33 @@ def test_demo_run_writes_every_output(tmp_path):
   assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()
                 if p.name.isdigit()) == [3, 6]
 
+  # config.init_checkpoint: a new run starts from this run's best params,
+  # named by its workdir, its best/ directory or one step directory.
+  from mic_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  best = saved["best_step"]
+  second = _demo_config(init_checkpoint=workdir)
+  new_run = trainer.build_run(second, str(tmp_path / "second"))
+  state, how = trainer.init_state(new_run, checkpointing.RunCheckpoints(
+      str(tmp_path / "second"), keep=1, async_save=False))
+  assert how == f"initialised from checkpoint {workdir}"
+  _, want = checkpointing.RunCheckpoints(workdir, keep=1).restore_best(
+      new_run.abstract_state.params)
+  for source in (workdir, f"{workdir}/best", f"{workdir}/best/{best}"):
+    got = checkpointing.restore_params_from(source,
+                                            new_run.abstract_state.params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  last = checkpointing.restore_params_from(f"{workdir}/checkpoints/6",
+                                           new_run.abstract_state.params)
+  _, final = _final_params(workdir)
+  for a, b in zip(jax.tree.leaves(last), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(FileNotFoundError, match="no Orbax checkpoint"):
+    checkpointing.restore_params_from(str(tmp_path / "nothing"),
+                                      new_run.abstract_state.params)
+
 
 def test_kill_and_resume_is_bitwise_exact(tmp_path):
   """SIGKILL after a checkpoint, rerun: same final params as no interruption."""

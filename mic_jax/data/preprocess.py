@@ -59,16 +59,18 @@ def eval_image(encoded: tf.Tensor, present: tf.Tensor, size: int
   No extra zoom: product photos are framed tightly, so a crop fraction below
   one would cut off the product's edges.
   """
-  def centre() -> tf.Tensor:
-    image = _decode(encoded)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = size / tf.reduce_min(shape)
-    new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
-    image = tf.image.resize(image, new, method="bilinear", antialias=True)
-    top = (new[0] - size) // 2
-    left = (new[1] - size) // 2
-    image = image[top:top + size, left:left + size, :]
-    image = tf.ensure_shape(image, [size, size, 3])
-    return _to_unit_range(tf.clip_by_value(image, 0.0, 255.0))
+  return tf.cond(present > 0, lambda: eval_pixels(_decode(encoded), size),
+                 lambda: tf.zeros([size, size, 3]))
 
-  return tf.cond(present > 0, centre, lambda: tf.zeros([size, size, 3]))
+
+def eval_pixels(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The eval transform of decoded ``uint8 [H, W, 3]`` pixels (also serving's)."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = size / tf.reduce_min(shape)
+  new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+  image = tf.image.resize(image, new, method="bilinear", antialias=True)
+  top = (new[0] - size) // 2
+  left = (new[1] - size) // 2
+  image = image[top:top + size, left:left + size, :]
+  image = tf.ensure_shape(image, [size, size, 3])
+  return _to_unit_range(tf.clip_by_value(image, 0.0, 255.0))

@@ -18,6 +18,7 @@ from typing import Any
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+import tensorflow as tf
 
 BEST_METRIC = "validation/macro_f1"
 
@@ -80,35 +81,54 @@ class RunCheckpoints:
     self.best.close()
 
 
-def restore_params_from(directory: str, abstract_params: Any) -> Any:
-  """Params of a checkpoint written by another run (``config.init_checkpoint``).
-
-  Accepts a run's workdir (uses its best checkpoint, else its latest state),
-  a ``checkpoints``/``best`` manager directory, or one step directory.
-  """
-  for sub, is_state in (("best", False), ("checkpoints", True), ("", None)):
+def _locate(directory: str) -> tuple[str, int] | None:
+  """(manager directory, step) that ``directory`` names, if any."""
+  directory = directory.rstrip("/")
+  name = os.path.basename(directory)
+  if name.isdigit():  # One step: best/N or checkpoints/N.
+    return os.path.dirname(directory), int(name)
+  subs = ("best", "checkpoints") if name not in ("best", "checkpoints") else (
+      "",)
+  for sub in subs:
     path = os.path.join(directory, sub) if sub else directory
-    if not ocp.path.utils.is_gcs_path(path) and not os.path.isdir(path):
+    if not tf.io.gfile.isdir(path):
       continue
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
         read_only=True))
-    step = manager.best_step() if sub == "best" else manager.latest_step()
-    if step is None:
-      continue
-    if is_state is None:
-      is_state = "opt_state" in str(manager.item_metadata(step))
-    if is_state:
+    step = (manager.best_step() if os.path.basename(path) == "best"
+            else manager.latest_step())
+    manager.close()
+    if step is not None:
+      return path, step
+  return None
+
+
+def restore_params_from(directory: str, abstract_params: Any) -> Any:
+  """Params of a checkpoint written by another run (``config.init_checkpoint``).
+
+  Accepts a run's workdir (its best checkpoint, else its latest state), a
+  ``best/`` or ``checkpoints/`` directory, or one step directory in them.
+  """
+  found = _locate(directory)
+  if found is None:
+    raise FileNotFoundError(
+        f"{directory!r}: no Orbax checkpoint found (give a run's workdir, its "
+        "checkpoints/ or best/ directory, or one step directory)")
+  manager_dir, step = found
+  manager = ocp.CheckpointManager(manager_dir,
+                                  options=ocp.CheckpointManagerOptions(
+                                      read_only=True))
+  try:
+    if os.path.basename(manager_dir) == "checkpoints":  # Full train states.
       target = {"params": abstract_params}
       restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=jax.tree.map(
-              _restore_arg, target),
+          item=target, restore_args=jax.tree.map(_restore_arg, target),
           partial_restore=True))
       return restored["params"]
     return manager.restore(step, args=ocp.args.StandardRestore(
         abstract_params))
-  raise FileNotFoundError(
-      f"config.init_checkpoint={directory!r}: no Orbax checkpoint found (give "
-      "a run's workdir, its checkpoints/ or best/ directory)")
+  finally:
+    manager.close()
 
 
 def _restore_arg(x: Any) -> ocp.ArrayRestoreArgs:
