@@ -14,7 +14,6 @@ import re
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from flax import traverse_util
 
 FlatParams = dict[str, np.ndarray]
 
@@ -23,16 +22,28 @@ class CheckpointError(ValueError):
   """A checkpoint cannot be used as asked; the message says exactly why."""
 
 
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """Nested dict -> ``{"a/b/c": leaf}``."""
-  return {"/".join(k): v for k, v in traverse_util.flatten_dict(
-      dict(tree)).items()}
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dict -> ``{"a/b/c": leaf}`` (plain Python: serving imports it
+  without flax)."""
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, f"{prefix}{key}/"))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   """``{"a/b/c": leaf}`` -> nested dict."""
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v
-                                       for k, v in flat.items()})
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
 
 
 def _short_list(names: Iterable[str], limit: int = 20) -> str:

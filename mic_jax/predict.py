@@ -1,0 +1,156 @@
+r"""Categorizes products with an exported model, from the command line.
+
+  python -m mic_jax.predict --model=EXPORT --title="Nike running shoe" \
+      [--image=shoe.jpg] [--top_k=5]
+  python -m mic_jax.predict --model=EXPORT --input=products.csv \
+      --output=predictions.jsonl [--title_column=title --image_column=image]
+
+One product prints one JSON object. Batch mode reads a CSV or JSON Lines
+file (image paths relative to the input's folder; an empty image means no
+photo) and writes one JSON line per product in input order: the prediction,
+or ``{"error": ...}`` for a product that cannot be scored (empty title,
+unreadable photo), counted and reported at the end without stopping. The
+output is written to a temporary file and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Any, Iterator
+
+from absl import app
+from absl import flags
+
+_MODEL = flags.DEFINE_string("model", None, "Export directory.")
+_TITLE = flags.DEFINE_string("title", None, "One product's title.")
+_IMAGE = flags.DEFINE_string("image", None, "Its photo (path), if any.")
+_INPUT = flags.DEFINE_string("input", None, "Batch mode: .csv or .jsonl.")
+_OUTPUT = flags.DEFINE_string("output", None, "Batch mode: .jsonl output.")
+_TITLE_COLUMN = flags.DEFINE_string("title_column", "title", "Batch mode.")
+_IMAGE_COLUMN = flags.DEFINE_string("image_column", "image", "Batch mode.")
+_ID_COLUMN = flags.DEFINE_string("id_column", "id", "Batch mode: copied to "
+                                 "the output when present.")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Labels per product.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Products per model call.")
+
+
+def read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(line number, row) of a CSV or JSON Lines file."""
+  if path.suffix == ".jsonl":
+    with open(path, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            yield line_no, json.loads(line)
+          except json.JSONDecodeError as e:
+            yield line_no, {"__error__": f"malformed JSON: {e.msg}"}
+  else:
+    with open(path, encoding="utf-8", newline="") as f:
+      reader = csv.DictReader(f)
+      for row in reader:
+        yield reader.line_num, row
+
+
+def predict_file(predictor: Any, input_path: str, output_path: str, *,
+                 title_column: str, image_column: str, id_column: str,
+                 top_k: int, batch_size: int) -> dict[str, int]:
+  """Scores every row; returns counts of ``ok`` and ``errors``."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from mic_jax.serving import PredictionError  # pylint: disable=g-import-not-at-top
+  source = pathlib.Path(input_path)
+  rows = list(read_rows(source))
+  out = pathlib.Path(output_path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+  counts = {"ok": 0, "errors": 0}
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f, tqdm(
+        total=len(rows), unit=" products", disable=None) as bar:
+      for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        results: list[dict[str, Any]] = [{} for _ in chunk]
+        good = []
+        for i, (_, row) in enumerate(chunk):
+          if "__error__" in row:
+            results[i] = {"error": row["__error__"]}
+          else:
+            good.append(i)
+        try:
+          scored = predictor.predict(
+              [str(chunk[i][1].get(title_column) or "") for i in good],
+              [_image_path(chunk[i][1].get(image_column), source.parent)
+               for i in good], top_k=top_k)
+          for i, result in zip(good, scored):
+            results[i] = result
+        except PredictionError:  # Score one by one to find the bad rows.
+          for i in good:
+            results[i] = _score_one(predictor, chunk[i][1], source.parent,
+                                    title_column, image_column, top_k,
+                                    PredictionError)
+        for (line_no, row), result in zip(chunk, results):
+          if id_column in row:
+            result = {"id": row[id_column], **result}
+          if "error" in result:
+            counts["errors"] += 1
+            result["line"] = line_no or None
+          else:
+            counts["ok"] += 1
+          f.write(json.dumps(result, ensure_ascii=False) + "\n")
+        bar.update(len(chunk))
+    os.replace(tmp, out)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  return counts
+
+
+def _image_path(value: Any, root: pathlib.Path) -> str | None:
+  if not value:
+    return None
+  path = pathlib.Path(str(value))
+  return str(path if path.is_absolute() else root / path)
+
+
+def _score_one(predictor, row, root, title_column, image_column, top_k,
+               error_type) -> dict[str, Any]:
+  try:
+    return predictor.predict([str(row.get(title_column) or "")],
+                             [_image_path(row.get(image_column), root)],
+                             top_k=top_k)[0]
+  except error_type as e:
+    return {"error": str(e).replace("product 0: ", "", 1)}
+
+
+def main(argv):
+  del argv
+  from mic_jax.serving import Predictor, PredictionError  # pylint: disable=g-import-not-at-top
+  predictor = Predictor(_MODEL.value)
+  if _INPUT.value:
+    if not _OUTPUT.value:
+      raise app.UsageError("--input needs --output")
+    counts = predict_file(
+        predictor, _INPUT.value, _OUTPUT.value,
+        title_column=_TITLE_COLUMN.value, image_column=_IMAGE_COLUMN.value,
+        id_column=_ID_COLUMN.value, top_k=_TOP_K.value,
+        batch_size=_BATCH.value)
+    print(json.dumps({"output": _OUTPUT.value, **counts}), file=sys.stderr)
+    return
+  if _TITLE.value is None:
+    raise app.UsageError("give --title (and --image), or --input/--output")
+  try:
+    result = predictor.predict([_TITLE.value], [_IMAGE.value],
+                               top_k=_TOP_K.value)[0]
+  except PredictionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result, ensure_ascii=False, indent=1))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("model")
+  app.run(main)

@@ -1,0 +1,186 @@
+"""Predictions from an export directory, without the model code.
+
+Imports jax (to run the serialized StableHLO), numpy, the title tokenizers
+of :mod:`mic_jax.text`, the photo checks of :mod:`data_prep.images` (PIL)
+and the image transform of :mod:`mic_jax.data.preprocess` (TensorFlow ops):
+a photo goes through exactly the steps an evaluated product went through
+(decode, RGB, EXIF rotation, long side <= 512, JPEG re-encode, resize and
+centre crop), and nothing of :mod:`mic_jax.models`, :mod:`mic_jax.train` or
+flax is loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+from typing import Any, Sequence, Union
+
+import jax
+from jax import export as jax_export
+import ml_dtypes
+import numpy as np
+
+from mic_jax.checkpoints import common
+
+ImageInput = Union[str, os.PathLike, bytes, np.ndarray, None]
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # Padded batch sizes: few compilations.
+
+
+class PredictionError(ValueError):
+  """A product cannot be scored; the message names it and says why."""
+
+
+def read_params(directory: str | os.PathLike[str]) -> dict[str, Any]:
+  """The nested parameter dict of ``params.bin`` + ``params.json``."""
+  directory = pathlib.Path(directory)
+  index = json.loads((directory / "params.json").read_text())
+  raw = (directory / "params.bin").read_bytes()
+  flat = {}
+  for entry in index:
+    dtype = (np.dtype(ml_dtypes.bfloat16) if entry["dtype"] == "bfloat16"
+             else np.dtype(entry["dtype"]))
+    count = int(np.prod(entry["shape"], dtype=np.int64))
+    flat[entry["name"]] = np.frombuffer(
+        raw, dtype=dtype, count=count, offset=entry["offset"]).reshape(
+            entry["shape"])
+  return common.unflatten(flat)
+
+
+class Predictor:
+  """Categorizes products with an exported model.
+
+  ``Predictor(EXPORT_DIR).predict(titles, images, top_k=5)`` returns one
+  dict per product: ``top_k`` (label and probability, highest first),
+  ``abstain`` (top probability below the threshold chosen at export time
+  for a target precision on the validation split) and, when the export has
+  a taxonomy, ``parents`` (the top label's parent categories by level).
+  Images are file paths, encoded bytes, ``uint8 [H, W, 3]`` arrays or
+  ``None`` (no photo).
+  """
+
+  def __init__(self, export_dir: str | os.PathLike[str]):
+    from mic_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
+    self.dir = pathlib.Path(export_dir)
+    manifest_path = self.dir / "manifest.json"
+    if not manifest_path.exists():
+      raise FileNotFoundError(f"{manifest_path} not found: not a mic_jax "
+                              "export (see python -m mic_jax.export)")
+    self.manifest = json.loads(manifest_path.read_text())
+    self.labels = (self.dir / self.manifest["labels"]).read_text(
+        encoding="utf-8").splitlines()
+    self.taxonomy = None
+    if self.manifest.get("taxonomy"):
+      self.taxonomy = json.loads((self.dir / self.manifest["taxonomy"])
+                                 .read_text(encoding="utf-8"))
+    self.max_length = int(self.manifest["text"]["max_length"])
+    self.image_size = int(self.manifest["image"]["size"])
+    self.threshold = float(self.manifest["abstain"]["threshold"])
+    self.tokenizer = load_tokenizer(self.dir / self.manifest["text"][
+        "tokenizer"])
+    exported = jax_export.deserialize(bytearray(
+        (self.dir / "model.stablehlo").read_bytes()))
+    self._params = jax.device_put(read_params(self.dir))
+    self._call = jax.jit(exported.call)
+
+  # ------------------------------------------------------------ inputs --
+
+  def encode_titles(self, titles: Sequence[str]) -> dict[str, np.ndarray]:
+    """Token ids, mask and types ``[N, max_length]``; empty titles refused."""
+    for i, title in enumerate(titles):
+      if not isinstance(title, str) or not title.strip():
+        raise PredictionError(f"product {i}: the title is empty or not a "
+                              f"string ({title!r})")
+    return self.tokenizer.encode_batch(list(titles),
+                                       max_length=self.max_length)
+
+  def encode_image(self, image: ImageInput, index: int = 0
+                   ) -> tuple[np.ndarray, int]:
+    """``([S, S, 3] float32 in [-1, 1], present)`` of one product's photo."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from data_prep import images  # pylint: disable=g-import-not-at-top
+    from mic_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+    size = self.image_size
+    if image is None:
+      return np.zeros((size, size, 3), np.float32), 0
+    if isinstance(image, np.ndarray):
+      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise PredictionError(f"product {index}: an image array must be "
+                              f"uint8 [H, W, 3], got {image.dtype} "
+                              f"{image.shape}")
+      buffer = io.BytesIO()
+      Image.fromarray(image).save(buffer, format="PNG")
+      data = buffer.getvalue()
+    elif isinstance(image, bytes):
+      data = image
+    else:
+      try:
+        data = pathlib.Path(image).read_bytes()
+      except OSError as e:
+        raise PredictionError(f"product {index}: cannot read {image}: "
+                              f"{e.strerror or e}") from e
+    result = images.reencode(data)  # Exactly what data_prep did.
+    if result.error:
+      raise PredictionError(f"product {index}: unusable image "
+                            f"({result.error}: {result.detail})")
+    pixels = tf.io.decode_jpeg(result.jpeg, channels=3)
+    return preprocess.eval_pixels(pixels, size).numpy(), 1
+
+  # ------------------------------------------------------------ output --
+
+  def probabilities(self, titles: Sequence[str],
+                    images: Sequence[ImageInput] | None = None
+                    ) -> np.ndarray:
+    """Class probabilities ``[N, C]`` of the products."""
+    images = [None] * len(titles) if images is None else list(images)
+    if len(images) != len(titles):
+      raise PredictionError(f"{len(titles)} titles but {len(images)} images")
+    if not titles:
+      return np.zeros((0, len(self.labels)), np.float32)
+    text = self.encode_titles(titles)
+    pixels = [self.encode_image(im, i) for i, im in enumerate(images)]
+    return self.probabilities_of_arrays({
+        **text, "image": np.stack([p for p, _ in pixels]),
+        "image_present": np.array([f for _, f in pixels], np.int32)})
+
+  def probabilities_of_arrays(self, batch: dict[str, np.ndarray]
+                              ) -> np.ndarray:
+    """Probabilities of already encoded inputs (the exported signature)."""
+    keys = ("input_ids", "attention_mask", "token_type_ids", "image",
+            "image_present")
+    n = len(batch["input_ids"])
+    out = []
+    for start in range(0, n, BUCKETS[-1]):
+      chunk = [np.asarray(batch[k])[start:start + BUCKETS[-1]] for k in keys]
+      m = len(chunk[0])
+      size = next(b for b in BUCKETS if b >= m)
+      padded = [np.concatenate([x, np.zeros((size - m, *x.shape[1:]),
+                                            x.dtype)]) for x in chunk]
+      out.append(np.asarray(self._call(self._params, *padded))[:m])
+    return np.concatenate(out)
+
+  def _parents(self, label: str) -> dict[str, str] | None:
+    paths = (self.taxonomy or {}).get("parents", {}).get(label) or {}
+    if not paths:
+      return None
+    path = max(paths, key=paths.get)  # The most frequent parent path.
+    return dict(zip(self.taxonomy["levels"], path.split(" > ")))
+
+  def predict(self, titles: Sequence[str],
+              images: Sequence[ImageInput] | None = None, *, top_k: int = 5
+              ) -> list[dict[str, Any]]:
+    """One result dict per product (see the class docstring)."""
+    results = []
+    for p in self.probabilities(titles, images):
+      order = np.argsort(-p, kind="stable")[:top_k]
+      result: dict[str, Any] = {
+          "top_k": [{"label": self.labels[i], "prob": float(p[i])}
+                    for i in order],
+          "abstain": bool(p[order[0]] < self.threshold)}
+      parents = self._parents(self.labels[order[0]])
+      if parents is not None:
+        result["parents"] = parents
+      results.append(result)
+    return results

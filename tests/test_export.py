@@ -1,0 +1,171 @@
+"""Export -> Predictor equals the in-process model, in a process without it.
+
+One tiny demo run is trained and exported per module. The compared batch
+is real fashion products (titles and photos from ../shared/data), some
+passed without a photo; a demo model's labels mean nothing for them, the
+test is about equality.
+"""
+
+import csv
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from mic_jax import export
+from mic_jax.train import trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("export") / "run"
+  config = common.make_config("cross_modal", "demo")
+  with config.unlocked():
+    config.total_steps = 6
+    config.eval_every_steps = 3
+    config.checkpoint_every_steps = 3
+    config.batch_size = 16
+  trainer.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir):
+  out = run_dir.parent / "export"
+  export.export_run(str(run_dir), str(out))
+  return out
+
+
+@pytest.fixture(scope="module")
+def products(fashion_dir):
+  rows = list(csv.DictReader(open(fashion_dir / "styles.csv",
+                                  encoding="utf-8")))[:12]
+  titles = [r["productDisplayName"] for r in rows]
+  images = [str(fashion_dir / "images" / f"{r['id']}.jpg") if i % 4 else None
+            for i, r in enumerate(rows)]
+  return titles, images
+
+
+def _in_process_probs(run_dir, predictor, titles, images):
+  """The training code's model on the predictor's encoded inputs."""
+  model, params, _, _ = export.restore(run_dir)
+  text = predictor.encode_titles(titles)
+  pixels = [predictor.encode_image(im, i) for i, im in enumerate(images)]
+  batch = {**text, "image": np.stack([p for p, _ in pixels]),
+           "image_present": np.array([f for _, f in pixels], np.int32)}
+  logits, _ = model.apply({"params": params}, batch)
+  return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+def test_export_equals_in_process_model(run_dir, export_dir, products):
+  from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
+  titles, images = products
+  predictor = Predictor(export_dir)
+  got = predictor.probabilities(titles, images)
+  want = _in_process_probs(run_dir, predictor, titles, images)
+  assert got.shape == (12, 8)
+  assert np.abs(got - want).max() <= 1e-5
+  results = predictor.predict(titles, images, top_k=3)
+  for p, r in zip(got, results):
+    assert [e["prob"] for e in r["top_k"]] == sorted(p, reverse=True)[:3]
+    assert r["abstain"] == (r["top_k"][0]["prob"] < predictor.threshold)
+  manifest = json.loads((export_dir / "manifest.json").read_text())
+  assert manifest["platforms"][0] == "cpu"
+  assert manifest["metrics"]["test"]["num_examples"] > 0
+  abstain = manifest["abstain"]
+  assert abstain["threshold"] == 1.0 or abstain["validation_precision"] >= 0.95
+
+
+def test_export_loads_in_a_process_without_model_code(export_dir, products):
+  from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
+  titles, images = products
+  want = Predictor(export_dir).probabilities(titles, images)
+  script = (
+      "import json, sys\n"
+      "from mic_jax.serving import Predictor\n"
+      f"p = Predictor({str(export_dir)!r})\n"
+      f"probs = p.probabilities({titles!r}, {images!r})\n"
+      "bad = [m for m in ('flax', 'mic_jax.models', 'mic_jax.train', "
+      "'optax', 'orbax') if m in sys.modules]\n"
+      "print(json.dumps({'probs': probs.tolist(), 'loaded': bad}))\n")
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True,
+                       capture_output=True, text=True, timeout=300)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["loaded"] == []
+  np.testing.assert_allclose(result["probs"], want, atol=1e-6)
+
+
+def test_reexport_is_byte_identical_and_bf16_is_close(run_dir, export_dir,
+                                                      products):
+  from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
+  again = run_dir.parent / "again"
+  export.export_run(str(run_dir), str(again))
+  for name in ("model.stablehlo", "params.bin", "params.json",
+               "manifest.json", "labels.txt", "tokenizer/vocab.txt"):
+    assert (again / name).read_bytes() == (export_dir / name).read_bytes(), name
+  half = run_dir.parent / "bf16"
+  export.export_run(str(run_dir), str(half), dtype="bfloat16")
+  assert (half / "params.bin").stat().st_size * 2 == (
+      export_dir / "params.bin").stat().st_size
+  titles, images = products
+  diff = np.abs(Predictor(half).probabilities(titles, images) -
+                Predictor(export_dir).probabilities(titles, images)).max()
+  assert 0 < diff < 2e-2
+  with pytest.raises(export.ExportError, match="exists"):
+    export.export_run(str(run_dir), str(again))
+
+
+def test_export_refuses_a_config_that_does_not_fit(run_dir, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("demo_data"))
+  (copy / "demo_data").symlink_to(run_dir / "demo_data")
+  config = json.loads((copy / "config.json").read_text())
+  config["fusion"]["heads"] = 2 if config["fusion"]["heads"] == 1 else 1
+  config["text"]["size"] = "mini"  # A different width: shapes disagree.
+  (copy / "config.json").write_text(json.dumps(config))
+  with pytest.raises(export.ExportError, match="config.json"):
+    export.export_run(str(copy), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+  assert not list(tmp_path.glob(".out.tmp-*"))
+  with pytest.raises(export.ExportError, match="no checkpoint"):
+    export.export_run(str(run_dir), str(tmp_path / "x"), step=999)
+
+
+def test_bad_products_get_clear_errors(export_dir, fashion_dir, tmp_path):
+  from mic_jax.serving import PredictionError, Predictor  # pylint: disable=g-import-not-at-top
+  predictor = Predictor(export_dir)
+  with pytest.raises(PredictionError, match="product 1: the title is empty"):
+    predictor.predict(["shoe", "  "])
+  with pytest.raises(PredictionError, match="product 0: unusable image"):
+    predictor.predict(["shoe"], [b"not a jpeg"])
+  with pytest.raises(PredictionError, match="product 0: cannot read"):
+    predictor.predict(["shoe"], [str(tmp_path / "missing.jpg")])
+  pixels = np.zeros((40, 30, 3), np.uint8)
+  assert len(predictor.predict(["shoe"], [pixels])) == 1
+  # Batch mode: bad rows are counted and reported, good rows scored.
+  photo = next((fashion_dir / "images").glob("*.jpg"))
+  (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 broken")
+  source = tmp_path / "in.csv"
+  source.write_text("id,title,image\n1,Blue running shoe," + str(photo) +
+                    "\n2,,\n3,Red tee,broken.jpg\n4,Leather tote,\n",
+                    encoding="utf-8")
+  out = subprocess.run(
+      [sys.executable, "-m", "mic_jax.predict", f"--model={export_dir}",
+       f"--input={source}", f"--output={tmp_path / 'out.jsonl'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  lines = [json.loads(l) for l in
+           (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert [l["id"] for l in lines] == ["1", "2", "3", "4"]
+  assert "top_k" in lines[0] and "top_k" in lines[3]
+  assert "title is empty" in lines[1]["error"] and lines[1]["line"] == 3
+  assert "unusable image" in lines[2]["error"] and lines[2]["line"] == 4
+  assert '"errors": 2' in out.stderr and '"ok": 2' in out.stderr
