@@ -169,3 +169,88 @@ def test_bad_products_get_clear_errors(export_dir, fashion_dir, tmp_path):
   assert "title is empty" in lines[1]["error"] and lines[1]["line"] == 3
   assert "unusable image" in lines[2]["error"] and lines[2]["line"] == 4
   assert '"errors": 2' in out.stderr and '"ok": 2' in out.stderr
+
+
+def _post(url, body: bytes, timeout=120):
+  import urllib.error  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  request = urllib.request.Request(url, data=body, method="POST", headers={
+      "Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def test_http_server_answers_and_refuses_clearly(export_dir, products):
+  """The real server: concurrent requests, every bad-request kind, alive after."""
+  import base64  # pylint: disable=g-import-not-at-top
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen(
+      [sys.executable, "-m", "mic_jax.serve", f"--model={export_dir}",
+       f"--port={port}", "--max_instances=8", "--max_body_bytes=200000"],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  base = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.time() + 180
+    while True:
+      assert server.poll() is None, server.stderr.read().decode()[-3000:]
+      try:
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+          assert json.loads(r.read())["status"] == "ok"
+          break
+      except OSError:
+        assert time.time() < deadline, "server did not come up"
+        time.sleep(0.5)
+    titles, images = products
+    encoded = [base64.b64encode(open(p, "rb").read()).decode() if p else None
+               for p in images]
+    want = Predictor(export_dir).predict(titles, images, top_k=3)
+    requests = [json.dumps({"top_k": 3, "instances": [
+        {"title": titles[i], "image_b64": encoded[i]}
+        for i in range(k, k + 4)]}).encode() for k in range(0, 12, 4)] * 2
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+      answers = list(pool.map(lambda b: _post(base + "/v1/predict", b),
+                              requests, timeout=240))
+    for n, (status, reply) in enumerate(answers):
+      assert status == 200, reply
+      k = (n % 3) * 4
+      for got, expected in zip(reply["predictions"], want[k:k + 4]):
+        assert [e["label"] for e in got["top_k"]] == [
+            e["label"] for e in expected["top_k"]]
+        np.testing.assert_allclose([e["prob"] for e in got["top_k"]],
+                                   [e["prob"] for e in expected["top_k"]],
+                                   atol=1e-6)
+    bad = {
+        "malformed JSON": (b'{"instances": [', 400, "malformed JSON"),
+        "missing title": (json.dumps({"instances": [{"title": "shoe"}, {
+            "image_b64": None}]}).encode(), 400, "instance 1: missing"),
+        "undecodable image": (json.dumps({"instances": [{
+            "title": "shoe", "image_b64": base64.b64encode(
+                b"garbage").decode()}]}).encode(), 400,
+                              "instance 0: unusable image"),
+        "not base64": (json.dumps({"instances": [{
+            "title": "shoe", "image_b64": "%%%"}]}).encode(), 400,
+                       "not base64"),
+        "too many": (json.dumps({"instances": [{"title": "a"}] * 9}).encode(),
+                     413, "at most 8"),
+        "too big": (json.dumps({"instances": [{"title": "a" * 300000}]})
+                    .encode(), 413, "over 200000 bytes"),
+    }
+    for name, (body, status, message) in bad.items():
+      got_status, reply = _post(base + "/v1/predict", body)
+      assert got_status == status, (name, reply)
+      assert message in reply["error"], (name, reply)
+    status, reply = _post(base + "/v1/predict", requests[0])
+    assert status == 200 and len(reply["predictions"]) == 4
+  finally:
+    server.terminate()
+    server.wait(timeout=30)

@@ -1,0 +1,144 @@
+r"""An HTTP JSON service for an exported model (aiohttp).
+
+  python -m mic_jax.serve --model=EXPORT --port=8080
+
+  GET  /healthz     {"status": "ok", "model": ..., "labels": N}
+  POST /v1/predict  {"instances": [{"title": "...", "image_b64": "..."|null},
+                                   ...], "top_k": 5}
+                 -> {"predictions": [{"top_k": [...], "abstain": ...}, ...]}
+
+Requests are validated before any work: malformed JSON, a missing or empty
+title, an image that is not base64 or not a usable picture get a 400, a
+body over ``--max_body_bytes`` or more than ``--max_instances`` products a
+413, each with ``{"error": "..."}`` naming the instance. Scoring runs on one
+worker thread, so concurrent requests queue instead of competing for the
+cores, and the event loop keeps answering health checks meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import json
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from aiohttp import web
+
+_MODEL = flags.DEFINE_string("model", None, "Export directory.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
+_PORT = flags.DEFINE_integer("port", 8080, "Port.")
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 8 * 2**20,
+                                 "Largest request body accepted.")
+_MAX_INSTANCES = flags.DEFINE_integer("max_instances", 64,
+                                      "Most products per request.")
+
+
+class BadRequest(Exception):
+  """A client error: status and message for the JSON reply."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+def _error(status: int, message: str) -> web.Response:
+  return web.json_response({"error": message}, status=status)
+
+
+def parse_request(body: bytes, max_instances: int
+                  ) -> tuple[list[str], list[bytes | None], int]:
+  """(titles, image bytes or None, top_k) of a predict request."""
+  try:
+    payload = json.loads(body)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BadRequest(400, f"malformed JSON: {e}") from e
+  if not isinstance(payload, dict) or not isinstance(
+      payload.get("instances"), list):
+    raise BadRequest(400, 'the body must be {"instances": [...]}')
+  instances = payload["instances"]
+  if not instances:
+    raise BadRequest(400, "no instances")
+  if len(instances) > max_instances:
+    raise BadRequest(413, f"{len(instances)} instances; at most "
+                     f"{max_instances} per request")
+  top_k = payload.get("top_k", 5)
+  if not isinstance(top_k, int) or top_k < 1:
+    raise BadRequest(400, f"top_k must be a positive integer, got {top_k!r}")
+  titles, images = [], []
+  for i, item in enumerate(instances):
+    if not isinstance(item, dict):
+      raise BadRequest(400, f"instance {i}: expected an object")
+    title = item.get("title")
+    if not isinstance(title, str) or not title.strip():
+      raise BadRequest(400, f"instance {i}: missing or empty 'title'")
+    image = item.get("image_b64")
+    if image is not None:
+      try:
+        image = base64.b64decode(image, validate=True)
+      except (binascii.Error, TypeError, ValueError) as e:
+        raise BadRequest(400, f"instance {i}: 'image_b64' is not base64 "
+                         f"({e})") from e
+    titles.append(title)
+    images.append(image)
+  return titles, images, top_k
+
+
+def make_app(predictor: Any, *, max_body_bytes: int, max_instances: int
+             ) -> web.Application:
+  """The service around a loaded :class:`mic_jax.serving.Predictor`."""
+  from mic_jax.serving import PredictionError  # pylint: disable=g-import-not-at-top
+  worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+  async def healthz(request: web.Request) -> web.Response:
+    del request
+    return web.json_response({"status": "ok",
+                              "model": predictor.manifest["model"],
+                              "labels": len(predictor.labels)})
+
+  async def predict(request: web.Request) -> web.Response:
+    try:
+      body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+      return _error(413, f"request body over {max_body_bytes} bytes")
+    try:
+      titles, images, top_k = parse_request(body, max_instances)
+      loop = asyncio.get_running_loop()
+      results = await loop.run_in_executor(
+          worker, lambda: predictor.predict(titles, images, top_k=top_k))
+    except BadRequest as e:
+      return _error(e.status, str(e))
+    except PredictionError as e:
+      return _error(400, str(e).replace("product", "instance", 1))
+    return web.json_response({"predictions": results})
+
+  application = web.Application(client_max_size=max_body_bytes)
+  application.add_routes([web.get("/healthz", healthz),
+                          web.post("/v1/predict", predict)])
+  application.on_cleanup.append(lambda _: _shutdown(worker))
+  return application
+
+
+async def _shutdown(worker: concurrent.futures.Executor) -> None:
+  worker.shutdown(wait=False)
+
+
+def main(argv):
+  del argv
+  from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
+  predictor = Predictor(_MODEL.value)
+  predictor.predict(["warm-up"], [None])  # Compile before the first client.
+  logging.info("serving %s on http://%s:%d", _MODEL.value, _HOST.value,
+               _PORT.value)
+  web.run_app(make_app(predictor, max_body_bytes=_MAX_BODY.value,
+                       max_instances=_MAX_INSTANCES.value),
+              host=_HOST.value, port=_PORT.value, print=None)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("model")
+  app.run(main)
