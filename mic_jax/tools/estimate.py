@@ -17,8 +17,12 @@ way the trainer derives them.
 * **FLOPs per example**: forward ``2 * P * T`` for each tower's matmul
   parameters ``P`` (embedding tables excluded) applied to its ``T`` tokens,
   plus attention ``4 * s * s_kv * h`` per layer; a train step is 3x the
-  forward (the backward pass costs twice the forward). Convolutions (BiT)
-  are not counted analytically: use ``--compare_xla``.
+  forward (the backward pass costs twice the forward), plus the AdamW
+  update, ``ADAMW_FLOPS_PER_PARAM * params / batch`` per example (moments,
+  bias correction, decay, global-norm clipping: ~18 element-wise FLOPs per
+  parameter per step; it matters only for tiny models with big embedding
+  tables and small batches). Convolutions (BiT) are not counted
+  analytically: use ``--compare_xla``.
 * **Step time** = train FLOPs per step / (devices x peak x MFU).
 
 ``--compare_xla`` compiles the real train step for one device and prints
@@ -55,6 +59,10 @@ ACCELERATORS = {
     "h100": (989e12, 80 * 2**30),
     "cpu": (0.3e12, 24 * 2**30),
 }
+# Element-wise FLOPs of one AdamW step per parameter: 3 + 4 for the two
+# moments, 2 bias corrections, eps and the division, weight decay, learning
+# rate and the update (5), global-norm clipping (3), rounded up.
+ADAMW_FLOPS_PER_PARAM = 18
 _EMBEDDING_NAMES = ("word_embeddings", "position_embeddings",
                     "token_type_embeddings", "pos_embedding", "cls")
 
@@ -69,11 +77,12 @@ class Estimate:
   gradient_bytes: float
   activation_bytes: float
   forward_flops: float
+  optimizer_flops: float
   convolutions_uncounted: bool
 
   @property
   def train_flops(self) -> float:
-    return 3.0 * self.forward_flops
+    return 3.0 * self.forward_flops + self.optimizer_flops
 
   @property
   def total_bytes(self) -> float:
@@ -187,6 +196,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int,
   return Estimate(params=params, mesh=mesh, param_bytes=param_bytes,
                   optimizer_bytes=2 * param_bytes, gradient_bytes=param_bytes,
                   activation_bytes=activations, forward_flops=forward,
+                  optimizer_flops=(ADAMW_FLOPS_PER_PARAM * params["total"] /
+                                   config.batch_size),
                   convolutions_uncounted=convs)
 
 
