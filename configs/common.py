@@ -63,6 +63,23 @@ def parse_arg(arg: str | None) -> tuple[str, dict[str, str]]:
   return preset, options
 
 
+def get_field(config: ml_collections.ConfigDict, dotted_key: str) -> object:
+  """The value of an ``"optim.lr"``-style field; a typo raises."""
+  node = config
+  for name in dotted_key.split("."):
+    node = getattr(node, name)
+  return node
+
+
+def override(config: ml_collections.ConfigDict, dotted_key: str,
+             value: object) -> None:
+  """Sets an ``"optim.lr"``-style field; a field that does not exist raises."""
+  parent, _, leaf = dotted_key.rpartition(".")
+  node = get_field(config, parent) if parent else config
+  getattr(node, leaf)  # AttributeError naming the typo, even if unlocked.
+  setattr(node, leaf, value)
+
+
 def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """The full, locked config of one system under a preset."""
   if kind not in KINDS:

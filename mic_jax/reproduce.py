@@ -21,6 +21,8 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
+from configs import common
+
 SYSTEMS = (  # (row name, config module, config argument suffix)
     ("Text-BERT", "text_only", ""),
     ("Image-ViT", "image_only", ""),
@@ -52,13 +54,9 @@ def _config(module: str, arg: str, workdir: str):
       config.late.image_workdir = os.path.join(workdir, "image_only")
   for item in _SET.value:
     key, value = item.split("=", 1)
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = getattr(node, p)
-    old = getattr(node, leaf)  # Raises on a typo.
-    setattr(node, leaf, type(old)(value) if not isinstance(old, bool)
-            else value.lower() in ("1", "true", "yes"))
+    old = common.get_field(config, key)  # Raises on a typo.
+    common.override(config, key, type(old)(value) if not isinstance(
+        old, bool) else value.lower() in ("1", "true", "yes"))
   return config
 
 

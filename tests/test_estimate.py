@@ -11,11 +11,7 @@ def _config(kind, arg=None, **fields):
   with config.unlocked():
     config.num_classes = 1000
     for key, value in fields.items():
-      node = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = getattr(node, p)
-      setattr(node, leaf, value)
+      common.override(config, key, value)
   return config
 
 

@@ -179,3 +179,15 @@ def test_rules_reject_unknown_and_conflicting_names():
     shd.validate_rules([("embed", "model")])
   with pytest.raises(ValueError, match="conflicting"):
     shd.validate_rules([("embed", "fsdp"), ("embed", "tensor")])
+
+
+def test_dotted_override_sets_fields_and_rejects_typos():
+  config = common.make_config("cross_modal", "demo")
+  common.override(config, "optim.lr", 0.5)
+  common.override(config, "seed", 3)
+  assert config.optim.lr == 0.5 and common.get_field(config, "seed") == 3
+  with pytest.raises(AttributeError, match="lrr"):
+    common.override(config, "optim.lrr", 1.0)
+  with config.unlocked():  # Not even an unlocked config grows a typo.
+    with pytest.raises(AttributeError, match="batchsize"):
+      common.override(config, "batchsize", 4)

@@ -34,11 +34,7 @@ def _demo_config(kind="cross_modal", **overrides):
     config.checkpoint_every_steps = 3
     config.batch_size = 16
     for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = getattr(node, p)
-      setattr(node, leaf, value)
+      common.override(config, key, value)
   return config
 
 
