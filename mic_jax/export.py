@@ -14,6 +14,7 @@ The directory holds everything inference needs and nothing of training:
   params.bin/.json  the parameters: raw little-endian arrays + an index
   tokenizer/        the tokenizer files the data was prepared with
   labels.txt        class names, line = class id; taxonomy.json if any
+  saved_model/      with --saved_model: a TF SavedModel for TF Serving
 
 :class:`mic_jax.serving.Predictor` loads it with jax, numpy and the
 tokenizer only: no model code, no flax. Late-fusion runs export both towers
@@ -209,6 +210,44 @@ def _serialize(infer: Callable, params: Any, max_length: int,
   return bytes(exported.serialize()), list(exported.platforms)
 
 
+def write_saved_model(directory: pathlib.Path, infer: Callable, params: Any,
+                      max_length: int, image_size: int) -> None:
+  """A TF SavedModel for TF Serving (jax2tf, native serialization).
+
+  Signature ``serving_default``: int32 ``input_ids``, ``attention_mask``,
+  ``token_type_ids`` ``[b, max_length]``, float32 ``image`` ``[b, S, S, 3]``
+  in [-1, 1], int32 ``image_present`` ``[b]`` -> float32
+  ``probabilities`` ``[b, C]``. Parameters are float32 variables.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  text = f"(b, {max_length})"
+  converted = jax2tf.convert(
+      infer, with_gradient=False,
+      polymorphic_shapes=[None, text, text, text,
+                          f"(b, {image_size}, {image_size}, 3)", "(b,)"])
+  module = tf.Module()
+  module.params = tf.nest.map_structure(
+      lambda x: tf.Variable(np.asarray(x, np.float32), trainable=False),
+      params)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, max_length], tf.int32, name="input_ids"),
+      tf.TensorSpec([None, max_length], tf.int32, name="attention_mask"),
+      tf.TensorSpec([None, max_length], tf.int32, name="token_type_ids"),
+      tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
+                    name="image"),
+      tf.TensorSpec([None], tf.int32, name="image_present")])
+  def serve(input_ids, attention_mask, token_type_ids, image, image_present):
+    return {"probabilities": converted(module.params, input_ids,
+                                       attention_mask, token_type_ids, image,
+                                       image_present)}
+
+  module.serve = serve
+  tf.saved_model.save(module, str(directory / "saved_model"),
+                      signatures={"serving_default": serve})
+
+
 def _validation_probs(serialized: bytes, params: Any, data_dir: pathlib.Path,
                       image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """The exported function over the validation split (every example once)."""
@@ -229,7 +268,8 @@ def _validation_probs(serialized: bytes, params: Any, data_dir: pathlib.Path,
 
 def export_run(workdir: str, output: str, *, step: int | None = None,
                dtype: str = "float32", target_precision: float = 0.95,
-               overwrite: bool = False) -> dict[str, Any]:
+               overwrite: bool = False, saved_model: bool = False
+               ) -> dict[str, Any]:
   """Exports ``workdir`` to ``output``; returns the manifest."""
   work = pathlib.Path(workdir)
   out = pathlib.Path(output)
@@ -260,8 +300,8 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
   max_length, image_size = int(config.text.max_length), int(config.image.size)
   if dtype == "bfloat16":
     params = jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params)
-  serialized, platforms = _serialize(inference_fn(models, alpha), params,
-                                     max_length, image_size)
+  infer = inference_fn(models, alpha)
+  serialized, platforms = _serialize(infer, params, max_length, image_size)
   if info.get("shards", {}).get("validation"):
     abstain = abstain_threshold(
         *_validation_probs(serialized, params, data_dir, image_size),
@@ -277,6 +317,8 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
   try:
     (tmp / "model.stablehlo").write_bytes(serialized)
     write_params(tmp, params)
+    if saved_model:
+      write_saved_model(tmp, infer, params, max_length, image_size)
     tokenizer = _copy_tokenizer(info, tmp)
     shutil.copyfile(data_dir / "labels.txt", tmp / "labels.txt")
     taxonomy = None
@@ -294,6 +336,7 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
                      "numpy": np.__version__},
         "platforms": platforms,
         "params_dtype": dtype,
+        "saved_model": "saved_model" if saved_model else None,
         "num_classes": int(info["num_classes"]),
         "inputs": {
             "input_ids": ["b", max_length, "int32"],
@@ -338,6 +381,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 _PRECISION = flags.DEFINE_float("target_precision", 0.95, "Precision the "
                                 "abstain threshold aims for on validation.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output.")
+_SAVED_MODEL = flags.DEFINE_bool("saved_model", False, "Also write a TF "
+                                 "SavedModel (jax2tf) for TF Serving.")
 
 
 def main(argv):
@@ -346,7 +391,8 @@ def main(argv):
     manifest = export_run(_WORKDIR.value, _OUTPUT.value, step=_STEP.value,
                           dtype=_DTYPE.value,
                           target_precision=_PRECISION.value,
-                          overwrite=_OVERWRITE.value)
+                          overwrite=_OVERWRITE.value,
+                          saved_model=_SAVED_MODEL.value)
   except ExportError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -254,3 +254,24 @@ def test_http_server_answers_and_refuses_clearly(export_dir, products):
   finally:
     server.terminate()
     server.wait(timeout=30)
+
+
+def test_saved_model_for_tf_serving_matches(run_dir, export_dir, products,
+                                            tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "with_tf"
+  manifest = export.export_run(str(run_dir), str(out), saved_model=True)
+  assert manifest["saved_model"] == "saved_model"
+  predictor = Predictor(export_dir)
+  titles, images = products
+  text = predictor.encode_titles(titles)
+  pixels = [predictor.encode_image(im, i) for i, im in enumerate(images)]
+  inputs = {**text, "image": np.stack([p for p, _ in pixels]),
+            "image_present": np.array([f for _, f in pixels], np.int32)}
+  serving = tf.saved_model.load(str(out / "saved_model")).signatures[
+      "serving_default"]
+  got = serving(**{k: tf.constant(v) for k, v in inputs.items()})
+  np.testing.assert_allclose(got["probabilities"].numpy(),
+                             predictor.probabilities_of_arrays(inputs),
+                             atol=1e-5)
