@@ -101,6 +101,9 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.kind = kind
+  # Text vector of text_only/early: "pooler" (BERT's tanh pooler over [CLS],
+  # the paper's), "cls" (raw [CLS] state) or "mean" (mean of real tokens).
+  c.model.text_repr = "pooler"
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""            # data_prep output (labels.txt, *.tfrecord).

@@ -113,6 +113,33 @@ def test_cross_modal_head_is_eq4_and_fusion_options():
       dt + dv + 1, 64)
 
 
+def test_text_repr_is_the_pooler_the_cls_state_or_the_masked_mean():
+  batch = _batch(3)
+  config = _config("text_only")
+  model = classifier.build_model(config)
+  params = _init(model, batch)["params"]
+  seq, pooled = model.txt.apply({"params": params["txt"]},
+                                batch["input_ids"], batch["attention_mask"],
+                                batch["token_type_ids"])
+  seq, mask = np.asarray(seq), batch["attention_mask"]
+  expected = {
+      "pooler": np.asarray(pooled),
+      "cls": seq[:, 0],
+      # The mean over real tokens only: padding must not dilute it.
+      "mean": np.stack([seq[b, :mask[b].sum()].mean(0) for b in range(B)]),
+  }
+  for name, want in expected.items():
+    with config.unlocked():
+      config.model.text_repr = name
+    model = classifier.build_model(config)
+    _, aux = model.apply({"params": params}, batch)
+    np.testing.assert_allclose(aux["features"], want, atol=1e-5, err_msg=name)
+  with config.unlocked():
+    config.model.text_repr = "max"
+  with pytest.raises(ValueError, match="text_repr"):
+    _init(classifier.build_model(config), batch)
+
+
 def test_errors():
   with pytest.raises(ValueError, match="late fusion"):
     classifier.build_model(_config("late"))

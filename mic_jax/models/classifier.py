@@ -19,7 +19,10 @@ so it has no parameters, no optimizer state and no checkpoint entry.
 
 "Text [CLS]" is BERT's pooled output (the tanh ``pooler`` over the [CLS]
 state, what Hugging Face's sequence classifier fine-tunes) unless
-``config.model.text_repr = "cls"`` asks for the raw ``seq[:, 0]``.
+``config.model.text_repr`` asks for the raw ``seq[:, 0]`` (``"cls"``) or the
+mean of the real (unpadded) token states (``"mean"``). The paper uses [CLS];
+``"mean"`` matters for checkpoints trained as sentence encoders with mean
+pooling (all-MiniLM-L6-v2 is one), whose [CLS] state carries less.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from mic_jax.models import fusion as fusion_lib
 Batch = Mapping[str, jnp.ndarray]
 KINDS = ("text_only", "image_only", "early", "cross_modal")
 TOWERS = ("txt", "img", "fusion", "head")
-TEXT_REPRS = ("pooler", "cls")
+TEXT_REPRS = ("pooler", "cls", "mean")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}
 
@@ -102,7 +105,7 @@ class MultimodalClassifier(nn.Module):
     head_dropout: dropout on the head's input.
     head_bias: bias on the output layer; eq. (4) has none, so
       :func:`build_model` turns it off for cross_modal.
-    text_repr: "pooler" or "cls" (see the module docstring).
+    text_repr: "pooler", "cls" or "mean" (see the module docstring).
     dtype: compute dtype; parameters keep their own ``param_dtype``.
   """
   kind: str
@@ -166,7 +169,7 @@ class MultimodalClassifier(nn.Module):
       text_mask = batch["attention_mask"]
       seq, pooled = self.txt(batch["input_ids"], text_mask,
                              batch.get("token_type_ids"), train=train)
-      text_cls = pooled if self.text_repr == "pooler" else seq[:, 0]
+      text_cls = text_vector(seq, pooled, text_mask, self.text_repr)
       aux["text_cls"] = text_cls
     if self.img is not None:
       tokens = self.img(batch["image"], train=train)
@@ -186,6 +189,18 @@ class MultimodalClassifier(nn.Module):
       aux.update(stats)
     aux["features"] = features
     return self.head(features, train=train), aux
+
+
+def text_vector(seq: jnp.ndarray, pooled: jnp.ndarray, mask: jnp.ndarray,
+                repr_name: str) -> jnp.ndarray:
+  """The one text vector ``[B, H]`` a head or early fusion reads."""
+  if repr_name == "pooler":
+    return pooled
+  if repr_name == "cls":
+    return seq[:, 0]
+  weights = mask.astype(seq.dtype)[..., None]
+  total = jnp.sum(seq * weights, axis=1)
+  return total / jnp.maximum(jnp.sum(weights, axis=1), 1).astype(seq.dtype)
 
 
 # ------------------------------------------------------------ building --
@@ -260,7 +275,7 @@ def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
   ``config.dtype`` (compute; parameters stay float32), ``config.text`` (see
   :func:`text_config`; plus ``remat``), ``config.image.{kind, variant,
   dropout, remat}`` and ``config.fusion.{heads, gate, dropout, pool,
-  mlp_dim}``. Optional: ``config.model.text_repr`` ("pooler"/"cls") and
+  mlp_dim}``. Optional: ``config.model.text_repr`` ("pooler"/"cls"/"mean") and
   ``config.fusion.head_bias`` (default: off for cross_modal, as in eq. 4,
   on otherwise).
   """
