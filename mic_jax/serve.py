@@ -2,7 +2,8 @@ r"""An HTTP JSON service for an exported model (aiohttp).
 
   python -m mic_jax.serve --model=EXPORT --port=8080
 
-  GET  /healthz     {"status": "ok", "model": ..., "labels": N}
+  GET  /healthz     {"status": "ok", "model": ..., "labels": N,
+                     "batching": {"requests", "batches", "mean_batch", ...}}
   POST /v1/predict  {"instances": [{"title": "...", "image_b64": "..."|null},
                                    ...], "top_k": 5}
                  -> {"predictions": [{"top_k": [...], "abstain": ...}, ...]}
@@ -10,9 +11,15 @@ r"""An HTTP JSON service for an exported model (aiohttp).
 Requests are validated before any work: malformed JSON, a missing or empty
 title, an image that is not base64 or not a usable picture get a 400, a
 body over ``--max_body_bytes`` or more than ``--max_instances`` products a
-413, each with ``{"error": "..."}`` naming the instance. Scoring runs on one
-worker thread, so concurrent requests queue instead of competing for the
-cores, and the event loop keeps answering health checks meanwhile.
+413, each with ``{"error": "..."}`` naming the instance.
+
+Titles are tokenized and photos decoded on a small thread pool, then the
+request joins the dynamic batcher (:mod:`mic_jax.serving.batching`):
+concurrent requests are scored together in one call of the model, up to
+``--max_batch_size`` products, the first waiting at most
+``--batch_delay_ms`` for company. Scoring runs on one thread, so requests
+queue instead of competing for the cores, and the event loop keeps
+answering health checks meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +43,14 @@ _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 8 * 2**20,
                                  "Largest request body accepted.")
 _MAX_INSTANCES = flags.DEFINE_integer("max_instances", 64,
                                       "Most products per request.")
+_MAX_BATCH = flags.DEFINE_integer(
+    "max_batch_size", 64, "Most products scored in one call of the model "
+    "(requests are merged up to this; 1 turns batching off).")
+_BATCH_DELAY = flags.DEFINE_float(
+    "batch_delay_ms", 2.0, "How long a request waits for others to share "
+    "its batch. 0 still merges whatever queued while the model was busy.")
+_ENCODE_THREADS = flags.DEFINE_integer(
+    "encode_threads", 2, "Threads tokenizing titles and decoding photos.")
 
 
 class BadRequest(Exception):
@@ -88,17 +103,28 @@ def parse_request(body: bytes, max_instances: int
   return titles, images, top_k
 
 
-def make_app(predictor: Any, *, max_body_bytes: int, max_instances: int
-             ) -> web.Application:
+def make_app(predictor: Any, *, max_body_bytes: int, max_instances: int,
+             max_batch_size: int = 64, batch_delay_ms: float = 2.0,
+             encode_threads: int = 2) -> web.Application:
   """The service around a loaded :class:`mic_jax.serving.Predictor`."""
-  from mic_jax.serving import PredictionError  # pylint: disable=g-import-not-at-top
-  worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  # pylint: disable=g-import-not-at-top
+  from mic_jax.serving import PredictionError
+  from mic_jax.serving import batching
+  # pylint: enable=g-import-not-at-top
+  model_thread = concurrent.futures.ThreadPoolExecutor(
+      max_workers=1, thread_name_prefix="model")
+  encoders = concurrent.futures.ThreadPoolExecutor(
+      max_workers=encode_threads, thread_name_prefix="encode")
+  batcher = batching.DynamicBatcher(
+      predictor.probabilities_of_arrays, max_batch_size=max_batch_size,
+      max_delay_s=batch_delay_ms / 1000, executor=model_thread)
 
   async def healthz(request: web.Request) -> web.Response:
     del request
     return web.json_response({"status": "ok",
                               "model": predictor.manifest["model"],
-                              "labels": len(predictor.labels)})
+                              "labels": len(predictor.labels),
+                              "batching": batcher.stats.as_dict()})
 
   async def predict(request: web.Request) -> web.Response:
     try:
@@ -108,34 +134,46 @@ def make_app(predictor: Any, *, max_body_bytes: int, max_instances: int
     try:
       titles, images, top_k = parse_request(body, max_instances)
       loop = asyncio.get_running_loop()
-      results = await loop.run_in_executor(
-          worker, lambda: predictor.predict(titles, images, top_k=top_k))
+      arrays = await loop.run_in_executor(
+          encoders, lambda: predictor.encode(titles, images))
+      probs = await batcher.submit(arrays)
     except BadRequest as e:
       return _error(e.status, str(e))
     except PredictionError as e:
       return _error(400, str(e).replace("product", "instance", 1))
-    return web.json_response({"predictions": results})
+    return web.json_response(
+        {"predictions": predictor.results(probs, top_k=top_k)})
+
+  async def start(_):
+    batcher.start()
+
+  async def stop(_):
+    await batcher.close()
+    model_thread.shutdown(wait=False)
+    encoders.shutdown(wait=False)
 
   application = web.Application(client_max_size=max_body_bytes)
   application.add_routes([web.get("/healthz", healthz),
                           web.post("/v1/predict", predict)])
-  application.on_cleanup.append(lambda _: _shutdown(worker))
+  application.on_startup.append(start)
+  application.on_cleanup.append(stop)
   return application
-
-
-async def _shutdown(worker: concurrent.futures.Executor) -> None:
-  worker.shutdown(wait=False)
 
 
 def main(argv):
   del argv
   from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
   predictor = Predictor(_MODEL.value)
-  predictor.predict(["warm-up"], [None])  # Compile before the first client.
+  predictor.predict(["warm-up"], [None])  # Load the tokenizer and TF ops.
+  # Compile every batch size a call can have before the first client.
+  predictor.warm_up(max(_MAX_BATCH.value, _MAX_INSTANCES.value))
   logging.info("serving %s on http://%s:%d", _MODEL.value, _HOST.value,
                _PORT.value)
   web.run_app(make_app(predictor, max_body_bytes=_MAX_BODY.value,
-                       max_instances=_MAX_INSTANCES.value),
+                       max_instances=_MAX_INSTANCES.value,
+                       max_batch_size=_MAX_BATCH.value,
+                       batch_delay_ms=_BATCH_DELAY.value,
+                       encode_threads=_ENCODE_THREADS.value),
               host=_HOST.value, port=_PORT.value, print=None)
 
 

@@ -196,7 +196,8 @@ def test_http_server_answers_and_refuses_clearly(export_dir, products):
     port = s.getsockname()[1]
   server = subprocess.Popen(
       [sys.executable, "-m", "mic_jax.serve", f"--model={export_dir}",
-       f"--port={port}", "--max_instances=8", "--max_body_bytes=200000"],
+       f"--port={port}", "--max_instances=8", "--max_body_bytes=200000",
+       "--max_batch_size=16", "--batch_delay_ms=150"],
       cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   base = f"http://127.0.0.1:{port}"
   try:
@@ -229,6 +230,11 @@ def test_http_server_answers_and_refuses_clearly(export_dir, products):
         np.testing.assert_allclose([e["prob"] for e in got["top_k"]],
                                    [e["prob"] for e in expected["top_k"]],
                                    atol=1e-6)
+    with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+      stats = json.loads(r.read())["batching"]
+    # Six concurrent requests of 4 products, merged up to 16 per call.
+    assert stats["requests"] == 6 and stats["products"] == 24, stats
+    assert stats["batches"] < 6 and stats["largest_batch"] <= 16, stats
     bad = {
         "malformed JSON": (b'{"instances": [', 400, "malformed JSON"),
         "missing title": (json.dumps({"instances": [{"title": "shoe"}, {

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pathlib
+import threading
 from typing import Any, Sequence, Union
 
 import jax
@@ -58,6 +59,10 @@ class Predictor:
   a taxonomy, ``parents`` (the top label's parent categories by level).
   Images are file paths, encoded bytes, ``uint8 [H, W, 3]`` arrays or
   ``None`` (no photo).
+
+  Safe to call from several threads (the server encodes requests in
+  parallel): tokenization is serialized because a MeCab tagger is not
+  thread-safe; photo decoding and scoring run concurrently.
   """
 
   def __init__(self, export_dir: str | os.PathLike[str]):
@@ -77,6 +82,7 @@ class Predictor:
     self.max_length = int(self.manifest["text"]["max_length"])
     self.image_size = int(self.manifest["image"]["size"])
     self.threshold = float(self.manifest["abstain"]["threshold"])
+    self._tokenize_lock = threading.Lock()
     self.tokenizer = load_tokenizer(self.dir / self.manifest["text"][
         "tokenizer"])
     exported = jax_export.deserialize(bytearray(
@@ -92,8 +98,9 @@ class Predictor:
       if not isinstance(title, str) or not title.strip():
         raise PredictionError(f"product {i}: the title is empty or not a "
                               f"string ({title!r})")
-    return self.tokenizer.encode_batch(list(titles),
-                                       max_length=self.max_length)
+    with self._tokenize_lock:
+      return self.tokenizer.encode_batch(list(titles),
+                                         max_length=self.max_length)
 
   def encode_image(self, image: ImageInput, index: int = 0
                    ) -> tuple[np.ndarray, int]:
@@ -130,20 +137,37 @@ class Predictor:
 
   # ------------------------------------------------------------ output --
 
-  def probabilities(self, titles: Sequence[str],
-                    images: Sequence[ImageInput] | None = None
-                    ) -> np.ndarray:
-    """Class probabilities ``[N, C]`` of the products."""
+  def zero_inputs(self, n: int) -> dict[str, np.ndarray]:
+    """``n`` all-zero rows of the exported signature's arrays."""
+    ids = np.zeros((n, self.max_length), np.int32)
+    size = self.image_size
+    return {"input_ids": ids, "attention_mask": ids, "token_type_ids": ids,
+            "image": np.zeros((n, size, size, 3), np.float32),
+            "image_present": np.zeros((n,), np.int32)}
+
+  def encode(self, titles: Sequence[str],
+             images: Sequence[ImageInput] | None = None
+             ) -> dict[str, np.ndarray]:
+    """The model inputs of the products (the exported signature's arrays).
+
+    Raises :class:`PredictionError` naming the first product that cannot
+    be scored (empty title, unreadable or unusable photo).
+    """
     images = [None] * len(titles) if images is None else list(images)
     if len(images) != len(titles):
       raise PredictionError(f"{len(titles)} titles but {len(images)} images")
     if not titles:
-      return np.zeros((0, len(self.labels)), np.float32)
+      return self.zero_inputs(0)
     text = self.encode_titles(titles)
     pixels = [self.encode_image(im, i) for i, im in enumerate(images)]
-    return self.probabilities_of_arrays({
-        **text, "image": np.stack([p for p, _ in pixels]),
-        "image_present": np.array([f for _, f in pixels], np.int32)})
+    return {**text, "image": np.stack([p for p, _ in pixels]),
+            "image_present": np.array([f for _, f in pixels], np.int32)}
+
+  def probabilities(self, titles: Sequence[str],
+                    images: Sequence[ImageInput] | None = None
+                    ) -> np.ndarray:
+    """Class probabilities ``[N, C]`` of the products."""
+    return self.probabilities_of_arrays(self.encode(titles, images))
 
   def probabilities_of_arrays(self, batch: dict[str, np.ndarray]
                               ) -> np.ndarray:
@@ -151,7 +175,7 @@ class Predictor:
     keys = ("input_ids", "attention_mask", "token_type_ids", "image",
             "image_present")
     n = len(batch["input_ids"])
-    out = []
+    out = [np.zeros((0, len(self.labels)), np.float32)]
     for start in range(0, n, BUCKETS[-1]):
       chunk = [np.asarray(batch[k])[start:start + BUCKETS[-1]] for k in keys]
       m = len(chunk[0])
@@ -161,6 +185,17 @@ class Predictor:
       out.append(np.asarray(self._call(self._params, *padded))[:m])
     return np.concatenate(out)
 
+  def warm_up(self, max_batch_size: int = BUCKETS[-1]) -> None:
+    """Compiles every padded batch size up to ``max_batch_size`` now.
+
+    A server calls this before taking traffic, so no client pays for a
+    compilation when a batch of a new size first comes along.
+    """
+    for bucket in BUCKETS:
+      if bucket > max(1, max_batch_size):
+        break
+      self.probabilities_of_arrays(self.zero_inputs(bucket))
+
   def _parents(self, label: str) -> dict[str, str] | None:
     paths = (self.taxonomy or {}).get("parents", {}).get(label) or {}
     if not paths:
@@ -168,12 +203,11 @@ class Predictor:
     path = max(paths, key=paths.get)  # The most frequent parent path.
     return dict(zip(self.taxonomy["levels"], path.split(" > ")))
 
-  def predict(self, titles: Sequence[str],
-              images: Sequence[ImageInput] | None = None, *, top_k: int = 5
+  def results(self, probs: np.ndarray, *, top_k: int = 5
               ) -> list[dict[str, Any]]:
-    """One result dict per product (see the class docstring)."""
+    """One result dict per row of probabilities (see the class docstring)."""
     results = []
-    for p in self.probabilities(titles, images):
+    for p in probs:
       order = np.argsort(-p, kind="stable")[:top_k]
       result: dict[str, Any] = {
           "top_k": [{"label": self.labels[i], "prob": float(p[i])}
@@ -184,3 +218,9 @@ class Predictor:
         result["parents"] = parents
       results.append(result)
     return results
+
+  def predict(self, titles: Sequence[str],
+              images: Sequence[ImageInput] | None = None, *, top_k: int = 5
+              ) -> list[dict[str, Any]]:
+    """One result dict per product (see the class docstring)."""
+    return self.results(self.probabilities(titles, images), top_k=top_k)
