@@ -12,6 +12,7 @@ import pytest
 
 from configs import common
 from mic_jax.data import demo
+from mic_jax.tools import photo_ablation
 from mic_jax.train import trainer
 
 
@@ -50,3 +51,17 @@ def test_demo_job_beats_both_single_modality_ceilings(tmp_path):
     r = saved[split]
     assert r["accuracy"] > r["text_only_max_accuracy"] + 0.2, r
     assert r["accuracy"] > r["image_only_max_accuracy"] + 0.2, r
+  # Without photos the same model is a text model: it falls to (at most a
+  # hair above, by luck) the best any title-only model can do.
+  ablation = photo_ablation.photo_ablation(str(tmp_path / "run"), ["test"])
+  test = ablation["test"]
+  for key in ("macro_f1", "accuracy", "num_examples"):
+    assert test["with_photos"][key] == pytest.approx(saved["test"][key])
+  assert (test["photos_withheld"]["accuracy"]
+          < saved["test"]["text_only_max_accuracy"] + 0.05), ablation
+  with pytest.raises(ValueError, match="reads photos"):
+    late = tmp_path / "text"
+    late.mkdir()
+    config = common.make_config("text_only", "demo")
+    (late / "config.json").write_text(config.to_json())
+    photo_ablation.photo_ablation(str(late))

@@ -56,12 +56,20 @@ class Evaluator:
                               in_shardings=(run.state_shardings.params, None))
     self._sharding = shd.batch_sharding(run.mesh, run.rules)
 
-  def predict(self, params: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities ``[N, C]`` and labels ``[N]`` of every example of ``split``."""
+  def predict(self, params: Any, split: str, *, withhold_images: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``[N, C]`` and labels ``[N]`` of every example of ``split``.
+
+    ``withhold_images`` scores every product as one without a photo (zero
+    image, ``image_present = 0``): how much a fused model leans on photos.
+    """
     probs, labels = [], []
     for batch in pipeline.eval_batches(
         self.run.data_dir, split, batch_size=shd.per_host_batch_size(self.batch_size),
         image_size=self.run.config.image.size):
+      if withhold_images:
+        batch["image"] = np.zeros_like(batch["image"])
+        batch["image_present"] = np.zeros_like(batch["image_present"])
       arrays = shd.host_to_global(batch, self._sharding)
       p = self._eval_step(params, arrays)
       keep = _to_host(arrays["mask"]) > 0
@@ -71,8 +79,11 @@ class Evaluator:
       raise ValueError(f"split {split!r} of {self.run.data_dir} is empty")
     return np.concatenate(probs), np.concatenate(labels)
 
-  def evaluate(self, params: Any, split: str) -> dict[str, Any]:
-    probs, labels = self.predict(params, split)
+  def evaluate(self, params: Any, split: str, *, withhold_images: bool = False
+               ) -> dict[str, Any]:
+    """The classification report of ``split`` (see :meth:`predict`)."""
+    probs, labels = self.predict(params, split,
+                                 withhold_images=withhold_images)
     return metrics_lib.classification_report(
         labels, probs.argmax(-1), self.run.info.num_classes)
 
