@@ -43,7 +43,7 @@ def photo_ablation(workdir: str, splits: Sequence[str] = ("validation", "test")
   with open(config_path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   kind = config.model.kind
-  if kind == "late" or not classifier.uses_image(kind):
+  if not classifier.uses_image(kind):  # text_only, or late (two runs).
     raise ValueError(f"{workdir} is a {kind!r} run; the photo ablation needs "
                      "one model that reads photos (image_only, early, "
                      "cross_modal)")
