@@ -24,11 +24,6 @@ import ml_collections
 from mic_jax.models import classifier
 from mic_jax.train import checkpointing, evaluation, reporting, trainer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished training run.")
-_SPLITS = flags.DEFINE_list("splits", ["validation", "test"],
-                            "Splits to evaluate.")
-
-
 def photo_ablation(workdir: str, splits: Sequence[str] = ("validation", "test")
                    ) -> dict[str, Any]:
   """``{split: {"with_photos": {...}, "photos_withheld": {...}}}`` of a run.
@@ -80,12 +75,17 @@ def markdown(results: dict[str, Any], splits: Sequence[str]) -> str:
 
 def main(argv):
   del argv
-  results = photo_ablation(_WORKDIR.value, _SPLITS.value)
-  print(f"{results['model']} run {_WORKDIR.value}, best step "
+  workdir, splits = flags.FLAGS.workdir, flags.FLAGS.splits
+  results = photo_ablation(workdir, splits)
+  print(f"{results['model']} run {workdir}, best step "
         f"{results['best_step']}\n")
-  print(markdown(results, _SPLITS.value))
+  print(markdown(results, splits))
 
 
 if __name__ == "__main__":
+  # Defined only when run as a program: the library function above is
+  # imported next to other tools (export) that own a --workdir flag too.
+  flags.DEFINE_string("workdir", None, "A finished training run.")
+  flags.DEFINE_list("splits", ["validation", "test"], "Splits to evaluate.")
   flags.mark_flag_as_required("workdir")
   app.run(main)
