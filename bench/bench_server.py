@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,12 +40,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-async def _wait_healthy(session, base: str, server: subprocess.Popen) -> None:
+async def _wait_healthy(session, base: str, server: subprocess.Popen,
+                        log) -> None:
   deadline = time.time() + 300
   while True:
     if server.poll() is not None:
-      server.log.seek(0)
-      raise RuntimeError(f"server exited: {server.log.read().decode()[-3000:]}")
+      log.seek(0)
+      raise RuntimeError(f"server exited: {log.read().decode()[-3000:]}")
     try:
       async with session.get(base + "/healthz") as r:
         if r.status == 200:
@@ -99,11 +99,10 @@ async def _measure(export_dir, bodies, args, batching: bool):
   port = _free_port()
   log = tempfile.TemporaryFile()
   server = _start(export_dir, port, batching, args.delay_ms, log)
-  server.log = log
   base = f"http://127.0.0.1:{port}"
   try:
     async with aiohttp.ClientSession() as session:
-      await _wait_healthy(session, base, server)
+      await _wait_healthy(session, base, server, log)
     await _load(base, bodies, args.clients, 2.0)  # Warm up the path.
     return await _load(base, bodies, args.clients, args.seconds)
   finally:
@@ -123,7 +122,7 @@ def main() -> None:
   # pylint: disable=g-import-not-at-top
   from configs import common
   from mic_jax import export
-  from mic_jax.train import trainer
+  from mic_jax.train import reporting, trainer
   # pylint: enable=g-import-not-at-top
   root = pathlib.Path(tempfile.mkdtemp(prefix="bench_server_"))
   workdir = pathlib.Path(args.workdir) if args.workdir else root / "run"
@@ -133,8 +132,7 @@ def main() -> None:
   export_dir = root / "export"
   export.export_run(str(workdir), str(export_dir))
   manifest = json.loads((export_dir / "manifest.json").read_text())
-  config = ml_collections.ConfigDict(
-      json.loads((workdir / "config.json").read_text()))
+  config = reporting.read_config(str(workdir))
   photos = _sample_photos(export.data_dir_of(config, workdir))
   bodies = [json.dumps({"top_k": 3, "instances": [{
       "title": title, "image_b64": base64.b64encode(photo).decode()}]}

@@ -60,8 +60,8 @@ def test_demo_job_beats_both_single_modality_ceilings(tmp_path):
   assert (test["photos_withheld"]["accuracy"]
           < saved["test"]["text_only_max_accuracy"] + 0.05), ablation
   with pytest.raises(ValueError, match="reads photos"):
-    late = tmp_path / "text"
-    late.mkdir()
+    text_run = tmp_path / "text"
+    text_run.mkdir()
     config = common.make_config("text_only", "demo")
-    (late / "config.json").write_text(config.to_json())
-    photo_ablation.photo_ablation(str(late))
+    (text_run / "config.json").write_text(config.to_json())
+    photo_ablation.photo_ablation(str(text_run))

@@ -13,13 +13,11 @@ markdown table and writes ``WORKDIR/photo_ablation.json``.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 from absl import app
 from absl import flags
-import ml_collections
 
 from mic_jax.models import classifier
 from mic_jax.train import checkpointing, evaluation, reporting, trainer
@@ -32,11 +30,7 @@ def photo_ablation(workdir: str, splits: Sequence[str] = ("validation", "test")
   ``num_examples`` of the best checkpoint. Also written as
   ``workdir/photo_ablation.json``.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: not a mic_jax run")
-  with open(config_path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = reporting.read_config(workdir)
   kind = config.model.kind
   if not classifier.uses_image(kind):  # text_only, or late (two runs).
     raise ValueError(f"{workdir} is a {kind!r} run; the photo ablation needs "

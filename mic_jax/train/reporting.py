@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 from absl import logging
 from clu import metric_writers
 import jax
+import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -95,6 +96,15 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         record = json.loads(line)
         by_step.setdefault(record["step"], {}).update(record)
   return [by_step[s] for s in sorted(by_step)]
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved as ``config.json`` (gs:// paths work)."""
+  path = os.path.join(workdir, "config.json")
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"{path} not found: not a mic_jax training run")
+  with tf.io.gfile.GFile(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 class Progress:
