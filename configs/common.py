@@ -104,6 +104,9 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # Text vector of text_only/early: "pooler" (BERT's tanh pooler over [CLS],
   # the paper's), "cls" (raw [CLS] state) or "mean" (mean of real tokens).
   c.model.text_repr = "pooler"
+  # Modality dropout: the probability that a training example's photo is
+  # withheld (image_present = 0), so the model learns to do without one.
+  c.model.image_dropout = 0.0
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""            # data_prep output (labels.txt, *.tfrecord).
@@ -125,6 +128,11 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.image.size = 224
   c.image.dropout = 0.0
   c.image.remat = False
+  # When optim.freeze covers the whole image tower, compute its outputs once
+  # per (tower weights, image size, data) and reuse them in every epoch and
+  # run; "" = ~/.cache/mic_jax/image_features (or $MIC_JAX_CACHE).
+  c.image.cache_features = True
+  c.image.feature_cache_dir = ""
 
   c.fusion = ml_collections.ConfigDict()
   c.fusion.heads = 1         # Eq. (2) is single-head.

@@ -99,17 +99,28 @@ def _parse(max_length: int):
   return parse
 
 
-def _to_batch_features(ex: dict[str, tf.Tensor], image: tf.Tensor,
+def _to_batch_features(ex: dict[str, tf.Tensor], image: tf.Tensor | None,
                        mask: tf.Tensor) -> dict[str, tf.Tensor]:
-  return {
+  """The trainer's batch contract; ``image=None`` gives ``image_key`` instead.
+
+  ``image_key`` (int64) names the photo by content (see
+  :func:`preprocess.photo_key`) for models that read cached image-tower
+  outputs instead of pixels; such streams skip JPEG decoding altogether.
+  """
+  features = {
       "input_ids": tf.cast(ex["input_ids"], tf.int32),
       "attention_mask": tf.cast(ex["attention_mask"], tf.int32),
       "token_type_ids": tf.cast(ex["token_type_ids"], tf.int32),
-      "image": image,
       "image_present": tf.cast(ex["image/present"], tf.int32),
       "label": tf.cast(ex["label"], tf.int32),
       "mask": mask,
   }
+  if image is None:
+    features["image_key"] = preprocess.photo_key(ex["image/encoded"],
+                                                 ex["image/present"])
+  else:
+    features["image"] = image
+  return features
 
 
 def _host_train_files(info: DatasetInfo, index: int, count: int
@@ -155,7 +166,8 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
                   seed: int, start_step: int = 0,
                   process_index: int | None = None,
                   process_count: int | None = None,
-                  shuffle_buffer: int = 10_000) -> Iterator[Batch]:
+                  shuffle_buffer: int = 10_000,
+                  image_keys: bool = False) -> Iterator[Batch]:
   """Endless training batches for this host, resumable at ``start_step``.
 
   Args:
@@ -166,6 +178,9 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
     start_step: yield exactly what an uninterrupted stream yields from here.
     process_index, process_count: default to JAX's; pass them to simulate.
     shuffle_buffer: example shuffle buffer (per host).
+    image_keys: yield ``image_key`` (the photo's content key) instead of
+      decoded, augmented pixels, for a frozen image tower whose outputs are
+      cached (:mod:`mic_jax.train.image_features`).
 
   Yields:
     The batch dict of the trainer contract (``mask`` all ones).
@@ -194,6 +209,8 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
 
   def decode(position, serialized):
     ex = parse(serialized)
+    if image_keys:
+      return _to_batch_features(ex, None, tf.constant(1.0))
     image_seed = tf.stack([tf.constant(host_seed, tf.int64), position])
     image = preprocess.train_image(ex["image/encoded"], ex["image/present"],
                                    image_size, image_seed)
@@ -210,12 +227,14 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
 
 def eval_batches(data_dir: str, split: str, *, batch_size: int,
                  image_size: int, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[Batch]:
+                 process_count: int | None = None,
+                 image_keys: bool = False) -> Iterator[Batch]:
   """Every example of ``split`` exactly once across processes, padded.
 
   All processes yield the same number of batches,
   ``ceil(ceil(N / process_count) / batch_size)``; padding rows have
-  ``mask`` 0 (and zero features, label 0).
+  ``mask`` 0 (and zero features, label 0; with ``image_keys``, the key of
+  "no photo"). ``image_keys`` is as in :func:`train_batches`.
   """
   index, count = _process(process_index, process_count)
   info = DatasetInfo.load(data_dir)
@@ -228,6 +247,8 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
 
   def decode(serialized):
     ex = parse(serialized)
+    if image_keys:
+      return _to_batch_features(ex, None, tf.constant(1.0))
     image = preprocess.eval_image(ex["image/encoded"], ex["image/present"],
                                   image_size)
     return _to_batch_features(ex, image, tf.constant(1.0))
@@ -240,11 +261,15 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
       "input_ids": tf.zeros([length], tf.int32),
       "attention_mask": tf.zeros([length], tf.int32),
       "token_type_ids": tf.zeros([length], tf.int32),
-      "image": tf.zeros([image_size, image_size, 3]),
       "image_present": tf.constant(0, tf.int32),
       "label": tf.constant(0, tf.int32),
       "mask": tf.constant(0.0),
   }
+  if image_keys:
+    pad["image_key"] = preprocess.photo_key(tf.constant(b""),
+                                            tf.constant(0, tf.int64))
+  else:
+    pad["image"] = tf.zeros([image_size, image_size, 3])
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * batch_size).batch(batch_size)
   yield from ds.prefetch(AUTOTUNE).as_numpy_iterator()

@@ -52,6 +52,25 @@ def train_image(encoded: tf.Tensor, present: tf.Tensor, size: int,
   return tf.cond(present > 0, crop, lambda: tf.zeros([size, size, 3]))
 
 
+def photo_key(encoded: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+  """A 64-bit content key (int64 scalar) of a product's photo.
+
+  The FarmHash fingerprint of the JPEG bytes; every product without a photo
+  (``present == 0``) shares the key of empty bytes, :func:`no_photo_key`.
+  Products with byte-identical photos share a key, which is what a cache of
+  a frozen image tower's outputs wants: the eval transform is a pure
+  function of the bytes.
+  """
+  data = tf.where(present > 0, encoded, tf.constant(b""))
+  digest = tf.fingerprint(tf.reshape(data, [1]))[0]  # uint8 [8]
+  return tf.bitcast(digest, tf.int64)
+
+
+def no_photo_key() -> int:
+  """The :func:`photo_key` of a product without a photo."""
+  return int(photo_key(tf.constant(b""), tf.constant(0, tf.int64)).numpy())
+
+
 def eval_image(encoded: tf.Tensor, present: tf.Tensor, size: int
                ) -> tf.Tensor:
   """Resize the short side to ``size``, centre crop, [-1, 1]; zeros if absent.

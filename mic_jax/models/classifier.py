@@ -28,6 +28,7 @@ pooling (all-MiniLM-L6-v2 is one), whose [CLS] state carries less.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -153,7 +154,9 @@ class MultimodalClassifier(nn.Module):
 
     Args:
       batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` ``[B, L]``,
-        ``image`` ``[B, H, W, 3]`` in [-1, 1], ``image_present`` ``[B]``; a
+        ``image`` ``[B, H, W, 3]`` in [-1, 1] (or ``image_tokens`` ``[B, T,
+        D]``, the image tower's precomputed output), ``image_present``
+        ``[B]``; a
         kind reads only the keys of the towers it has (other keys such as
         ``label`` and ``mask`` are ignored).
       train: enables dropout (needs a ``dropout`` RNG).
@@ -172,7 +175,10 @@ class MultimodalClassifier(nn.Module):
       text_cls = text_vector(seq, pooled, text_mask, self.text_repr)
       aux["text_cls"] = text_cls
     if self.img is not None:
-      tokens = self.img(batch["image"], train=train)
+      # A frozen tower's outputs may come precomputed (mic_jax.train.
+      # image_features); the tower then does not run at all.
+      tokens = (batch["image_tokens"] if "image_tokens" in batch
+                else self.img(batch["image"], train=train))
       image_cls = tokens[:, 0]
       aux["image_cls"] = image_cls
 
@@ -247,9 +253,33 @@ def text_config(config: ml_collections.ConfigDict) -> bert_lib.BertConfig:
   return bert_lib.get_bert_config(text.get("size", "base"), **overrides)
 
 
+_PUBLISHED_VIT = re.compile(r"(Ti|S|B|L|H)/\d+")
+
+
+def vit_architecture_from_checkpoint(image: ml_collections.ConfigDict) -> bool:
+  """Whether the ViT's architecture is read from ``image.checkpoint``.
+
+  Always for a Hugging Face directory or hub id (its ``config.json`` says
+  what it is); for a Google ``.npz`` only when ``image.variant`` is not a
+  published ``SIZE/PATCH`` name (e.g. the ``small`` preset's own scratch
+  size), so the paper config still builds without reading its file.
+  """
+  checkpoint = str(image.get("checkpoint") or "")
+  if not checkpoint:
+    return False
+  if checkpoint.endswith(".npz"):
+    return not _PUBLISHED_VIT.fullmatch(str(image.get("variant", "")))
+  return True
+
+
 def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
                       param_dtype: Any = jnp.float32) -> nn.Module:
-  """The ViT or BiT tower of ``config.image`` (``kind`` and ``variant``)."""
+  """The ViT or BiT tower of ``config.image``.
+
+  A ViT's architecture is the checkpoint's own when
+  :func:`vit_architecture_from_checkpoint` says so (sizes, patch, LayerScale,
+  pixel normalization, activation), otherwise the named ``variant``.
+  """
   image = config.image
   kind = image.get("kind", "vit")
   overrides: dict[str, Any] = {}
@@ -259,6 +289,13 @@ def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
     from mic_jax.models import vit  # pylint: disable=g-import-not-at-top
     if image.get("dropout"):
       overrides["dropout"] = float(image.dropout)
+    if vit_architecture_from_checkpoint(image):
+      # Lazy: reading a checkpoint's config may download it from the hub.
+      from mic_jax.checkpoints import vit as vit_ckpt  # pylint: disable=g-import-not-at-top
+      arch = vit_ckpt.vit_config_from_checkpoint(image.checkpoint,
+                                                 int(image.size))
+      return vit.VisionTransformer(dataclasses.replace(arch, **overrides),
+                                   dtype=dtype, param_dtype=param_dtype)
     return vit.get_vit(image.variant, dtype=dtype, param_dtype=param_dtype,
                        **overrides)
   if kind == "bit":

@@ -43,6 +43,7 @@ def photo_ablation(workdir: str, splits: Sequence[str] = ("validation", "test")
     step, params = checkpoints.restore_best(run.abstract_state.params)
   finally:
     checkpoints.close()
+  trainer.attach_image_features(run, params)
   evaluator = evaluation.Evaluator(run)
   results: dict[str, Any] = {"model": kind, "best_step": step}
   for split in splits:

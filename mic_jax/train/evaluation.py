@@ -64,10 +64,15 @@ class Evaluator:
     image, ``image_present = 0``): how much a fused model leans on photos.
     """
     probs, labels = [], []
-    for batch in pipeline.eval_batches(
+    features = getattr(self.run, "features", None)
+    batches = pipeline.eval_batches(
         self.run.data_dir, split, batch_size=shd.per_host_batch_size(self.batch_size),
-        image_size=self.run.config.image.size):
-      if withhold_images:
+        image_size=self.run.config.image.size,
+        image_keys=features is not None)
+    if features is not None:
+      batches = features.attach(batches, withhold=withhold_images)
+    for batch in batches:
+      if withhold_images and features is None:
         batch["image"] = np.zeros_like(batch["image"])
         batch["image_present"] = np.zeros_like(batch["image_present"])
       arrays = shd.host_to_global(batch, self._sharding)

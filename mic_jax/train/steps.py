@@ -60,17 +60,42 @@ def weighted_xent(logits: jnp.ndarray, labels: jnp.ndarray,
   return jnp.sum(-jnp.sum(target * logp, axis=-1) * weights)
 
 
+# Stream of random bits for image dropout, separate from model dropout's
+# (which uses the step key itself), so turning it on changes nothing else.
+_PHOTO_DROP = 0x5EED
+
+
+def withhold_photos(batch: Batch, key: jax.Array, rate: float) -> Batch:
+  """``batch`` with each photo withheld (``image_present = 0``) w.p. ``rate``."""
+  present = batch["image_present"]
+  keep = jax.random.bernoulli(key, 1.0 - rate, present.shape)
+  return {**batch, "image_present": jnp.where(keep, present,
+                                              jnp.zeros_like(present))}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int,
                     grad_accum_steps: int, label_smoothing: float,
-                    loss_class_weights: np.ndarray
+                    loss_class_weights: np.ndarray,
+                    image_dropout: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """Builds ``train_step(state, batch) -> (state, metrics)`` (not yet jitted)."""
+  """Builds ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+  ``image_dropout`` withholds each training example's photo with that
+  probability (``image_present`` set to 0, as for a product without one);
+  the draw is a pure function of (seed, step), so resume stays exact.
+  """
+  if not 0.0 <= image_dropout <= 1.0:
+    raise ValueError(f"model.image_dropout must be in [0, 1], got "
+                     f"{image_dropout}")
   weights_table = jnp.asarray(loss_class_weights)
   base_key = jax.random.key(seed)
 
   def train_step(state: TrainState, batch: Batch):
     step_key = jax.random.fold_in(base_key, state.step)
+    if image_dropout > 0 and "image_present" in batch:
+      batch = withhold_photos(batch, jax.random.fold_in(step_key, _PHOTO_DROP),
+                              image_dropout)
     weights = batch["mask"] * weights_table[batch["label"]]
     total_weight = jnp.maximum(weights.sum(), 1e-9)
 

@@ -41,8 +41,11 @@ def _image_params(config: ml_collections.ConfigDict) -> tuple[Any, str]:
   source = config.image.checkpoint
   if config.image.kind == "vit":
     from mic_jax.checkpoints import vit as vit_ckpt  # pylint: disable=g-import-not-at-top
-    _, params = vit_ckpt.load_vit(source, config.image.size,
-                                  variant=config.image.variant)
+    # A named variant is checked against the file; otherwise the model was
+    # built from the checkpoint's own architecture.
+    variant = (None if classifier.vit_architecture_from_checkpoint(
+        config.image) else config.image.variant)
+    _, params = vit_ckpt.load_vit(source, config.image.size, variant=variant)
   elif config.image.kind == "bit":
     from mic_jax.checkpoints import bit as bit_ckpt  # pylint: disable=g-import-not-at-top
     _, params = bit_ckpt.load_bit(source, variant=config.image.variant)

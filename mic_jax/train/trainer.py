@@ -37,6 +37,7 @@ import numpy as np
 
 from mic_jax import sharding as shd
 from mic_jax.train import checkpointing, evaluation, optimizer, reporting, steps
+from mic_jax.train import image_features
 from mic_jax.train import towers
 from mic_jax.data import pipeline
 
@@ -57,6 +58,18 @@ class Run:
   model: nn.Module
   state_shardings: Any
   abstract_state: Any
+  # Cached outputs of a frozen image tower (image_features), once attached.
+  features: Any = None
+
+  def train_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    """This host's training stream from ``start_step`` (pixels or tokens)."""
+    config = self.config
+    batches = pipeline.train_batches(
+        self.data_dir, batch_size=shd.per_host_batch_size(config.batch_size),
+        image_size=config.image.size, seed=config.seed, start_step=start_step,
+        shuffle_buffer=config.data.shuffle_buffer,
+        image_keys=self.features is not None)
+    return batches if self.features is None else self.features.attach(batches)
 
 
 # ---------------------------------------------------------------- data --
@@ -224,10 +237,27 @@ def jit_train_step(run: Run, *, donate: bool = True):
           run.model, tx, schedule, seed=config.seed,
           grad_accum_steps=config.grad_accum_steps,
           label_smoothing=config.loss.label_smoothing,
-          loss_class_weights=weights),
+          loss_class_weights=weights,
+          image_dropout=float(config.model.get("image_dropout", 0.0))),
       in_shardings=(run.state_shardings, None),
       out_shardings=(run.state_shardings, None),
       donate_argnums=(0,) if donate else ())
+
+
+def attach_image_features(run: Run, params: Any) -> None:
+  """Sets ``run.features`` when the run's image tower is frozen and cached.
+
+  Then the train and eval streams carry cached tower outputs instead of
+  pixels (:mod:`mic_jax.train.image_features`).
+  """
+  if not image_features.wanted(run.config, run.abstract_state.params):
+    return
+  img = params["img"]
+  if not all(getattr(x, "is_fully_addressable", True)
+             for x in jax.tree.leaves(img)):
+    img = multihost_utils.process_allgather(img, tiled=True)
+  run.features = image_features.ensure(run.config, run.model.img, img,
+                                       run.data_dir)
 
 
 # ---------------------------------------------------------------- loop --
@@ -294,10 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   log = reporting.MetricsLog(workdir)
   progress = reporting.Progress(start_step, config.total_steps,
                                 config.batch_size)
-  batches: Iterator[dict[str, np.ndarray]] = pipeline.train_batches(
-      run.data_dir, batch_size=shd.per_host_batch_size(config.batch_size),
-      image_size=config.image.size, seed=config.seed, start_step=start_step,
-      shuffle_buffer=config.data.shuffle_buffer)
+  attach_image_features(run, state.params)
+  batches = run.train_batches(start_step)
 
   pending: list[tuple[int, Any]] = []  # (step, device loss) since last check.
   step = start_step

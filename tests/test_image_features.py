@@ -1,0 +1,197 @@
+"""A frozen image tower's cached outputs, and image (modality) dropout.
+
+The cache must change nothing but speed: evaluation through cached tokens
+equals evaluation through pixels (with photos and with photos withheld),
+the cache is reused when nothing changed and rebuilt when the tower's
+weights or the image size change, and a build that fails leaves nothing a
+later run could mistake for a cache.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from mic_jax.train import checkpointing, evaluation, image_features, steps
+from mic_jax.train import trainer
+
+
+def _config(tmp_path, kind="cross_modal", **overrides):
+  config = common.make_config(kind, "demo")
+  with config.unlocked():
+    config.total_steps = 4
+    config.log_every_steps = 2
+    config.eval_every_steps = 4
+    config.checkpoint_every_steps = 4
+    config.batch_size = 16
+    config.optim.freeze = "img"
+    config.image.feature_cache_dir = str(tmp_path / "cache")
+    for key, value in overrides.items():
+      common.override(config, key, value)
+  return config
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  """A built (untrained) cross-modal demo run with its initial state."""
+  tmp = tmp_path_factory.mktemp("features")
+  config = _config(tmp)
+  workdir = str(tmp / "run")
+  run = trainer.build_run(config, workdir)
+  state, _ = trainer.init_state(run, checkpointing.RunCheckpoints(
+      workdir, keep=1, async_save=False))
+  return run, state
+
+
+def test_frozen_tower_is_detected(demo_run):
+  run, _ = demo_run
+  params = run.abstract_state.params
+  assert image_features.tower_is_frozen(run.config, params)
+  config = run.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.optim.freeze = "img/Transformer"  # Embedding still trains.
+  assert not image_features.tower_is_frozen(config, params)
+  config.optim.freeze = ""
+  assert not image_features.wanted(config, params)
+
+
+@pytest.mark.parametrize("withhold", [False, True])
+def test_cached_evaluation_equals_pixel_evaluation(demo_run, withhold):
+  run, state = demo_run
+  run.features = None
+  with jax.set_mesh(run.mesh):
+    pixel_probs, pixel_labels = evaluation.Evaluator(run).predict(
+        state.params, "validation", withhold_images=withhold)
+    trainer.attach_image_features(run, state.params)
+    assert run.features is not None
+    cached_probs, cached_labels = evaluation.Evaluator(run).predict(
+        state.params, "validation", withhold_images=withhold)
+  run.features = None
+  np.testing.assert_array_equal(cached_labels, pixel_labels)
+  np.testing.assert_allclose(cached_probs, pixel_probs, atol=1e-6)
+
+
+def test_cache_is_reused_and_rebuilt_when_inputs_change(demo_run):
+  run, state = demo_run
+  img = jax.device_get(state.params["img"])
+  first = image_features.ensure(run.config, run.model.img, img, run.data_dir)
+  meta = first.directory / "cache.json"
+  stamp = meta.stat().st_mtime_ns
+  again = image_features.ensure(run.config, run.model.img, img, run.data_dir)
+  assert again.directory == first.directory
+  assert meta.stat().st_mtime_ns == stamp  # Reused, not rebuilt.
+  info = json.loads(meta.read_text())
+  # Every distinct photo of the three splits, plus the empty image.
+  assert info["photos"] == len(first.keys) > 1
+  assert first.no_photo in set(first.keys.tolist())
+
+  changed = jax.tree.map(lambda x: x + 1.0, img)
+  other = image_features.ensure(run.config, run.model.img, changed,
+                                run.data_dir)
+  assert other.directory != first.directory
+  config = run.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.image.size = 16
+  assert (image_features.cache_key(img, run.model.img, 16, run.data_dir)
+          != image_features.cache_key(img, run.model.img, 32, run.data_dir))
+
+
+def test_unknown_photo_is_an_error(demo_run):
+  run, state = demo_run
+  cache = image_features.ensure(run.config, run.model.img,
+                                jax.device_get(state.params["img"]),
+                                run.data_dir)
+  unknown = int(cache.keys.max()) + 1 if cache.keys.max() < 2**62 else 1
+  with pytest.raises(KeyError, match="not in the image feature cache"):
+    cache.lookup(np.array([cache.keys[0], unknown]))
+
+
+def test_failed_build_leaves_no_cache(demo_run, tmp_path):
+  """A build that dies part-way (here: a truncated test shard) leaves nothing."""
+  run, state = demo_run
+  data = tmp_path / "data"
+  shutil.copytree(run.data_dir, data)
+  shard = sorted(data.glob("test.tfrecord-*"))[0]
+  shard.write_bytes(shard.read_bytes()[:-100])
+  target = tmp_path / "cache" / "abc"
+  with pytest.raises(Exception, match="(?i)truncat|corrupt|data ?loss"):
+    image_features.build(target, run.model.img,
+                         jax.device_get(state.params["img"]), str(data),
+                         int(run.config.image.size), batch_size=8)
+  assert not target.exists()
+  assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_training_with_cache_keeps_tower_and_uses_tokens(tmp_path):
+  config = _config(tmp_path)
+  workdir = str(tmp_path / "run")
+  results = trainer.train_and_evaluate(config, workdir)
+  assert 0 <= results["test"]["macro_f1"] <= 1
+  caches = list((tmp_path / "cache").iterdir())
+  assert len(caches) == 1 and (caches[0] / "cache.json").exists()
+  # The frozen tower is bit-for-bit its initial state in the checkpoint.
+  run = trainer.build_run(config, str(tmp_path / "fresh"))
+  init, _ = trainer.init_state(run, checkpointing.RunCheckpoints(
+      str(tmp_path / "fresh"), keep=1, async_save=False))
+  ckpt = checkpointing.RunCheckpoints(workdir, keep=1, async_save=False)
+  _, best = ckpt.restore_best(run.abstract_state.params)
+  ckpt.close()
+  for a, b in zip(jax.tree.leaves(init.params["img"]),
+                  jax.tree.leaves(best["img"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------- image dropout --
+
+
+def test_withhold_photos_rate_and_determinism():
+  batch = {"image_present": jnp.ones((4000,), jnp.int32)}
+  key = jax.random.key(3)
+  out = steps.withhold_photos(batch, key, 0.3)["image_present"]
+  assert abs(1 - float(out.mean()) - 0.3) < 0.03
+  again = steps.withhold_photos(batch, key, 0.3)["image_present"]
+  np.testing.assert_array_equal(out, again)
+  assert int(steps.withhold_photos(batch, key, 1.0)["image_present"].sum()) == 0
+  # A product without a photo stays without one.
+  none = {"image_present": jnp.zeros((10,), jnp.int32)}
+  assert int(steps.withhold_photos(none, key, 0.0)["image_present"].sum()) == 0
+
+
+def test_image_dropout_one_trains_like_no_photos(demo_run):
+  """Rate 1 is the same step as a batch whose products have no photo."""
+  run, state = demo_run
+  from mic_jax.train import optimizer  # pylint: disable=g-import-not-at-top
+  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = run.config
+  tx, schedule = optimizer.make_optimizer(config.optim, state.params,
+                                          config.total_steps)
+  weights = np.ones(run.info.num_classes, np.float32)
+  batch = next(pipeline.train_batches(run.data_dir, batch_size=8,
+                                      image_size=config.image.size, seed=0))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  state = state.replace(step=jnp.asarray(5, jnp.int32))  # Non-zero lr.
+
+  def step_fn(rate):
+    return jax.jit(steps.make_train_step(
+        run.model, tx, schedule, seed=0, grad_accum_steps=1,
+        label_smoothing=0.0, loss_class_weights=weights, image_dropout=rate))
+
+  with jax.set_mesh(run.mesh):
+    dropped, m1 = step_fn(1.0)(state, batch)
+    no_photo = {**batch, "image_present": jnp.zeros_like(batch["image_present"])}
+    plain, m2 = step_fn(0.0)(state, no_photo)
+    with_photo, m3 = step_fn(0.0)(state, batch)
+  assert float(m1["train/loss"]) == pytest.approx(float(m2["train/loss"]),
+                                                  abs=1e-6)
+  for a, b in zip(jax.tree.leaves(dropped.params),
+                  jax.tree.leaves(plain.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert abs(float(m3["train/loss"]) - float(m1["train/loss"])) > 1e-6
+  with pytest.raises(ValueError, match="image_dropout"):
+    step_fn(1.5)
