@@ -238,6 +238,8 @@ def read_onnx_dinov2(path: str | os.PathLike, prefix: str = "backbone"
   if eps is None:
     eps = 1e-6
     logging.warning("LayerNorm epsilon not found in the graph; assuming 1e-6")
+  else:  # The graph stores float32: 1e-6 reads back as 9.99999997e-07.
+    eps = float(str(np.float32(eps)))
   if f"/{prefix}/encoder/layer.0/mlp/activation/Erf" not in nodes:
     raise CheckpointError(f"{path}: layer 0's MLP activation is not the "
                           "exact (erf) GELU that Dinov2Model uses")
