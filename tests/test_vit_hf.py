@@ -19,6 +19,7 @@ import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,6 +180,22 @@ def test_layer_scale_matters(tmp_path):
   assert _max_diff(out, _hf_tokens(hf, images, *IMAGENET)) > TOL
 
 
+def test_layer_scale_params_only_when_enabled():
+  """Two [D] scales per block, starting at layer_scale_init, boxed with a
+  logical axis name like every weight; absent by default."""
+  images = jnp.zeros((1, 32, 32, 3))
+  plain = vit.get_vit("tiny").init(jax.random.key(0), images)["params"]
+  scaled = vit.get_vit("tiny", layer_scale_init=1e-5).init(
+      jax.random.key(0), images)["params"]
+  block = scaled["Transformer"]["encoderblock_1"]
+  assert isinstance(block["LayerScale_3"]["scale"], nn.LogicallyPartitioned)
+  np.testing.assert_array_equal(
+      nn.meta.unbox(block["LayerScale_1"]["scale"]), np.full(32, 1e-5,
+                                                             np.float32))
+  assert "LayerScale_1" not in plain["Transformer"]["encoderblock_1"]
+  assert vit.count_params(scaled) - vit.count_params(plain) == 2 * 2 * 32
+
+
 # --------------------------------------------------------------------------
 # ViTModel.
 
@@ -202,20 +219,49 @@ def test_vit_dir_matches_hf(tmp_path, size, act):
   assert diff <= TOL
 
 
-def test_transformers5_names_and_task_prefix(tmp_path):
-  """In-memory transformers-5 names (layers.i.attention.q_proj...) under a
-  ``vit.`` prefix, with a classifier to ignore, load the same weights."""
-  hf, directory = _tiny_vit(tmp_path)
-  renamed = {f"vit.{k}": v.contiguous() for k, v in hf.state_dict().items()}
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_transformers5_names_task_prefix_and_torch_bin(tmp_path, kind):
+  """In-memory transformers-5 names (``attention.q_proj``...) under a task
+  model's prefix (``vit.``/``dinov2.``), beside a classifier to ignore, in
+  a ``pytorch_model.bin``, load the same weights as the hub layout."""
+  hf, directory = (_tiny_vit if kind == "vit" else _tiny_dinov2)(tmp_path)
+  size = hf.config.image_size
+  renamed = {f"{kind}.{k}": v.contiguous()
+             for k, v in hf.state_dict().items()}
   renamed["classifier.weight"] = torch.zeros(3, 32)
   assert any(".q_proj." in k for k in renamed), sorted(renamed)[:8]
   other = tmp_path / "renamed"
   other.mkdir()
   (other / "config.json").write_text((directory / "config.json").read_text())
-  safetensors_torch.save_file(renamed, other / "model.safetensors")
-  images = _images(6, 1, 32, 32)
-  np.testing.assert_array_equal(_ours(other, 32, images),
-                                _ours(directory, 32, images))
+  torch.save(renamed, other / "pytorch_model.bin")
+  images = _images(6, 1, size, size)
+  np.testing.assert_array_equal(_ours(other, size, images),
+                                _ours(directory, size, images))
+
+
+def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+  """A hub id is fetched with huggingface_hub (here a stand-in that serves a
+  local directory: no network in tests), asking for the preprocessor's
+  config too."""
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+  hf, directory = _tiny_dinov2(tmp_path, preprocessor={
+      "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+  asked = {}
+
+  def fake_download(repo_id, allow_patterns):
+    asked.update(repo_id=repo_id, patterns=allow_patterns)
+    return str(directory)
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+  model, _ = load_vit("someone/tiny-dinov2", 56)
+  assert asked["repo_id"] == "someone/tiny-dinov2"
+  assert {"config.json", "*.safetensors",
+          "preprocessor_config.json"} <= set(asked["patterns"])
+  assert model.config.pixel_mean is None  # 0.5 / 0.5 from the file.
+  images = _images(10, 1, 56, 56)
+  _, params = load_vit("someone/tiny-dinov2", 56)
+  ours = model.apply({"params": params}, images)
+  assert _max_diff(ours, _hf_tokens(hf, images, (0.5,) * 3,
+                                    (0.5,) * 3)) <= TOL
 
 
 # --------------------------------------------------------------------------
