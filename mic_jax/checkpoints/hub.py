@@ -15,7 +15,8 @@ import re
 
 from mic_jax.checkpoints.common import CheckpointError
 
-# Everything a BERT checkpoint or tokenizer may need; weights of other
+# Everything a BERT or ViT checkpoint or tokenizer may need (the image
+# processor's config holds a ViT's pixel statistics); weights of other
 # frameworks (tf_model.h5, onnx, ...) are not downloaded.
 HUB_FILES = (
     "config.json",
@@ -28,6 +29,7 @@ HUB_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "*.model",
+    "preprocessor_config.json",
 )
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

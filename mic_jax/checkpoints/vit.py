@@ -1,6 +1,9 @@
-"""Loading Google's released ViT ``.npz`` checkpoints into our ViT.
+"""Loading released ViT checkpoints into our ViT.
 
-Two families of files exist and both load without renaming by hand:
+Hugging Face ``ViTModel`` / ``Dinov2Model`` directories and hub ids are
+read by :mod:`mic_jax.checkpoints.hf_vit` into the same parameter names.
+Two families of Google ``.npz`` files exist and both load without renaming
+by hand:
 
 * google-research/vision_transformer (the 2020 paper files such as
   ``ViT-L_16.npz`` and the AugReg files): already in our names
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 import re
+import zipfile
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -33,7 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mic_jax.checkpoints import common
+from mic_jax.checkpoints import hf_vit
+from mic_jax.checkpoints import npz
 from mic_jax.checkpoints.common import CheckpointError, FlatParams
+from mic_jax.checkpoints.hub import resolve_dir
 from mic_jax.checkpoints.npz import read_npz
 from mic_jax.models.vit import ViTConfig, VisionTransformer, vit_config
 
@@ -188,9 +196,46 @@ def _interpolate_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
           + np.take(x, lo + 1, axis=axis) * frac)
 
 
+# Keys's cubic convolution kernel with a = -0.75, PyTorch's choice.
+_CUBIC_A = -0.75
+
+
+def _cubic_weights(old: int, size: int) -> np.ndarray:
+  """The ``[size, old]`` matrix of PyTorch's bicubic resampling on one axis.
+
+  This is ``torch.nn.functional.interpolate(mode="bicubic",
+  align_corners=False, antialias=False)`` with an output *size* (not a scale
+  factor), which is how Hugging Face's ViT and DINOv2 resize their position
+  embeddings at run time: output pixel i samples the input at
+  ``(i + 0.5) * old / size - 0.5`` (not clamped), from the 4 nearest input
+  pixels, indices beyond the border clamped to it.
+  """
+  a = _CUBIC_A
+  src = (np.arange(size, dtype=np.float64) + 0.5) * (old / size) - 0.5
+  base = np.floor(src)
+  t = src - base
+
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+  index = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0,
+                  old - 1)
+  matrix = np.zeros((size, old))
+  for k in range(4):
+    np.add.at(matrix, (np.arange(size), index[:, k]), weights[:, k])
+  return matrix
+
+
+RESIZE_METHODS = ("linear", "bicubic")
+
+
 def resize_posemb(posemb: np.ndarray, *, num_prefix: int,
-                  old_grid: Sequence[int], new_grid: Sequence[int]
-                  ) -> np.ndarray:
+                  old_grid: Sequence[int], new_grid: Sequence[int],
+                  method: str = "linear") -> np.ndarray:
   """Resizes learned position embeddings to a new patch grid.
 
   Args:
@@ -199,10 +244,17 @@ def resize_posemb(posemb: np.ndarray, *, num_prefix: int,
       are kept exactly.
     old_grid: (gh, gw) the embeddings were trained for.
     new_grid: (gh', gw') wanted.
+    method: "linear" keeps the corners in place (``scipy.ndimage.zoom``,
+      Google's resampler for its ``.npz`` files); "bicubic" is Hugging
+      Face's run-time ``interpolate_pos_encoding`` of ViT and DINOv2 (see
+      :func:`_cubic_weights`), computed in float64.
 
   Returns:
     ``[1, num_prefix + gh' * gw', D]`` in the input dtype.
   """
+  if method not in RESIZE_METHODS:
+    raise ValueError(f"unknown resize method {method!r}; known: "
+                     f"{RESIZE_METHODS}")
   old_grid, new_grid = tuple(old_grid), tuple(new_grid)
   prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
   if grid.shape[0] != math.prod(old_grid):
@@ -211,8 +263,12 @@ def resize_posemb(posemb: np.ndarray, *, num_prefix: int,
   if old_grid == new_grid:
     return posemb
   grid = grid.reshape(*old_grid, -1).astype(np.float64)
-  grid = _interpolate_axis(grid, 0, new_grid[0])
-  grid = _interpolate_axis(grid, 1, new_grid[1])
+  if method == "bicubic":
+    grid = np.einsum("ai,bj,ijd->abd", _cubic_weights(old_grid[0], new_grid[0]),
+                     _cubic_weights(old_grid[1], new_grid[1]), grid)
+  else:
+    grid = _interpolate_axis(grid, 0, new_grid[0])
+    grid = _interpolate_axis(grid, 1, new_grid[1])
   grid = grid.reshape(1, -1, grid.shape[-1]).astype(posemb.dtype)
   return np.concatenate([prefix, grid], axis=1)
 
@@ -225,6 +281,91 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     raise ValueError(f"image_size must be an int or (height, width), got "
                      f"{size}")
   return size
+
+
+def _is_npz(source: str) -> bool:
+  return source.lower().endswith(".npz")
+
+
+def _npz_shapes(source: str) -> FlatParams:
+  """The arrays of an ``.npz`` as zero-stride stand-ins: names and shapes
+  only, read from the archive's headers without loading any weights."""
+  with npz._open(source) as f:  # pylint: disable=protected-access
+    try:
+      with zipfile.ZipFile(f) as archive:
+        out = {}
+        for member in archive.namelist():
+          if not member.endswith(".npy"):
+            continue
+          with archive.open(member) as entry:
+            version = np.lib.format.read_magic(entry)
+            read_header = (np.lib.format.read_array_header_1_0
+                           if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(entry)
+          out[member[:-len(".npy")]] = np.broadcast_to(
+              np.zeros((), dtype if dtype.kind != "V" else np.float32), shape)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      raise CheckpointError(f"{source}: not a readable .npz file ({e})") from e
+  if not out:
+    raise CheckpointError(f"{source}: the .npz file holds no arrays")
+  return out
+
+
+def _hf_architecture(directory: pathlib.Path) -> dict[str, Any]:
+  arch = hf_vit.config_fields(directory)
+  arch.update(representation_size=None, num_classes=None)
+  return arch
+
+
+def _make_config(arch: dict[str, Any], source: str,
+                 image_size: int | Sequence[int], *, variant: str | None,
+                 num_classes: int | None, representation_size: int | None,
+                 overrides: dict[str, Any]) -> ViTConfig:
+  """The model config: the checkpoint's architecture, then the caller's."""
+  if variant is not None:
+    want = vit_config(variant)
+    diff = [f"{f}: {variant} has {getattr(want, f)}, file has {arch[f]}"
+            for f in _ARCH_FIELDS if getattr(want, f) != arch[f]]
+    if diff:
+      raise CheckpointError(f"{source} is not a ViT-{variant}: "
+                            + "; ".join(diff))
+  fixed = sorted(set(overrides) & {*_ARCH_FIELDS, "classifier"})
+  if fixed:
+    raise ValueError(f"{fixed} come from the checkpoint {source} and cannot "
+                     "be overridden")
+  height, width = _pair(image_size)
+  patch = arch["patch_size"]
+  if height % patch or width % patch:
+    raise ValueError(f"image_size {height}x{width} is not a multiple of the "
+                     f"checkpoint's patch size {patch}")
+  fields = {k: v for k, v in arch.items()
+            if k not in ("representation_size", "num_classes")}
+  return ViTConfig(**{**fields, **overrides}, num_classes=num_classes,
+                   representation_size=representation_size,
+                   image_size=(height, width))
+
+
+def vit_config_from_checkpoint(path: str | os.PathLike[str],
+                               image_size: int | Sequence[int] = 224,
+                               **overrides: Any) -> ViTConfig:
+  """The :class:`ViTConfig` :func:`load_vit` would build, without weights.
+
+  Cheap: a Hugging Face directory or hub id is read through its JSON files
+  (``config.json``, ``preprocessor_config.json``); an ``.npz`` through its
+  array headers. The tower it describes returns tokens (no head) and takes
+  ``image_size`` images; ``overrides`` are other ViTConfig fields
+  (``dropout``, ``remat``...), not architecture ones.
+  """
+  source = os.fspath(path)
+  if _is_npz(source):
+    arch = infer_architecture(to_vit_names(_npz_shapes(source), source),
+                              source)
+  else:
+    arch = _hf_architecture(resolve_dir(source, what="ViT checkpoint"))
+  return _make_config(arch, source, image_size, variant=None,
+                      num_classes=None, representation_size=None,
+                      overrides=overrides)
 
 
 def load_vit(
@@ -240,73 +381,88 @@ def load_vit(
     seed: int = 0,
     **overrides: Any,
 ) -> tuple[VisionTransformer, dict[str, Any]]:
-  """Builds a ViT from a released ``.npz`` file and loads its weights.
+  """Builds a ViT from a checkpoint and loads its weights.
 
   Args:
-    path: local path or ``gs://...`` of a vision_transformer or big_vision
-      ``.npz`` checkpoint.
+    path: one of
+      * a vision_transformer or big_vision ``.npz`` file (local or
+        ``gs://...``);
+      * a Hugging Face ``ViTModel`` or ``Dinov2Model`` directory
+        (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``,
+        optionally ``preprocessor_config.json`` for the pixel statistics),
+        or a hub id of one such as ``google/vit-large-patch16-224-in21k`` or
+        ``facebook/dinov2-small``. Their pooler and mask token are ignored.
     image_size: input size (int or (height, width)); the position embeddings
       are resized when it differs from the checkpoint's, keeping the class
-      token's row.
+      token's row: linearly with the corners in place for ``.npz`` files (as
+      Google did), bicubically for Hugging Face directories exactly as their
+      ``interpolate_pos_encoding`` does at run time.
     num_classes: None (default) drops the checkpoint's head and pre-logits
       and returns a tower whose ``apply`` gives tokens ``[B, 1+N, D]``. An
       int adds a classification head: the checkpoint's head is kept if it has
       exactly this many classes (and its pre_logits are kept, if it has
       any), otherwise a fresh (zero) head is made.
     keep_pre_logits: with ``num_classes``, keep the checkpoint's tanh
-      ``pre_logits`` layer (ImageNet-21k files have one).
-    variant: optional name (``"L/16"``); checked against the file.
-    checkpoint_grid: (gh, gw) patch grid of the checkpoint's position
+      ``pre_logits`` layer (ImageNet-21k ``.npz`` files have one).
+    variant: optional name (``"L/16"``); checked against the checkpoint.
+    checkpoint_grid: (gh, gw) patch grid of an ``.npz`` checkpoint's position
       embeddings, needed only if it is not square.
     dtype: compute dtype; ``param_dtype``: dtype of the returned params.
     seed: RNG seed for parameters that are created fresh (a new head).
     **overrides: other :class:`ViTConfig` fields (``dropout``,
-      ``activation``, ``remat``, ...).
+      ``activation``, ``remat``, ...). The architecture (including, for
+      Hugging Face directories, the activation, LayerNorm epsilon,
+      LayerScale and pixel statistics) comes from the checkpoint.
 
   Returns:
     ``(model, params)``: ``params`` is a plain nested dict of arrays for
-    ``model.apply({"params": params}, images)``.
+    ``model.apply({"params": params}, images)``, in our parameter names
+    whatever the format (images in [-1, 1]).
 
   Raises:
     CheckpointError: missing file, unknown layout, or names / shapes that do
       not fit, all listed in one message.
   """
   source = os.fspath(path)
-  flat = to_vit_names(read_npz(source), source)
-  arch = infer_architecture(flat, source)
-  ckpt_rep, ckpt_classes = arch.pop("representation_size"), arch.pop(
-      "num_classes")
-  if variant is not None:
-    want = vit_config(variant)
-    diff = [f"{f}: {variant} has {getattr(want, f)}, file has {arch[f]}"
-            for f in _ARCH_FIELDS if getattr(want, f) != arch[f]]
-    if diff:
-      raise CheckpointError(f"{source} is not a ViT-{variant}: "
-                            + "; ".join(diff))
+  directory = None
+  if _is_npz(source):
+    flat = to_vit_names(read_npz(source), source)
+    arch = infer_architecture(flat, source)
+  else:
+    directory = resolve_dir(source, what="ViT checkpoint")
+    arch = _hf_architecture(directory)
+  ckpt_rep, ckpt_classes = arch["representation_size"], arch["num_classes"]
   if keep_pre_logits and not num_classes:
     raise ValueError("keep_pre_logits needs num_classes (pre_logits feed "
                      "the classification head only)")
   if keep_pre_logits and ckpt_rep is None:
     raise CheckpointError(f"{source}: keep_pre_logits asked for, but the "
                           "file has no pre_logits layer")
-
-  height, width = _pair(image_size)
-  patch = arch["patch_size"]
-  if height % patch or width % patch:
-    raise ValueError(f"image_size {height}x{width} is not a multiple of the "
-                     f"checkpoint's patch size {patch}")
-  config = ViTConfig(
-      **arch, num_classes=num_classes,
+  config = _make_config(
+      arch, source, image_size, variant=variant, num_classes=num_classes,
       representation_size=ckpt_rep if keep_pre_logits else None,
-      image_size=(height, width), **overrides)
+      overrides=overrides)
   model = VisionTransformer(config, dtype=dtype, param_dtype=param_dtype)
+  height, width = config.image_size
+  dummy = jnp.zeros((1, height, width, 3), jnp.float32)
+  expected = nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(seed), dummy))["params"])
 
-  # Position embeddings: keep prefix rows, interpolate the grid.
+  if directory is not None:
+    tensors, source = hf_vit.read_weights(directory)
+    kind = hf_vit.read_hf_config(directory)["model_type"]
+    tower_names = [n for n in common.flatten(expected)
+                   if not n.startswith(("head/", "pre_logits/"))]
+    flat = hf_vit.to_our_names(tensors, tower_names, model_type=kind,
+                               num_heads=config.num_heads, source=source)
+
+  # Position embeddings: keep prefix rows, resize the grid.
+  patch = config.patch_size
   num_prefix = 1 if config.classifier == "token" else 0
   new_grid = (height // patch, width // patch)
   if POSEMB in flat:
     posemb = flat[POSEMB]
-    rows = posemb.shape[1] - num_prefix
+    rows = posemb.shape[1] - num_prefix if posemb.ndim == 3 else -1
     if checkpoint_grid is not None:
       old_grid = tuple(checkpoint_grid)
     else:
@@ -317,14 +473,12 @@ def load_vit(
             "pass checkpoint_grid=(rows, cols)")
       old_grid = (side, side)
     try:
-      flat[POSEMB] = resize_posemb(posemb, num_prefix=num_prefix,
-                                   old_grid=old_grid, new_grid=new_grid)
+      flat[POSEMB] = resize_posemb(
+          posemb, num_prefix=num_prefix, old_grid=old_grid,
+          new_grid=new_grid,
+          method="linear" if directory is None else "bicubic")
     except ValueError as e:
       raise CheckpointError(f"{source}: {POSEMB} {posemb.shape}: {e}") from e
-
-  dummy = jnp.zeros((1, height, width, 3), jnp.float32)
-  expected = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(seed), dummy))["params"])
 
   # The file's head is reused only if it reads the same representation: same
   # number of classes, and its pre_logits layer kept (if it had one).

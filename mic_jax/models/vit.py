@@ -13,6 +13,10 @@ without renaming, and a person can check any weight by eye against it:
       head_dim, D], each with a bias
   Transformer/encoderblock_{i}/LayerNorm_2
   Transformer/encoderblock_{i}/MlpBlock_3/Dense_{0,1}
+  Transformer/encoderblock_{i}/LayerScale_{1,3}/scale
+                                                [D], only with layer_scale_init
+                                                (DINOv2): scales the output
+                                                of sub-module 1 / 3
   Transformer/encoder_norm
   pre_logits, head                              optional, off by default
 
@@ -79,6 +83,15 @@ class ViTConfig:
       set, images of another size are rejected with a message saying how to
       resize the embeddings, instead of failing inside flax.
     remat: recompute each block's activations in the backward pass.
+    layer_scale_init: None (default, the original ViT) or the initial value
+      of LayerScale (Touvron et al. 2021, used by DINOv2): a learned
+      per-channel scale on the attention output and on the MLP output of
+      every block. Its parameters exist only when this is set.
+    pixel_mean, pixel_std: the per-channel (R, G, B) normalisation the
+      checkpoint was trained with, on pixels in [0, 1] (ImageNet's for
+      DINOv2). The tower still takes images in [-1, 1] like every tower and
+      applies ``((images + 1) / 2 - mean) / std`` itself. None (default)
+      feeds the images as they are, which is what mean = std = 0.5 means.
   """
   patch_size: int = 16
   width: int = 768
@@ -94,6 +107,9 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   image_size: tuple[int, int] | None = None
   remat: bool = False
+  layer_scale_init: float | None = None
+  pixel_mean: tuple[float, float, float] | None = None
+  pixel_std: tuple[float, float, float] | None = None
 
   def __post_init__(self):
     if self.width % self.num_heads:
@@ -114,6 +130,17 @@ class ViTConfig:
       if len(size) != 2 or any(s % self.patch_size for s in size):
         raise ValueError(f"image_size {size} must be two multiples of "
                          f"patch_size {self.patch_size}")
+    if (self.pixel_mean is None) != (self.pixel_std is None):
+      raise ValueError("pixel_mean and pixel_std go together; got mean "
+                       f"{self.pixel_mean} and std {self.pixel_std}")
+    if self.pixel_mean is not None:
+      mean = tuple(float(m) for m in self.pixel_mean)
+      std = tuple(float(s) for s in self.pixel_std)
+      if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"pixel_mean {mean} and pixel_std {std} must be "
+                         "three numbers each (R, G, B), std > 0")
+      object.__setattr__(self, "pixel_mean", mean)
+      object.__setattr__(self, "pixel_std", std)
 
   @property
   def head_dim(self) -> int:
@@ -186,6 +213,20 @@ class _ViTModule(nn.Module):
         scale_init=P.logical(nn.initializers.ones, (P.NORM,)),
         bias_init=P.logical(nn.initializers.zeros, (P.NORM,)),
         name=name, **self.kw)
+
+
+class LayerScale(nn.Module):
+  """Multiplies each channel by a learned scale (DINOv2's ``lambda1``)."""
+  init_value: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    scale = self.param(
+        "scale", P.logical(nn.initializers.constant(self.init_value),
+                           (P.NORM,)),
+        (x.shape[-1],), self.param_dtype)
+    return x * scale.astype(x.dtype)
 
 
 class MlpBlock(_ViTModule):
@@ -285,7 +326,17 @@ class SelfAttention(_ViTModule):
 
 
 class Encoder1DBlock(_ViTModule):
-  """Pre-LayerNorm block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LayerNorm block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  With ``layer_scale_init`` each branch is scaled per channel before it is
+  added: x + ls1 * Attn(LN(x)), then x + ls2 * MLP(LN(x)).
+  """
+
+  def layer_scale(self, name: str, y: jnp.ndarray) -> jnp.ndarray:
+    if self.config.layer_scale_init is None:
+      return y
+    return LayerScale(self.config.layer_scale_init, name=name,
+                      param_dtype=self.param_dtype)(y)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -293,10 +344,12 @@ class Encoder1DBlock(_ViTModule):
     y = self.layer_norm("LayerNorm_0")(x)
     y = SelfAttention(cfg, name="MultiHeadDotProductAttention_1",
                       **self.kw)(y, train=train)
+    y = self.layer_scale("LayerScale_1", y)
     y = nn.Dropout(cfg.dropout)(y, deterministic=not train)
     x = x + y
     y = self.layer_norm("LayerNorm_2")(x)
     y = MlpBlock(cfg, name="MlpBlock_3", **self.kw)(y, train=train)
+    y = self.layer_scale("LayerScale_3", y)
     x = x + y
     return P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
 
@@ -333,6 +386,20 @@ class PositionEmbedding(nn.Module):
         (1, x.shape[1], x.shape[2]), self.param_dtype)
 
 
+def normalize_pixels(images: jnp.ndarray, cfg: ViTConfig) -> jnp.ndarray:
+  """[-1, 1] images -> the checkpoint's normalised pixels (see ViTConfig).
+
+  Computed in float32 (at least) whatever the compute dtype, like the
+  preprocessing a checkpoint was trained with.
+  """
+  if cfg.pixel_mean is None:
+    return images
+  dtype = jnp.promote_types(images.dtype, jnp.float32)
+  mean = jnp.asarray(cfg.pixel_mean, dtype)
+  std = jnp.asarray(cfg.pixel_std, dtype)
+  return ((images.astype(dtype) + 1) / 2 - mean) / std
+
+
 class VisionTransformer(_ViTModule):
   """ViT image tower; see the module docstring for names and outputs."""
 
@@ -361,6 +428,7 @@ class VisionTransformer(_ViTModule):
           f"this ViT's position embeddings are for {cfg.image_size[0]}x"
           f"{cfg.image_size[1]} images, got {height}x{width}; load the "
           "checkpoint with image_size=... to resize them")
+    images = normalize_pixels(images, cfg)
     x = nn.Conv(
         cfg.width, (cfg.patch_size, cfg.patch_size),
         strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
