@@ -398,3 +398,41 @@ def test_imported_dinov2_s_matches_hf(imported_dinov2, size):
   diff = _max_diff(ours, _hf_tokens(hf, images, mean, std))
   print(f"imported DINOv2-S at {size} px: max abs diff {diff:.2e}")
   assert diff <= TOL
+
+
+def test_small_config_builds_the_tower_from_a_dinov2_checkpoint(tmp_path):
+  """--config.image.checkpoint=DIR --config.image.size=S on a :small config.
+
+  The classifier's image tower takes the checkpoint's own architecture
+  (LayerScale, patch 14, pixel normalisation), and the run's pretrained
+  loading fills it with the checkpoint's weights, equal to transformers.
+  """
+  from configs import common as config_lib  # pylint: disable=g-import-not-at-top
+  from mic_jax.models import classifier  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import towers  # pylint: disable=g-import-not-at-top
+  hf, path = _tiny_dinov2(tmp_path)
+  config = config_lib.make_config("image_only", "small")
+  with config.unlocked():
+    config.num_classes = 5
+  config_lib.override(config, "image.checkpoint", str(path))
+  config_lib.override(config, "image.size", 28)
+  assert classifier.vit_architecture_from_checkpoint(config.image)
+  model = classifier.build_model(config)
+  arch = model.img.config
+  assert arch.patch_size == 14 and arch.layer_scale_init is not None
+  assert arch.pixel_mean is not None and arch.image_size == (28, 28)
+  images = _images(3, 2, 28, 28)
+  batch = {"image": jnp.asarray(images),
+           "image_present": jnp.ones((2,), jnp.int32)}
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch))["params"]
+  shardings = jax.tree.map(lambda _: None, params)
+  params, loaded = towers.load_pretrained(config, params, shardings)
+  assert loaded == [f"img <- {path}"]
+  _, aux = model.apply({"params": params}, batch)
+  want = _hf_tokens(hf, images, *IMAGENET)
+  np.testing.assert_allclose(np.asarray(aux["image_cls"]), want[:, 0],
+                             atol=1e-4)
+  # A Google .npz under a published variant keeps the named architecture.
+  config_lib.override(config, "image.checkpoint", "gs://x/ViT-B_16.npz")
+  config_lib.override(config, "image.variant", "B/16")
+  assert not classifier.vit_architecture_from_checkpoint(config.image)
