@@ -83,13 +83,13 @@ _TOP = {
 }
 _OUR_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.*)$")
 
-# transformers 5's in-memory names -> the hub's (applied in order).
+# transformers 5's in-memory names -> the hub's: both model types rename
+# the attention projections (below), ViTModel also its layers and MLP.
 _V5_NAMES = {
     "vit": [(r"^layers\.(\d+)\.", r"encoder.layer.\1."),
-            (r"\.attention\.([qkv])_proj\.", r".attention.attention.\1_proj."),
             (r"\.mlp\.fc1\.", ".intermediate.dense."),
             (r"\.mlp\.fc2\.", ".output.dense.")],
-    "dinov2": [(r"\.attention\.([qkv])_proj\.", r".attention.attention.\1_proj.")],
+    "dinov2": [],
 }
 _QKV = {"q": "query", "k": "key", "v": "value"}
 
@@ -213,7 +213,7 @@ def _hub_names(tensors: FlatParams, model_type: str) -> FlatParams:
     name = re.sub(rf"^{model_type}\.", "", name)
     for pattern, repl in _V5_NAMES[model_type]:
       name = re.sub(pattern, repl, name)
-    name = re.sub(r"\.attention\.attention\.([qkv])_proj\.",
+    name = re.sub(r"\.attention\.([qkv])_proj\.",
                   lambda m: f".attention.attention.{_QKV[m.group(1)]}.", name)
     name = name.replace(".attention.o_proj.", ".attention.output.dense.")
     out[name] = value

@@ -196,7 +196,7 @@ def _interpolate_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
           + np.take(x, lo + 1, axis=axis) * frac)
 
 
-# Keys's cubic convolution kernel with a = -0.75, PyTorch's choice.
+# Keys' cubic convolution kernel with a = -0.75, PyTorch's choice.
 _CUBIC_A = -0.75
 
 
