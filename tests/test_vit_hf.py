@@ -384,7 +384,6 @@ def imported_dinov2(tmp_path_factory) -> pathlib.Path:
   return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("size", [518, 224])
 def test_imported_dinov2_s_matches_hf(imported_dinov2, size):
   """The real DINOv2-S (possibly adapted for saliency) at 518 and 224 px."""
