@@ -298,9 +298,13 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, labels: list[str],
       if r["label"] in unknown:
         rejects.add(row, UNKNOWN_LABEL, r["label"] + " (not in train)")
         continue
+      if r["label"] in rare and args.rare_classes == "drop":
+        # Also when --labels_file gives the class an id: its groups have no
+        # split and a class this rare cannot be learned or measured.
+        rejects.add(row, RARE_CLASS, r["label"])
+        continue
       if r["label"] not in label_id:
-        rejects.add(row, RARE_CLASS if r["label"] in rare else UNKNOWN_LABEL,
-                    r["label"])
+        rejects.add(row, UNKNOWN_LABEL, r["label"])
         continue
       split = r["split"] or assignment[r["group"]]
       shard = position[split] % num_shards[split]

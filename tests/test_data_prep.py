@@ -166,13 +166,16 @@ def test_drop_missing_images_rejects_them(bad_catalogue, tmp_path):
 
 
 def _dup_catalogue(root, n=120):
-  """Many title groups with case/space variants; 3 labels plus a rare one."""
+  """Title groups of 4 rows (the same title in case/space variants) in 3
+  labels, plus a rare one: splitting rows instead of groups would put most
+  groups in more than one split."""
   rows = []
   for i in range(n):
-    label = ["shirt", "shoe", "bag"][i % 3]
-    title = f"{label} {WORDS[i % 7]} {i // 6}"
-    if i % 4 == 0:
-      title = "  " + title.upper() + " "
+    group = i // 4
+    label = ["shirt", "shoe", "bag"][group % 3]
+    title = f"{label} {WORDS[group % 7]} {group}"
+    title = [title, "  " + title.upper() + " ", title.replace(" ", "  "),
+             title.title()][i % 4]
     rows.append({"id": str(i), "title": title, "label": label})
   rows.append({"id": "rare", "title": "one watch", "label": "watch"})
   path = root / "dups.jsonl"
@@ -204,6 +207,8 @@ def test_split_grouped_stratified_deterministic(tmp_path):
   groups = collections.defaultdict(set)
   for split, key in where.values():
     groups[key].add(split)
+  sizes = collections.Counter(key for _, key in where.values())
+  assert len(sizes) == 30 and set(sizes.values()) == {4}  # Real duplicates.
   assert all(len(s) == 1 for s in groups.values())
   per_split = collections.Counter(s for s, _ in where.values())
   assert per_split["train"] > per_split["validation"] > 0
@@ -216,6 +221,34 @@ def test_split_grouped_stratified_deterministic(tmp_path):
   assert _split_of(tmp_path / "c") != where
   kept = _run(args + ["--output_dir", tmp_path / "d", "--rare_classes=keep"])
   assert kept["rejected"] == {} and kept["num_classes"] == 4
+
+
+@pytest.mark.parametrize("split_column", [False, True])
+def test_rare_class_in_labels_file_is_rejected(tmp_path, split_column):
+  """A fixed class list keeps the rare class's id, but not its rows."""
+  path = _dup_catalogue(tmp_path)
+  if split_column:  # Given splits: the rare row sits in train.
+    rows = [dict(json.loads(l), split=["train", "train", "validation",
+                                       "test"][i % 4])
+            for i, l in enumerate(path.read_text().splitlines())]
+    rows[-1]["split"] = "train"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  labels = tmp_path / "labels.txt"
+  labels.write_text("bag\nshirt\nshoe\nwatch\n")
+  out = tmp_path / "o"
+  stats = _run(["--input", path, "--title_column=title",
+                "--label_column=label", "--tokenizer", _tokenizer(tmp_path),
+                "--max_length=8", "--labels_file", labels, "--output_dir", out]
+               + (["--split_column=split"] if split_column else []))
+  assert stats["rejected"] == {"rare_class": 1}
+  assert stats["rare_classes"] == ["watch"]
+  assert stats["rows_in"] == stats["rows_out"] + 1
+  rejected = [json.loads(l) for l in
+              (out / "rejected.jsonl").read_text().splitlines()]
+  assert [(r["id"], r["reason"]) for r in rejected] == [("rare", "rare_class")]
+  assert (out / "labels.txt").read_text().split() == [
+      "bag", "shirt", "shoe", "watch"]
+  assert "rare" not in _split_of(out)
 
 
 def test_given_splits_are_kept(tmp_path):

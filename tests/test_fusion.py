@@ -261,11 +261,10 @@ def test_classifier_head_starts_near_uniform():
   assert 0 < np.abs(np.asarray(logits)).max() < 0.5
 
 
+@pytest.mark.needs_8_devices
 def test_sharded_on_a_tensor_parallel_mesh():
   """With 1 head (eq. 2) the projections still shard on "tensor"."""
   from mic_jax import sharding as shd  # pylint: disable=g-import-not-at-top
-  if jax.device_count() < 8:
-    pytest.skip("needs the 8 fake CPU devices of conftest.py")
   import ml_collections  # pylint: disable=g-import-not-at-top
   h, v, text_mask, present = _inputs()
   h = np.concatenate([h] * 2)[:8]

@@ -31,8 +31,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
 BATCH = 16
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs the 8 fake CPU devices of conftest")
+pytestmark = pytest.mark.needs_8_devices
 
 
 def _free_port() -> int:

@@ -2,6 +2,7 @@
 
 import collections
 import io
+import pathlib
 
 import numpy as np
 from PIL import Image
@@ -142,3 +143,111 @@ def test_eval_is_centre_crop_and_deterministic(data_dir):
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["image"], y["image"])
   assert a[0]["image"].shape == (8, 24, 24, 3)
+
+
+def _prepared(path, num_files, per_file, rng):
+  """``num_files`` shards of ``per_file`` examples (tags 1000, 1001, ...)."""
+  records.write_examples(
+      path, {"train": _examples(num_files * per_file, rng)}, labels=LABELS,
+      max_length=LENGTH, examples_per_shard=per_file)
+  assert len(pipeline.DatasetInfo.load(str(path)).files("train")) == num_files
+  return str(path)
+
+
+@pytest.mark.parametrize("num_files,per_file,hosts", [
+    (4, 40, 8),   # Fewer files than hosts.
+    (4, 10, 4),   # As many files as hosts.
+    (14, 10, 4),  # Files not divisible by hosts.
+    (4, 10, 3),
+    (4, None, 3),  # Uneven files (10, 9, 9, 9): the module's data set.
+])
+def test_train_epoch_covers_every_example_once_across_hosts(
+    tmp_path, data_dir, num_files, per_file, hosts):
+  if per_file is None:
+    path, total = data_dir, 37
+  else:
+    path = _prepared(tmp_path, num_files, per_file, np.random.default_rng(1))
+    total = num_files * per_file
+  per_host = total // hosts
+  epochs = collections.defaultdict(collections.Counter)
+  for index in range(hosts):
+    # One batch = one epoch of this host; two batches = epochs 0 and 1.
+    it = pipeline.train_batches(path, batch_size=per_host, image_size=8,
+                                seed=5, process_index=index,
+                                process_count=hosts, shuffle_buffer=8)
+    for epoch, batch in enumerate(_take(it, 2)):
+      epochs[epoch].update(_tags(batch).tolist())
+  for epoch, counts in epochs.items():
+    assert max(counts.values()) == 1, f"epoch {epoch} repeats examples"
+    assert set(counts) <= set(range(1000, 1000 + total))
+    assert total - len(counts) == total % hosts < hosts, epoch
+
+
+@pytest.mark.parametrize("start", [2, 5])
+def test_resume_is_bitwise_identical_on_one_of_several_hosts(data_dir, start):
+  # 3 hosts share 37 examples: 12 per host and epoch, batch 5.
+  kwargs = dict(batch_size=5, image_size=16, seed=3, shuffle_buffer=16,
+                process_index=1, process_count=3)
+  full = _take(pipeline.train_batches(data_dir, **kwargs), 8)
+  resumed = _take(pipeline.train_batches(data_dir, start_step=start,
+                                         **kwargs), 8 - start)
+  for a, b in zip(full[start:], resumed):
+    for key in KEYS:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _record_ends(path):
+  """Byte offsets where each TFRecord of ``path`` ends (length + 2 CRCs)."""
+  data = path.read_bytes()
+  ends, pos = [], 0
+  while pos < len(data):
+    pos += 12 + int.from_bytes(data[pos:pos + 8], "little") + 4
+    ends.append(pos)
+  return ends
+
+
+@pytest.fixture
+def damaged_dir(tmp_path):
+  """A copy of a small prepared set, and its second train shard's path."""
+  rng = np.random.default_rng(2)
+  records.write_examples(
+      tmp_path, {"train": _examples(18, rng), "validation": _examples(9, rng)},
+      labels=LABELS, max_length=LENGTH, examples_per_shard=6)
+  path = str(tmp_path)
+  return path, pathlib.Path(pipeline.DatasetInfo.load(path).files("train")[1])
+
+
+def _first_epoch(path):
+  return next(pipeline.train_batches(path, batch_size=18, image_size=8,
+                                     seed=0, shuffle_buffer=1))
+
+
+@pytest.mark.parametrize("cut", ["mid_record", "record_boundary"])
+def test_damaged_train_shard_is_named(damaged_dir, cut):
+  path, shard = damaged_dir
+  _first_epoch(path)  # Whole: reads fine.
+  ends = _record_ends(shard)
+  size = ends[3] + 5 if cut == "mid_record" else ends[3]
+  shard.write_bytes(shard.read_bytes()[:size])
+  with pytest.raises(pipeline.DamagedShardError, match=shard.name) as err:
+    _first_epoch(path)
+  if cut == "record_boundary":
+    assert "4 records, dataset_info.json says 6" in str(err.value)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_damaged_eval_shard_is_named(damaged_dir, split):
+  path, _ = damaged_dir
+  shard = pathlib.Path(pipeline.DatasetInfo.load(path).files(split)[-1])
+  shard.write_bytes(shard.read_bytes()[:-7])
+  with pytest.raises(pipeline.DamagedShardError, match=shard.name):
+    list(pipeline.eval_batches(path, split, batch_size=4, image_size=8))
+
+
+def test_missing_shard_is_named(damaged_dir):
+  path, shard = damaged_dir
+  shard.unlink()
+  with pytest.raises(pipeline.DamagedShardError, match=shard.name):
+    _first_epoch(path)
+  with pytest.raises(pipeline.DamagedShardError, match=shard.name):
+    list(pipeline.eval_batches(path, "train", batch_size=4, image_size=8))

@@ -19,8 +19,7 @@ from mic_jax.train import checkpointing, trainer
 STEPS = 3
 BATCH = 16
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs the 8 fake CPU devices of conftest")
+pytestmark = pytest.mark.needs_8_devices
 
 
 def _config(data, fsdp, tensor):

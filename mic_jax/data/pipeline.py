@@ -1,13 +1,20 @@
 """tf.data input pipeline: prepared TFRecords -> per-host numpy batches.
 
 Train stream design (resumable bit-for-bit): the stream is a pure function of
-(seed, step). Epoch ``e`` reads this host's files in an order shuffled by
-(seed, e), interleaves them deterministically and shuffles examples with a
-buffer seeded by (seed, e). Image augmentation uses stateless random ops
-seeded by (seed, absolute example index). To start at step ``s`` we compute
+(seed, host, step). Epoch ``e`` orders all files by a shuffle seeded by
+(seed, e) -- the same on every host -- and gives each host an equal
+contiguous range of that record sequence (``N // hosts`` records: whole
+files plus partial ones at the range ends), so an epoch is every example
+once across hosts, up to ``N % hosts`` left out. A host interleaves its
+slices deterministically and shuffles examples with a buffer seeded by
+(host seed, e). Image augmentation uses stateless random ops seeded by
+(host seed, absolute example index). To start at step ``s`` we compute
 the absolute example index ``s * batch_size``, jump to its epoch and skip the
 raw (still encoded) records before it, so nothing is decoded twice and no
 iterator state needs checkpointing.
+
+A shard that is missing, truncated or shorter than ``dataset_info.json``
+says stops either pipeline with a :class:`DamagedShardError` naming it.
 
 Eval: files are read in a fixed order and records are dealt round-robin to
 processes, so each example goes to exactly one process; every process then
@@ -82,6 +89,10 @@ class DatasetInfo:
             for s in self.shards.get(split, [])]
 
 
+class DamagedShardError(IOError):
+  """A prepared TFRecord shard is missing, truncated, corrupt or short."""
+
+
 def _process(process_index: int | None, process_count: int | None
              ) -> tuple[int, int]:
   index = jax.process_index() if process_index is None else process_index
@@ -123,43 +134,110 @@ def _to_batch_features(ex: dict[str, tf.Tensor], image: tf.Tensor | None,
   return features
 
 
-def _host_train_files(info: DatasetInfo, index: int, count: int
-                      ) -> tuple[list[str], int, bool]:
-  """This host's files, its examples per epoch, and whether to shard records.
+def _split_shards(info: DatasetInfo, split: str
+                  ) -> tuple[list[str], list[int]]:
+  """The files of ``split`` and their record counts; missing files raise."""
+  files = info.files(split)
+  for file in files:
+    if not pathlib.Path(file).exists():
+      raise DamagedShardError(
+          f"{file}: shard of {split!r} listed in {records.INFO_FILE} is "
+          "missing (re-run data_prep)")
+  return files, [int(s["examples"]) for s in info.shards.get(split, [])]
 
-  Files are dealt to hosts when there are at least as many as hosts;
-  otherwise every host reads all files and keeps every count-th record.
+
+def _host_slices(files: tf.Tensor, sizes: tf.Tensor, epoch: tf.Tensor,
+                 seed: int, index: int, per_host: int
+                 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """This host's part of one epoch: (file, records to skip, records to take).
+
+  The epoch is the concatenation of all files in an order shuffled by
+  (seed, epoch) -- the same on every host -- cut into equal contiguous
+  ranges of ``per_host`` records, one per host; the last
+  ``total % process_count`` records of the order are left out. So every
+  host reads a disjoint, equal share (whole files plus at most a partial
+  file at each end), whatever the file count and file sizes.
   """
-  shards = info.shards.get("train", [])
-  if not shards:
-    raise ValueError(f"{info.data_dir} has no train split")
-  files = info.files("train")
-  if len(files) >= count:
-    mine = list(range(index, len(files), count))
-    return [files[i] for i in mine], sum(shards[i]["examples"]
-                                         for i in mine), False
-  total = info.split_size("train")
-  return files, len(range(index, total, count)), True
-
-
-def _epoch_records(files: list[str], epoch: tf.Tensor, seed: int,
-                   shuffle_buffer: int, shard: tuple[int, int] | None
-                   ) -> tf.data.Dataset:
-  """The raw records of one epoch in their (seeded) shuffled order."""
   epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
   order = tf.random.experimental.stateless_shuffle(
-      tf.constant(files), seed=epoch_seed)
-  ds = tf.data.Dataset.from_tensor_slices(order)
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+      tf.range(tf.size(files, out_type=tf.int64)), seed=epoch_seed)
+  files = tf.gather(files, order)
+  sizes = tf.gather(sizes, order)
+  begin = tf.cumsum(sizes, exclusive=True)
+  lo = tf.constant(index * per_host, tf.int64)
+  hi = lo + per_host
+  skip = tf.clip_by_value(lo - begin, 0, sizes)
+  take = tf.clip_by_value(hi - begin, 0, sizes) - skip
+  mine = take > 0
+  return (tf.boolean_mask(files, mine), tf.boolean_mask(skip, mine),
+          tf.boolean_mask(take, mine))
+
+
+def _read_slice(file: tf.Tensor, skip: tf.Tensor, take: tf.Tensor
+                ) -> tf.data.Dataset:
+  """Records [skip, skip + take) of one file; fewer records is an error."""
+  ds = tf.data.TFRecordDataset(file).skip(skip).take(take)
+  # A shard cut at a record boundary reads without a DataLossError: insist
+  # on the count dataset_info.json promised (checked as the slice ends).
+  return ds.apply(tf.data.experimental.assert_cardinality(take))
+
+
+def _epoch_records(files: list[str], sizes: list[int], epoch: tf.Tensor,
+                   seed: int, host_seed: int, shuffle_buffer: int,
+                   index: int, per_host: int) -> tf.data.Dataset:
+  """The raw records of this host's share of one epoch, shuffled.
+
+  The file order (hence which records each host gets) uses the shared
+  ``seed``; the example shuffle within the share uses ``host_seed``.
+  """
+  parts = _host_slices(tf.constant(files), tf.constant(sizes, tf.int64),
+                       epoch, seed, index, per_host)
+  ds = tf.data.Dataset.from_tensor_slices(parts)
+  ds = ds.interleave(_read_slice, cycle_length=min(len(files), 8),
                      block_length=1, num_parallel_calls=AUTOTUNE,
                      deterministic=True)
-  if shard is not None:
-    # Every host must see the same file order before dealing records.
-    ds = ds.shard(shard[1], shard[0])
   if shuffle_buffer > 1:
-    ds = ds.shuffle(shuffle_buffer, seed=epoch * 1_000_003 + seed,
+    ds = ds.shuffle(shuffle_buffer, seed=epoch * 1_000_003 + host_seed,
                     reshuffle_each_iteration=False)
   return ds
+
+
+def _damaged_shards(info: DatasetInfo, split: str) -> list[str]:
+  """Each shard of ``split`` that does not read back whole, with why.
+
+  Reads every record (no parsing); only called after a read failed.
+  """
+  problems = []
+  for file, shard in zip(info.files(split), info.shards.get(split, [])):
+    try:
+      found = sum(1 for _ in tf.data.TFRecordDataset(file))
+    except tf.errors.OpError as e:
+      problems.append(f"{file}: {e.message.strip()}")
+      continue
+    if found != shard["examples"]:
+      problems.append(f"{file}: {found} records, {records.INFO_FILE} says "
+                      f"{shard['examples']}")
+  return problems
+
+
+def _named_read_errors(batches: Iterator[Batch], info: DatasetInfo,
+                       split: str) -> Iterator[Batch]:
+  """``batches``, with a read failure re-raised naming the damaged shard.
+
+  tf.data's own errors ("truncated record at 1044") do not say which file.
+  Checking every shard up front would read the whole split on every host
+  at every start; a failed read is rare, so the shards are checked then.
+  """
+  try:
+    yield from batches
+  except (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
+          tf.errors.NotFoundError) as e:
+    problems = _damaged_shards(info, split)
+    if not problems:
+      raise
+    raise DamagedShardError(
+        f"damaged {split!r} shard(s) in {info.data_dir} (re-run data_prep): "
+        + "; ".join(problems)) from e
 
 
 def train_batches(data_dir: str, *, batch_size: int, image_size: int,
@@ -169,6 +247,10 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
                   shuffle_buffer: int = 10_000,
                   image_keys: bool = False) -> Iterator[Batch]:
   """Endless training batches for this host, resumable at ``start_step``.
+
+  Across hosts, each epoch is every training example once, minus at most
+  ``process_count - 1`` (see :func:`_host_slices`); every host has the
+  same number of examples per epoch.
 
   Args:
     data_dir: a prepared directory (see :mod:`mic_jax.data.records`).
@@ -187,18 +269,22 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
   """
   index, count = _process(process_index, process_count)
   info = DatasetInfo.load(data_dir)
-  files, per_epoch, record_shard = _host_train_files(info, index, count)
+  if not info.has_split("train"):
+    raise ValueError(f"{data_dir} has no train split")
+  files, sizes = _split_shards(info, "train")
+  per_epoch = sum(sizes) // count
   if per_epoch == 0:
-    raise ValueError(f"host {index} of {count} has no training examples")
+    raise ValueError(f"{data_dir}: {sum(sizes)} training examples cannot be "
+                     f"shared by {count} hosts")
   # Hosts with different seeds would sample the same augmentation noise
   # pattern otherwise; the host index is part of the stream's identity.
   host_seed = seed * 7919 + index
   first = start_step * batch_size
   first_epoch, offset = divmod(first, per_epoch)
-  shard = (index, count) if record_shard else None
 
   def epoch_ds(epoch):
-    ds = _epoch_records(files, epoch, host_seed, shuffle_buffer, shard)
+    ds = _epoch_records(files, sizes, epoch, seed, host_seed, shuffle_buffer,
+                        index, per_epoch)
     return ds.skip(tf.where(epoch == first_epoch, tf.constant(offset, tf.int64),
                             tf.constant(0, tf.int64)))
 
@@ -222,7 +308,7 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
   ds = ds.with_options(options)
-  yield from ds.as_numpy_iterator()
+  yield from _named_read_errors(ds.as_numpy_iterator(), info, "train")
 
 
 def eval_batches(data_dir: str, split: str, *, batch_size: int,
@@ -238,10 +324,10 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
   """
   index, count = _process(process_index, process_count)
   info = DatasetInfo.load(data_dir)
-  files = info.files(split)
   total = info.split_size(split)
   if total == 0:
     return
+  files, _ = _split_shards(info, split)
   num_batches = -(-(-(-total // count)) // batch_size)
   parse = _parse(info.max_length)
 
@@ -254,6 +340,8 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
     return _to_batch_features(ex, image, tf.constant(1.0))
 
   ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
+  # Short shards would otherwise be padded over in silence.
+  ds = ds.apply(tf.data.experimental.assert_cardinality(total))
   ds = ds.shard(count, index)
   ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
   length = info.max_length
@@ -272,4 +360,5 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
     pad["image"] = tf.zeros([image_size, image_size, 3])
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * batch_size).batch(batch_size)
-  yield from ds.prefetch(AUTOTUNE).as_numpy_iterator()
+  yield from _named_read_errors(ds.prefetch(AUTOTUNE).as_numpy_iterator(),
+                                info, split)
