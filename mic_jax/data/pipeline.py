@@ -183,15 +183,16 @@ def _read_slice(file: tf.Tensor, skip: tf.Tensor, take: tf.Tensor
 
 
 def _epoch_records(files: list[str], sizes: list[int], epoch: tf.Tensor,
-                   seed: int, host_seed: int, shuffle_buffer: int,
+                   order_seed: int, host_seed: int, shuffle_buffer: int,
                    index: int, per_host: int) -> tf.data.Dataset:
   """The raw records of this host's share of one epoch, shuffled.
 
-  The file order (hence which records each host gets) uses the shared
-  ``seed``; the example shuffle within the share uses ``host_seed``.
+  The file order (hence which records each host gets) uses ``order_seed``,
+  the same on every host; the example shuffle within the share uses
+  ``host_seed``.
   """
   parts = _host_slices(tf.constant(files), tf.constant(sizes, tf.int64),
-                       epoch, seed, index, per_host)
+                       epoch, order_seed, index, per_host)
   ds = tf.data.Dataset.from_tensor_slices(parts)
   ds = ds.interleave(_read_slice, cycle_length=min(len(files), 8),
                      block_length=1, num_parallel_calls=AUTOTUNE,
@@ -279,12 +280,15 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
   # Hosts with different seeds would sample the same augmentation noise
   # pattern otherwise; the host index is part of the stream's identity.
   host_seed = seed * 7919 + index
+  # The file order must be the same on every host: host 0's seed (so a
+  # single-host stream is the same as before hosts shared the order).
+  order_seed = seed * 7919
   first = start_step * batch_size
   first_epoch, offset = divmod(first, per_epoch)
 
   def epoch_ds(epoch):
-    ds = _epoch_records(files, sizes, epoch, seed, host_seed, shuffle_buffer,
-                        index, per_epoch)
+    ds = _epoch_records(files, sizes, epoch, order_seed, host_seed,
+                        shuffle_buffer, index, per_epoch)
     return ds.skip(tf.where(epoch == first_epoch, tf.constant(offset, tf.int64),
                             tf.constant(0, tf.int64)))
 
