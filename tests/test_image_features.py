@@ -13,6 +13,7 @@ import pathlib
 import shutil
 
 import jax
+import tensorflow as tf
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -195,3 +196,41 @@ def test_image_dropout_one_trains_like_no_photos(demo_run):
   assert abs(float(m3["train/loss"]) - float(m1["train/loss"])) > 1e-6
   with pytest.raises(ValueError, match="image_dropout"):
     step_fn(1.5)
+
+
+def _jpeg(colour):
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = io.BytesIO()
+  Image.new("RGB", (20, 16), colour).save(out, format="JPEG")
+  return out.getvalue()
+
+
+def test_repeated_photos_are_cached_once(tmp_path):
+  """Byte-identical photos (common in real catalogues) share one row, even
+  within one batch and across splits; products without a photo share the
+  empty image's row."""
+  from mic_jax.data import preprocess, records  # pylint: disable=g-import-not-at-top
+  from mic_jax.models import vit  # pylint: disable=g-import-not-at-top
+  photos = [_jpeg((255, 0, 0)), _jpeg((0, 0, 255)), b""]
+
+  def example(i, photo):
+    return records.Example(product_id=str(i), title=f"t {i}",
+                           input_ids=[1, 2, 0, 0], attention_mask=[1, 1, 0, 0],
+                           label=i % 2, image_jpeg=photo)
+
+  splits = {"train": [example(i, photos[i % 3]) for i in range(10)],
+            "validation": [example(i, photos[i % 2]) for i in range(10, 14)]}
+  data = tmp_path / "data"
+  records.write_examples(data, splits, labels=["a", "b"], max_length=4)
+  tower = vit.get_vit("tiny")
+  params = tower.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  target = tmp_path / "cache" / "x"
+  image_features.build(target, tower, params, str(data), 16, batch_size=8)
+  cache = image_features.ImageFeatureCache(target)
+  assert len(cache.keys) == 3 == len(set(cache.keys.tolist()))
+  assert json.loads((target / "cache.json").read_text())["photos"] == 3
+  red = preprocess.photo_key(tf.constant(photos[0]), tf.constant(1, tf.int64))
+  tokens = cache.lookup(np.array([int(red), cache.no_photo, int(red)]))
+  np.testing.assert_array_equal(tokens[0], tokens[2])
+  assert not np.allclose(tokens[0], tokens[1])
