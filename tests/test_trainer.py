@@ -134,9 +134,29 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
   assert after[:len(logged)] == logged and len(after) > len(logged)
 
 
+def test_nonfinite_update_is_never_saved(tmp_path):
+  """A NaN learning rate: the loss of step 1 is still finite (computed
+  before the update) but the updated params are not; nothing is saved."""
+  workdir = tmp_path / "nan"
+  config = _demo_config(**{"optim.lr": float("nan"), "total_steps": 4,
+                           "checkpoint_every_steps": 1,
+                           "log_every_steps": 100, "eval_every_steps": 100})
+  with pytest.raises(trainer.TrainingError,
+                     match=r"update of step 1 made the train state non-finite"
+                     r" \(NaN/Inf at step 1 in params: \w+/") as e:
+    trainer.train_and_evaluate(config, str(workdir))
+  assert "opt_state" not in str(e.value)  # AdamW moments stay finite.
+  assert not [p for p in (workdir / "checkpoints").iterdir()
+              if p.name.isdigit()]
+  assert sorted(p.name for p in (workdir / "best").iterdir()
+                if p.name.isdigit()) == ["0"]  # Before the update: finite.
+
+
 def test_nan_loss_stops_with_clear_message(tmp_path):
   config = _demo_config(**{"optim.lr": float("nan"), "total_steps": 4})
-  with pytest.raises(trainer.TrainingError, match="loss is nan at step"):
+  with pytest.raises(trainer.TrainingError,
+                     match="update of step 1 made the train state non-finite "
+                     r"\(NaN/Inf at step 2 in params"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
 
 

@@ -15,6 +15,10 @@ Reads top to bottom in the order a run happens:
 Resume is exact: the input stream is a pure function of (seed, step), the
 dropout key is ``fold_in(seed, step)``, and the checkpoint holds params,
 optimizer state and step.
+
+Never saved: a state with a NaN/Inf anywhere in params or optimizer state
+(the train step reports finiteness of the updated state; checked before
+every evaluation, save and log).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 
 from mic_jax import sharding as shd
 from mic_jax.train import checkpointing, evaluation, optimizer, reporting, steps
-from mic_jax.train import towers
+from mic_jax.train import finite, towers
 from mic_jax.data import pipeline
 
 
@@ -207,9 +211,14 @@ def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
   return steps.TrainState(step, params, opt_state), how
 
 
+FINITE_METRIC = "train/state_finite"
+
+
 def jit_train_step(run: Run, *, donate: bool = True):
   """The run's train step, jitted with the state's shardings in and out.
 
+  Its metrics include ``train/state_finite``: whether the *updated* params
+  and optimizer state are all finite (not logged; checked before saves).
   Call it under ``jax.set_mesh(run.mesh)`` and ``nn.logical_axis_rules(
   run.rules)`` so the models' activation constraints apply.
   """
@@ -219,12 +228,20 @@ def jit_train_step(run: Run, *, donate: bool = True):
                                           config.total_steps)
   weights = steps.class_weights(run.info.class_counts("train"),
                                 config.loss.class_weighting)
+  train_step = steps.make_train_step(
+      run.model, tx, schedule, seed=config.seed,
+      grad_accum_steps=config.grad_accum_steps,
+      label_smoothing=config.loss.label_smoothing,
+      loss_class_weights=weights)
+
+  def checked_step(state, batch):
+    state, metrics = train_step(state, batch)
+    metrics = dict(metrics)
+    metrics[FINITE_METRIC] = finite.all_finite((state.params, state.opt_state))
+    return state, metrics
+
   return jax.jit(
-      steps.make_train_step(
-          run.model, tx, schedule, seed=config.seed,
-          grad_accum_steps=config.grad_accum_steps,
-          label_smoothing=config.loss.label_smoothing,
-          loss_class_weights=weights),
+      checked_step,
       in_shardings=(run.state_shardings, None),
       out_shardings=(run.state_shardings, None),
       donate_argnums=(0,) if donate else ())
@@ -257,8 +274,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(step: int, losses: list[tuple[int, Any]]) -> None:
-  for s, loss in losses:
+def _check_finite(step: int, pending: list[tuple[int, Any, Any]],
+                  state: steps.TrainState) -> None:
+  """Stops the run if a loss or an updated state since the last check is
+  NaN/Inf, naming the first bad step (and for a state, the bad leaves)."""
+  for s, loss, state_finite in pending:
     value = float(loss)
     if not math.isfinite(value):
       raise TrainingError(
@@ -266,6 +286,13 @@ def _check_finite(step: int, losses: list[tuple[int, Any]]) -> None:
           "config.optim.lr, check the data (python -m data_prep.prepare "
           "reports bad rows), or use dtype=float32; the last good "
           f"checkpoint is kept (this step, {step}, was not saved)")
+    if not bool(state_finite):
+      raise TrainingError(
+          f"the update of step {s} made the train state non-finite "
+          f"(NaN/Inf at step {step} in {finite.describe(state)}): training "
+          "stopped. Check config.optim (a NaN/Inf learning rate, "
+          "clip_norm) and lower config.optim.lr; the last good checkpoint is "
+          f"kept (nothing from step {s} on was saved)")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
@@ -299,7 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       image_size=config.image.size, seed=config.seed, start_step=start_step,
       shuffle_buffer=config.data.shuffle_buffer)
 
-  pending: list[tuple[int, Any]] = []  # (step, device loss) since last check.
+  # (step, device loss, device state-finite flag) since the last log.
+  pending: list[tuple[int, Any, Any]] = []
   step = start_step
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), _Preemption() as preempt:
     if start_step == 0:
@@ -308,12 +336,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       batch = shd.host_to_global(next(batches), data_sharding)
       state, metrics = train_step(state, batch)
       step += 1
-      pending.append((step, metrics["train/loss"]))
+      pending.append((step, metrics["train/loss"], metrics.pop(FINITE_METRIC)))
       is_last = step == config.total_steps
       if step % config.log_every_steps == 0 or is_last:
-        _check_finite(step, pending)
+        _check_finite(step, pending, state)
         record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        record["train/loss"] = float(np.mean([float(l) for _, l in pending]))
+        record["train/loss"] = float(np.mean([float(l) for _, l, _ in pending]))
         record.update(progress.update(step))
         pending = []
         writer.write_scalars(step, {k: v for k, v in record.items()
@@ -321,11 +349,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         log.append({"step": step, **record})
         reporting.log_line(step, config.total_steps, record)
       if step % config.eval_every_steps == 0 or is_last:
+        _check_finite(step, pending, state)
         _evaluate_and_keep_best(evaluator, state, step, writer, log,
                                 checkpoints)
       stop = preempt.requested or checkpoints.reached_preemption(step)
       if step % config.checkpoint_every_steps == 0 or is_last or stop:
-        _check_finite(step, pending)
+        _check_finite(step, pending, state)
         checkpoints.save_state(step, state, force=True)
       if stop:
         checkpoints.wait()
