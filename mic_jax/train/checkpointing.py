@@ -3,7 +3,17 @@
 ``workdir/checkpoints/<step>`` holds full train states (params, optimizer
 state, step), the newest ``keep`` of them, written asynchronously so training
 continues while they are written. ``workdir/best/<step>`` holds the
-parameters with the best validation macro-F1 (Orbax keeps only the best).
+parameters with the best validation macro-F1 (Orbax keeps only the best),
+also written asynchronously.
+
+Crash safety: Orbax writes a step into a temporary directory and renames it
+when complete, so a killed save leaves no step behind. A state save first
+waits for every pending best save, so a durable state at step s implies
+every best candidate up to s is durable. A resumed run replays the steps
+after its restored state s; :meth:`RunCheckpoints.forget_best_after` drops
+the best candidates after s first, so the replay offers them again in the
+original order and Orbax keeps the same best (ties included) as a run never
+interrupted. ``save_best`` and ``save_state`` skip a step already on disk.
 
 Restores always go through an abstract target whose leaves carry the
 *current* run's shardings, so a checkpoint written on one mesh restores onto
@@ -20,31 +30,48 @@ import jax
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from mic_jax.train import faults
+
 BEST_METRIC = "validation/macro_f1"
 
 
 class RunCheckpoints:
   """The two checkpoint managers of a workdir."""
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True,
+               cleanup_tmp: bool = False):
+    """``cleanup_tmp``: delete temporary dirs of killed saves (the trainer
+    sets it; readers of a run that may still be training must not)."""
     self.latest = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1),
             enable_async_checkpointing=async_save,
-            create=True))
+            cleanup_tmp_directories=cleanup_tmp, create=True))
     self.best = ocp.CheckpointManager(
         os.path.join(workdir, "best"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
             keep_checkpoints_without_metrics=False,
-            enable_async_checkpointing=False, create=True))
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=cleanup_tmp, create=True))
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
   def save_state(self, step: int, state: Any, *, force: bool = False) -> None:
+    """Starts writing ``state`` as step ``step``; a step on disk is kept.
+
+    Waits for pending best saves first: a state on disk must never be ahead
+    of the best candidates evaluated before it.
+    """
+    self.best.wait_until_finished()
+    faults.point("before_state_save")
+    if step in self.latest.all_steps():
+      logging.info("state of step %d already saved; keeping it", step)
+      return
     self.latest.save(step, args=ocp.args.StandardSave(state), force=force)
+    faults.point("state_saving")
 
   def restore_state(self, abstract_state: Any, step: int | None = None) -> Any:
     step = self.latest.latest_step() if step is None else step
@@ -54,14 +81,38 @@ class RunCheckpoints:
 
   def save_best(self, step: int, params: Any, metrics: dict[str, float]
                 ) -> None:
+    """Offers ``params`` as the best; a step already on disk is kept.
+
+    Asynchronous: the next :meth:`save_state` waits for it. A step already
+    on disk needs no second save (replaying a step gives the same
+    parameters bit for bit).
+    """
+    if step in self.best.all_steps():
+      logging.info("best candidate of step %d already saved; keeping it",
+                   step)
+      return
     self.best.save(step, args=ocp.args.StandardSave(params),
                    metrics={BEST_METRIC: float(metrics[BEST_METRIC])},
                    force=True)
+    faults.point("best_saving")
+
+  def forget_best_after(self, step: int | None) -> None:
+    """Deletes best candidates after ``step`` (all of them if None).
+
+    Called on (re)start with the restored step: the replay evaluates those
+    steps again and offers them in their original order.
+    """
+    for candidate in sorted(self.best.all_steps()):
+      if step is None or candidate > step:
+        logging.info("dropping best candidate %d (after the restored step "
+                     "%s; it will be evaluated again)", candidate, step)
+        self.best.delete(candidate)
 
   def best_step(self) -> int | None:
     return self.best.best_step()
 
   def restore_best(self, abstract_params: Any) -> tuple[int, Any]:
+    self.best.wait_until_finished()
     step = self.best.best_step()
     if step is None:
       raise FileNotFoundError(f"no best checkpoint in {self.best.directory}")

@@ -14,7 +14,9 @@ Reads top to bottom in the order a run happens:
 
 Resume is exact: the input stream is a pure function of (seed, step), the
 dropout key is ``fold_in(seed, step)``, and the checkpoint holds params,
-optimizer state and step.
+optimizer state and step. A resumed run drops what the killed one wrote
+after its restored step (best candidates, metrics.jsonl lines) and replays
+it, so its outputs equal a never-interrupted run's (see docs/reliability.md).
 
 Never saved: a state with a NaN/Inf anywhere in params or optimizer state
 (the train step reports finiteness of the updated state; checked before
@@ -23,6 +25,7 @@ every evaluation, save and log).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,7 +44,7 @@ import numpy as np
 
 from mic_jax import sharding as shd
 from mic_jax.train import checkpointing, evaluation, optimizer, reporting, steps
-from mic_jax.train import finite, towers
+from mic_jax.train import faults, finite, towers
 from mic_jax.data import pipeline
 
 
@@ -274,6 +277,20 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+@contextlib.contextmanager
+def _saves_finish_on_error(checkpoints: checkpointing.RunCheckpoints):
+  """On an error in the loop, saves already started (all of checked, finite
+  states) still finish before the error propagates."""
+  try:
+    yield
+  except Exception:
+    try:
+      checkpoints.wait()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("a pending checkpoint save failed too: %s", e)
+    raise
+
+
 def _check_finite(step: int, pending: list[tuple[int, Any, Any]],
                   state: steps.TrainState) -> None:
   """Stops the run if a loss or an updated state since the last check is
@@ -308,9 +325,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     reporting.write_json(os.path.join(workdir, "config.json"),
                          json.loads(config.to_json_best_effort()))
   checkpoints = checkpointing.RunCheckpoints(workdir,
-                                             keep=config.keep_checkpoints)
+                                             keep=config.keep_checkpoints,
+                                             cleanup_tmp=True)
   state, how = init_state(run, checkpoints)
   start_step = int(state.step)
+  # What a killed run wrote after the restored step is replayed, not kept.
+  resumed_at = start_step if checkpoints.latest_step() is not None else None
+  checkpoints.forget_best_after(resumed_at)
   logging.info("state %s; training steps %d..%d", how, start_step,
                config.total_steps)
 
@@ -318,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   evaluator = evaluation.Evaluator(run)
   data_sharding = shd.batch_sharding(run.mesh, run.rules)
   writer = reporting.create_writer(workdir)
-  log = reporting.MetricsLog(workdir)
+  log = reporting.MetricsLog(workdir, keep_through_step=resumed_at)
   progress = reporting.Progress(start_step, config.total_steps,
                                 config.batch_size)
   batches: Iterator[dict[str, np.ndarray]] = pipeline.train_batches(
@@ -329,13 +350,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   # (step, device loss, device state-finite flag) since the last log.
   pending: list[tuple[int, Any, Any]] = []
   step = start_step
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), _Preemption() as preempt:
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), \
+      _Preemption() as preempt, _saves_finish_on_error(checkpoints):
     if start_step == 0:
       _evaluate_and_keep_best(evaluator, state, 0, writer, log, checkpoints)
     while step < config.total_steps:
       batch = shd.host_to_global(next(batches), data_sharding)
       state, metrics = train_step(state, batch)
       step += 1
+      faults.point("after_step")
       pending.append((step, metrics["train/loss"], metrics.pop(FINITE_METRIC)))
       is_last = step == config.total_steps
       if step % config.log_every_steps == 0 or is_last:
@@ -362,14 +385,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         raise SystemExit(f"preempted at step {step}; checkpoint saved, rerun "
                          "the same command to resume")
     checkpoints.wait()
+    faults.point("trained")
   writer.flush()
   log.close()
   results = evaluator.final_report(checkpoints)
+  faults.point("after_results")
   checkpoints.close()
   return results
 
 
 def _evaluate_and_keep_best(evaluator, state, step, writer, log, checkpoints):
+  faults.point("before_eval")
   report = evaluator.evaluate(state.params, "validation")
   scalars = {"validation/macro_f1": report["macro_f1"],
              "validation/accuracy": report["accuracy"]}
@@ -377,4 +403,5 @@ def _evaluate_and_keep_best(evaluator, state, step, writer, log, checkpoints):
   log.append({"step": step, **scalars})
   logging.info("step %d validation macro-F1 %.4f accuracy %.4f", step,
                report["macro_f1"], report["accuracy"])
+  faults.point("after_eval")
   checkpoints.save_best(step, state.params, scalars)

@@ -1,0 +1,139 @@
+"""Fault injection: a run killed anywhere, or left with broken checkpoints,
+ends exactly like a run never interrupted.
+
+Kill anywhere: ``python -m mic_jax.main`` on a tiny demo-sized run (6 steps,
+evaluations every 2, state saves every 3, so an evaluation falls between
+saves) is SIGKILLed at named moments through ``MIC_JAX_FAULT`` (see
+``mic_jax/train/faults.py``), each time started again with the same command,
+until it finishes. Its final params, best params, ``results.json`` and
+``metrics.jsonl`` (every logged step once, same values) must equal those of
+one uninterrupted run. Each launch must die by SIGKILL at its point (so the
+chain really visits it).
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mic_jax.train import faults
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOTAL_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """The demo data set, made once and shared by every run of this module."""
+  from mic_jax.data import demo  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("fault_data")
+  return demo.ensure_demo_dataset(root / "demo", max_length=16, image_size=32,
+                                  seed=0)
+
+
+def _command(data_dir, workdir):
+  return [sys.executable, "-m", "mic_jax.main",
+          "--config=configs/cross_modal.py:demo", f"--workdir={workdir}",
+          "--config.data.demo=False", f"--config.data.dir={data_dir}",
+          f"--config.total_steps={TOTAL_STEPS}", "--config.batch_size=8",
+          "--config.log_every_steps=1", "--config.eval_every_steps=2",
+          "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=3",
+          "--config.data.eval_batch_size=64"]
+
+
+def _launch(data_dir, workdir, fault=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.pop(faults.ENV, None)
+  if fault:
+    env[faults.ENV] = fault
+  return subprocess.run(_command(data_dir, workdir), env=env, cwd=REPO,
+                        timeout=600, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+  """One uninterrupted run of the same command."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  proc = _launch(data_dir, workdir)
+  assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+  return workdir
+
+
+def _restore(workdir, sub):
+  manager = ocp.CheckpointManager(os.path.join(workdir, sub))
+  step = (manager.best_step() if sub == "best" else manager.latest_step())
+  tree = manager.restore(step)
+  manager.close()
+  return step, tree
+
+
+def _assert_same_run(got, want):
+  assert (got / "results.json").read_bytes() == (
+      want / "results.json").read_bytes()
+  for sub in ("checkpoints", "best"):
+    step_a, tree_a = _restore(got, sub)
+    step_b, tree_b = _restore(want, sub)
+    assert step_a == step_b, sub
+    leaves_a = jax.tree_util.tree_flatten_with_path(tree_a)[0]
+    leaves_b = jax.tree.leaves(tree_b)
+    assert len(leaves_a) == len(leaves_b)
+    for (path, a), b in zip(leaves_a, leaves_b):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                    err_msg=f"{sub} {jax.tree_util.keystr(path)}")
+  # Every logged step once, with the same values (timings aside).
+  timing = ("train/steps_per_sec", "train/examples_per_sec", "eta_seconds")
+
+  def records(workdir):
+    lines = [json.loads(l) for l in
+             (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in l.items() if k not in timing} for l in lines]
+
+  got_records, want_records = records(got), records(want)
+  for kind in ("train/loss", "validation/macro_f1"):
+    steps = [r["step"] for r in got_records if kind in r]
+    assert len(steps) == len(set(steps)), (kind, steps)
+  key = lambda r: (r["step"], "train/loss" in r)
+  assert sorted(got_records, key=key) == sorted(want_records, key=key)
+
+
+def _kill_chain(data_dir, workdir, points):
+  """Kills one launch at each point in turn, then lets one finish."""
+  for point in points:
+    proc = _launch(data_dir, workdir, fault=f"{point}:KILL")
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, (
+        f"{point}: exit {proc.returncode}, not killed there:\n{err[-3000:]}")
+    assert f"{faults.ENV}: KILL at {point.split(':')[0]}" in err
+  proc = _launch(data_dir, workdir)
+  assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+
+
+def test_killed_between_and_during_saves_and_eval_ends_identical(
+    data_dir, reference, tmp_path):
+  """Kill during the first best save, between a best save and the state
+  save, during an asynchronous state save, during an evaluation."""
+  workdir = tmp_path / "run"
+  _kill_chain(data_dir, workdir, ["best_saving:1", "before_state_save:1",
+                                  "state_saving:1", "eval_batch:8"])
+  _assert_same_run(workdir, reference)
+
+
+@pytest.mark.slow
+def test_killed_at_eight_more_moments_ends_identical(data_dir, reference,
+                                                     tmp_path):
+  """Between steps, after an evaluation is logged, during a later best
+  save, between the last best save and the last state save, during the last
+  state save, after training, during the final report, after results.json."""
+  workdir = tmp_path / "run"
+  _kill_chain(data_dir, workdir, [
+      "after_step:2", "after_eval:2", "best_saving:3", "before_state_save:1",
+      "state_saving:1", "trained:1", "eval_batch:9", "after_results:1"])
+  _assert_same_run(workdir, reference)
