@@ -20,7 +20,8 @@ it, so its outputs equal a never-interrupted run's (see docs/reliability.md).
 
 Never saved: a state with a NaN/Inf anywhere in params or optimizer state
 (the train step reports finiteness of the updated state; checked before
-every evaluation, save and log).
+every evaluation, save and log). SIGTERM on any host stops every host after
+the same step (a per-step all-reduce of the flag on multi-host runs).
 """
 
 from __future__ import annotations
@@ -277,6 +278,39 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _StopVote:
+  """Every process's stop flag, OR-ed over all processes, one step late.
+
+  A SIGTERM reaches one host at one step; stopping there alone would leave
+  it in the save barrier while the others run the next step's collectives.
+  Each step every process contributes its flag to a tiny jitted max over
+  all devices; the result is read one step later (it is done by then, so
+  the host never waits on the device for it), and all processes read the
+  same value at the same step, so they stop after the same step. A single
+  process uses its flag directly.
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh):
+    self._mesh = mesh
+    self._vote = None
+    if jax.process_count() > 1:
+      self._flags = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+      self._any = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
+
+  def __call__(self, requested: bool) -> bool:
+    """Whether every process stops now (``requested``: this one's flag)."""
+    if jax.process_count() == 1:
+      return requested
+    shards = [jax.device_put(np.full((1,), int(requested), np.int32), d)
+              for d in self._flags.addressable_devices]
+    flags = jax.make_array_from_single_device_arrays(
+        (self._mesh.devices.size,), self._flags, shards)
+    previous, self._vote = self._vote, self._any(flags)
+    return previous is not None and bool(previous)
+
+
 @contextlib.contextmanager
 def _saves_finish_on_error(checkpoints: checkpointing.RunCheckpoints):
   """On an error in the loop, saves already started (all of checked, finite
@@ -350,6 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   # (step, device loss, device state-finite flag) since the last log.
   pending: list[tuple[int, Any, Any]] = []
   step = start_step
+  vote = _StopVote(run.mesh)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), \
       _Preemption() as preempt, _saves_finish_on_error(checkpoints):
     if start_step == 0:
@@ -375,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         _check_finite(step, pending, state)
         _evaluate_and_keep_best(evaluator, state, step, writer, log,
                                 checkpoints)
-      stop = preempt.requested or checkpoints.reached_preemption(step)
+      stop = vote(preempt.requested) or checkpoints.reached_preemption(step)
       if step % config.checkpoint_every_steps == 0 or is_last or stop:
         _check_finite(step, pending, state)
         checkpoints.save_state(step, state, force=True)
