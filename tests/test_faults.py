@@ -9,11 +9,17 @@ until it finishes. Its final params, best params, ``results.json`` and
 ``metrics.jsonl`` (every logged step once, same values) must equal those of
 one uninterrupted run. Each launch must die by SIGKILL at its point (so the
 chain really visits it).
+
+Corrupt files: the latest state step truncated or with a file deleted; the
+rerun warns, moves it aside, resumes from the previous step and ends with
+the same params as the intact run.
 """
 
 import json
+import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mic_jax.train import faults
+from configs import common
+from mic_jax.train import faults, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 6
@@ -137,3 +144,71 @@ def test_killed_at_eight_more_moments_ends_identical(data_dir, reference,
       "after_step:2", "after_eval:2", "best_saving:3", "before_state_save:1",
       "state_saving:1", "trained:1", "eval_batch:9", "after_results:1"])
   _assert_same_run(workdir, reference)
+
+
+# ------------------------------------------------------ corrupt files --
+
+
+def _config(data_dir):
+  config = common.make_config("cross_modal", "demo")
+  with config.unlocked():
+    config.data.demo, config.data.dir = False, str(data_dir)
+    config.total_steps, config.batch_size = 4, 8
+    config.log_every_steps, config.eval_every_steps = 2, 100
+    config.checkpoint_every_steps, config.keep_checkpoints = 2, 3
+  return config
+
+
+@pytest.fixture(scope="module")
+def intact(data_dir, tmp_path_factory):
+  """An in-process 4-step run with state steps 2 and 4."""
+  workdir = tmp_path_factory.mktemp("intact") / "run"
+  trainer.train_and_evaluate(_config(data_dir), str(workdir))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2", "4"]
+  return workdir
+
+
+def _truncate_largest(step_dir):
+  files = [p for p in step_dir.rglob("*") if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  with open(largest, "r+b") as f:
+    f.truncate(largest.stat().st_size // 2)
+
+
+def _delete_data(step_dir):
+  for p in step_dir.rglob("*"):
+    if p.is_file() and p.parent.name == "d":
+      p.unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate_largest, _delete_data],
+                         ids=["truncated", "deleted"])
+def test_broken_latest_step_falls_back_to_previous(damage, data_dir, intact,
+                                                   tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(intact, workdir)
+  damage(workdir / "checkpoints" / "4")
+  (workdir / "results.json").unlink()
+  with caplog.at_level(logging.WARNING):
+    results = trainer.train_and_evaluate(_config(data_dir), str(workdir))
+  assert "checkpoint step 4" in caplog.text and "unusable" in caplog.text
+  moved = list((workdir / "corrupt_checkpoints").iterdir())
+  assert [p.name.split("-")[0] for p in moved] == ["4"]
+  assert results == json.loads((intact / "results.json").read_text())
+  _, params = _restore(workdir, "checkpoints")
+  _, want = _restore(intact, "checkpoints")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_restorable_step_is_an_error_and_moves_nothing(data_dir, intact,
+                                                          tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(intact, workdir)
+  for step in ("2", "4"):
+    _delete_data(workdir / "checkpoints" / step)
+  with pytest.raises(RuntimeError, match="no restorable train state .*step 4"
+                     ".*step 2.*nothing was moved"):
+    trainer.train_and_evaluate(_config(data_dir), str(workdir))
+  assert not (workdir / "corrupt_checkpoints").exists()

@@ -14,6 +14,10 @@ after its restored state s; :meth:`RunCheckpoints.forget_best_after` drops
 the best candidates after s first, so the replay offers them again in the
 original order and Orbax keeps the same best (ties included) as a run never
 interrupted. ``save_best`` and ``save_state`` skip a step already on disk.
+A latest step that cannot be restored (truncated or
+missing files, or a non-finite state) is moved to ``corrupt_checkpoints/``
+with a warning and the previous step is used, but only when a previous step
+restores; otherwise the error stands and nothing is moved.
 
 Restores always go through an abstract target whose leaves carry the
 *current* run's shardings, so a checkpoint written on one mesh restores onto
@@ -23,10 +27,12 @@ another.
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
@@ -55,6 +61,7 @@ class RunCheckpoints:
             keep_checkpoints_without_metrics=False,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=cleanup_tmp, create=True))
+    self.corrupt_dir = os.path.join(workdir, "corrupt_checkpoints")
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -73,11 +80,62 @@ class RunCheckpoints:
     self.latest.save(step, args=ocp.args.StandardSave(state), force=force)
     faults.point("state_saving")
 
-  def restore_state(self, abstract_state: Any, step: int | None = None) -> Any:
-    step = self.latest.latest_step() if step is None else step
-    logging.info("restoring train state from step %d", step)
-    return self.latest.restore(step, args=ocp.args.StandardRestore(
-        abstract_state))
+  def restore_state(self, abstract_state: Any, step: int | None = None,
+                    validate: Callable[[Any], str | None] | None = None
+                    ) -> Any:
+    """The newest restorable train state (or exactly ``step`` if given).
+
+    Steps are tried newest first. A step that fails to restore, or that
+    ``validate`` (returns an error text or None) rejects, is skipped with a
+    warning; once an older step restores, the newer broken ones are moved to
+    ``corrupt_checkpoints/`` so later saves can reuse their step numbers. If
+    no step restores, a RuntimeError names every step's error and nothing
+    moves (a changed model config must not cost a run its checkpoints).
+    """
+    if step is not None:
+      return self.latest.restore(step, args=ocp.args.StandardRestore(
+          abstract_state))
+    broken: list[tuple[int, str]] = []
+    first_error: Exception | None = None
+    for candidate in sorted(self.latest.all_steps(), reverse=True):
+      logging.info("restoring train state from step %d", candidate)
+      try:
+        state = self.latest.restore(candidate, args=ocp.args.StandardRestore(
+            abstract_state))
+        problem = validate(state) if validate is not None else None
+      except Exception as e:  # pylint: disable=broad-except
+        first_error = first_error or e
+        problem = f"{type(e).__name__}: {e}"
+      if problem is None:
+        if broken:
+          self._quarantine([s for s, _ in broken])
+        return state
+      logging.warning("checkpoint step %d in %s is unusable (%s); trying the "
+                      "previous step", candidate, self.latest.directory,
+                      problem[:2000])
+      broken.append((candidate, problem))
+    raise RuntimeError(
+        f"no restorable train state in {self.latest.directory} ("
+        + "; ".join(f"step {s}: {why[:500]}" for s, why in broken)
+        + "); nothing was moved. Move that directory away to start the run "
+        "again from its beginning") from first_error
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves broken steps out of ``checkpoints/`` (process 0; all wait)."""
+    if jax.process_index() == 0:
+      tf.io.gfile.makedirs(self.corrupt_dir)
+      for step in steps:
+        source = os.path.join(os.fspath(self.latest.directory), str(step))
+        target = os.path.join(self.corrupt_dir, f"{step}-{int(time.time())}")
+        logging.warning("moving unusable checkpoint %s to %s", source, target)
+        try:
+          tf.io.gfile.rename(source, target)
+        except (tf.errors.OpError, OSError) as e:  # Object stores: delete.
+          logging.warning("could not move %s (%s); deleting it", source, e)
+          tf.io.gfile.rmtree(source)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mic_jax corrupt steps moved")
+    self.latest.reload()
 
   def save_best(self, step: int, params: Any, metrics: dict[str, float]
                 ) -> None:

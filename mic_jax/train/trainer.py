@@ -187,8 +187,9 @@ def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
   """The initial state by the explicit restore order. Returns (state, how)."""
   config = run.config
   if checkpoints.latest_step() is not None:
-    return checkpoints.restore_state(run.abstract_state), (
-        f"resumed from {run.workdir} step {checkpoints.latest_step()}")
+    state = checkpoints.restore_state(run.abstract_state,
+                                      validate=_restored_state_problem)
+    return state, f"resumed from {run.workdir} step {int(state.step)}"
   tx, _ = optimizer.make_optimizer(config.optim, run.abstract_state.params,
                                    config.total_steps)
   dummy = evaluation.dummy_batch(config, run.info, batch_size=1)
@@ -213,6 +214,13 @@ def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
       params)
   step = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings.step)
   return steps.TrainState(step, params, opt_state), how
+
+
+def _restored_state_problem(state: steps.TrainState) -> str | None:
+  """Why a restored state must not be trained on, or None (it is fine)."""
+  if bool(jax.jit(finite.all_finite)((state.params, state.opt_state))):
+    return None
+  return "non-finite values (" + finite.describe(state) + ")"
 
 
 FINITE_METRIC = "train/state_finite"
