@@ -256,11 +256,16 @@ def test_optimizer_moments_shard_like_their_params(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-  """Without dropout, k micro-batches give the same update as one batch."""
+  """Without dropout, k micro-batches give the same updates as one batch.
+
+  Three steps at a non-zero learning rate (no warmup), so the parameters
+  really move and a wrong accumulation (say, normalising per micro-batch)
+  shows in them, not only in the loss.
+  """
   from mic_jax.train import optimizer, steps, towers  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   config = _demo_config(**{"text.dropout": 0.0, "fusion.dropout": 0.0,
-                           "num_classes": 8})
+                           "num_classes": 8, "optim.warmup_steps": 0})
   model = towers.build_model(config)
   rng = np.random.default_rng(0)
   b, length, size = 8, config.text.max_length, config.image.size
@@ -276,18 +281,28 @@ def test_gradient_accumulation_equals_one_big_batch():
   }
   params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
   tx, schedule = optimizer.make_optimizer(config.optim, params, 10)
-  state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  start = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   out = {}
   for k in (1, 4):
     step = jax.jit(steps.make_train_step(
         model, tx, schedule, seed=0, grad_accum_steps=k, label_smoothing=0.1,
         loss_class_weights=np.ones(8, np.float32)))
-    out[k] = step(state, batch)
-  for k in (4,):
-    np.testing.assert_allclose(out[k][1]["train/loss"],
-                               out[1][1]["train/loss"], rtol=1e-5)
-    np.testing.assert_allclose(out[k][1]["train/grad_norm"],
-                               out[1][1]["train/grad_norm"], rtol=1e-5)
-    for a, c in zip(jax.tree.leaves(out[k][0].params),
-                    jax.tree.leaves(out[1][0].params)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
+    state, history = start, []
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      history.append(jax.device_get(metrics))
+    out[k] = state, history
+  for metrics in out[1][1]:
+    assert metrics["train/learning_rate"] > 0
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(c)).max())
+              for a, c in zip(jax.tree.leaves(out[1][0].params),
+                              jax.tree.leaves(params)))
+  assert moved > 1e-3, moved  # The comparison below is not vacuous.
+  for got, want in zip(out[4][1], out[1][1]):
+    np.testing.assert_allclose(got["train/loss"], want["train/loss"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(got["train/grad_norm"], want["train/grad_norm"],
+                               rtol=1e-5)
+  for a, c in zip(jax.tree.leaves(out[4][0].params),
+                  jax.tree.leaves(out[1][0].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
