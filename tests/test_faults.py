@@ -217,7 +217,7 @@ def test_no_restorable_step_is_an_error_and_moves_nothing(data_dir, intact,
   shutil.copytree(intact, workdir)
   for step in ("2", "4"):
     _delete_data(workdir / "checkpoints" / step)
-  with pytest.raises(RuntimeError, match="no restorable train state .*step 4"
-                     ".*step 2.*nothing was moved"):
+  with pytest.raises(RuntimeError, match="(?s)no restorable train state "
+                     ".*step 4.*step 2.*nothing was moved"):
     trainer.train_and_evaluate(_config(data_dir), str(workdir))
   assert not (workdir / "corrupt_checkpoints").exists()
