@@ -1,5 +1,7 @@
 """The trainer end to end: outputs, exact resume after SIGKILL, NaN stop.
 
+(More kill points, corrupt checkpoints: tests/test_faults.py.)
+
 Runs use the demo preset (generated data through the real data_prep path,
 tiny towers) with a handful of steps, plus one run on real fashion
 TFRecords with the real pretrained MiniLM text tower.
@@ -129,14 +131,69 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
   assert step_a == step_b == 40
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # The killed run's lines survive; the resumed run appended after them.
+  # The killed run's lines up to its last checkpoint survive; the steps it
+  # logged after that are logged once, by the resumed run.
   after = (resumed / "metrics.jsonl").read_text().splitlines()
-  assert after[:len(logged)] == logged and len(after) > len(logged)
+  kept = [l for l in logged if json.loads(l)["step"] <= 8]
+  assert after[:len(kept)] == kept and len(after) > len(kept)
+  steps = [json.loads(l)["step"] for l in after if "train/loss" in l]
+  assert steps == list(range(1, 41))
+
+
+def test_nonfinite_update_is_never_saved(tmp_path):
+  """A NaN learning rate: the loss of step 1 is still finite (computed
+  before the update) but the updated params are not; nothing is saved."""
+  workdir = tmp_path / "nan"
+  config = _demo_config(**{"optim.lr": float("nan"), "total_steps": 4,
+                           "checkpoint_every_steps": 1,
+                           "log_every_steps": 100, "eval_every_steps": 100})
+  with pytest.raises(trainer.TrainingError,
+                     match=r"update of step 1 made the train state non-finite"
+                     r" \(NaN/Inf at step 1 in params: \w+/") as e:
+    trainer.train_and_evaluate(config, str(workdir))
+  assert "opt_state" not in str(e.value)  # AdamW moments stay finite.
+  assert not [p for p in (workdir / "checkpoints").iterdir()
+              if p.name.isdigit()]
+  assert sorted(p.name for p in (workdir / "best").iterdir()
+                if p.name.isdigit()) == ["0"]  # Before the update: finite.
+
+
+def test_rerun_after_kill_between_best_and_state_save_finishes(
+    tmp_path, monkeypatch):
+  """Defect: best/<s> durable, checkpoints/<s> not; the rerun reached s
+  again and Orbax refused best/<s> (StepAlreadyExistsError), every time."""
+  from mic_jax.train import faults  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  config = _demo_config(total_steps=4, eval_every_steps=2,
+                        checkpoint_every_steps=3)
+  # Evaluations at 0, 2, 4 and a state save at 3: kill after the best save of
+  # step 2 (durable) before the state save of step 3 ...
+  monkeypatch.setenv(faults.ENV, "before_state_save:1:raise")
+  faults.reset()
+  with pytest.raises(faults.InjectedFault):
+    trainer.train_and_evaluate(config, workdir)
+  assert (tmp_path / "run" / "best").exists()
+  assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir()
+              if p.name.isdigit()]
+  # ... and once more after the state save of step 3, before step 4's eval.
+  monkeypatch.setenv(faults.ENV, "after_step:4:raise")
+  faults.reset()
+  with pytest.raises(faults.InjectedFault):
+    trainer.train_and_evaluate(config, workdir)
+  monkeypatch.delenv(faults.ENV)
+  results = trainer.train_and_evaluate(config, workdir)
+  assert results["best_step"] in (0, 2, 4)
+  lines = [json.loads(l) for l in
+           (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if "train/loss" in l] == [2, 4]
+  assert [l["step"] for l in lines if "validation/macro_f1" in l] == [0, 2, 4]
 
 
 def test_nan_loss_stops_with_clear_message(tmp_path):
   config = _demo_config(**{"optim.lr": float("nan"), "total_steps": 4})
-  with pytest.raises(trainer.TrainingError, match="loss is nan at step"):
+  with pytest.raises(trainer.TrainingError,
+                     match="update of step 1 made the train state non-finite "
+                     r"\(NaN/Inf at step 2 in params"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
 
 
@@ -199,11 +256,16 @@ def test_optimizer_moments_shard_like_their_params(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-  """Without dropout, k micro-batches give the same update as one batch."""
+  """Without dropout, k micro-batches give the same updates as one batch.
+
+  Three steps at a non-zero learning rate (no warmup), so the parameters
+  really move and a wrong accumulation (say, normalising per micro-batch)
+  shows in them, not only in the loss.
+  """
   from mic_jax.train import optimizer, steps, towers  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   config = _demo_config(**{"text.dropout": 0.0, "fusion.dropout": 0.0,
-                           "num_classes": 8})
+                           "num_classes": 8, "optim.warmup_steps": 0})
   model = towers.build_model(config)
   rng = np.random.default_rng(0)
   b, length, size = 8, config.text.max_length, config.image.size
@@ -219,18 +281,28 @@ def test_gradient_accumulation_equals_one_big_batch():
   }
   params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
   tx, schedule = optimizer.make_optimizer(config.optim, params, 10)
-  state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  start = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   out = {}
   for k in (1, 4):
     step = jax.jit(steps.make_train_step(
         model, tx, schedule, seed=0, grad_accum_steps=k, label_smoothing=0.1,
         loss_class_weights=np.ones(8, np.float32)))
-    out[k] = step(state, batch)
-  for k in (4,):
-    np.testing.assert_allclose(out[k][1]["train/loss"],
-                               out[1][1]["train/loss"], rtol=1e-5)
-    np.testing.assert_allclose(out[k][1]["train/grad_norm"],
-                               out[1][1]["train/grad_norm"], rtol=1e-5)
-    for a, c in zip(jax.tree.leaves(out[k][0].params),
-                    jax.tree.leaves(out[1][0].params)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
+    state, history = start, []
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      history.append(jax.device_get(metrics))
+    out[k] = state, history
+  for metrics in out[1][1]:
+    assert metrics["train/learning_rate"] > 0
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(c)).max())
+              for a, c in zip(jax.tree.leaves(out[1][0].params),
+                              jax.tree.leaves(params)))
+  assert moved > 1e-3, moved  # The comparison below is not vacuous.
+  for got, want in zip(out[4][1], out[1][1]):
+    np.testing.assert_allclose(got["train/loss"], want["train/loss"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(got["train/grad_norm"], want["train/grad_norm"],
+                               rtol=1e-5)
+  for a, c in zip(jax.tree.leaves(out[4][0].params),
+                  jax.tree.leaves(out[1][0].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)

@@ -3,7 +3,21 @@
 ``workdir/checkpoints/<step>`` holds full train states (params, optimizer
 state, step), the newest ``keep`` of them, written asynchronously so training
 continues while they are written. ``workdir/best/<step>`` holds the
-parameters with the best validation macro-F1 (Orbax keeps only the best).
+parameters with the best validation macro-F1 (Orbax keeps only the best),
+also written asynchronously.
+
+Crash safety: Orbax writes a step into a temporary directory and renames it
+when complete, so a killed save leaves no step behind. A state save first
+waits for every pending best save, so a durable state at step s implies
+every best candidate up to s is durable. A resumed run replays the steps
+after its restored state s; :meth:`RunCheckpoints.forget_best_after` drops
+the best candidates after s first, so the replay offers them again in the
+original order and Orbax keeps the same best (ties included) as a run never
+interrupted. ``save_best`` and ``save_state`` skip a step already on disk.
+A latest step that cannot be restored (truncated or
+missing files, or a non-finite state) is moved to ``corrupt_checkpoints/``
+with a warning and the previous step is used, but only when a previous step
+restores; otherwise the error stands and nothing is moved.
 
 Restores always go through an abstract target whose leaves carry the
 *current* run's shardings, so a checkpoint written on one mesh restores onto
@@ -13,12 +27,16 @@ another.
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 import tensorflow as tf
+
+from mic_jax.train import faults
 
 BEST_METRIC = "validation/macro_f1"
 
@@ -26,42 +44,133 @@ BEST_METRIC = "validation/macro_f1"
 class RunCheckpoints:
   """The two checkpoint managers of a workdir."""
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True,
+               cleanup_tmp: bool = False):
+    """``cleanup_tmp``: delete temporary dirs of killed saves (the trainer
+    sets it; readers of a run that may still be training must not)."""
     self.latest = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1),
             enable_async_checkpointing=async_save,
-            create=True))
+            cleanup_tmp_directories=cleanup_tmp, create=True))
     self.best = ocp.CheckpointManager(
         os.path.join(workdir, "best"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
             keep_checkpoints_without_metrics=False,
-            enable_async_checkpointing=False, create=True))
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=cleanup_tmp, create=True))
+    self.corrupt_dir = os.path.join(workdir, "corrupt_checkpoints")
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
   def save_state(self, step: int, state: Any, *, force: bool = False) -> None:
-    self.latest.save(step, args=ocp.args.StandardSave(state), force=force)
+    """Starts writing ``state`` as step ``step``; a step on disk is kept.
 
-  def restore_state(self, abstract_state: Any, step: int | None = None) -> Any:
-    step = self.latest.latest_step() if step is None else step
-    logging.info("restoring train state from step %d", step)
-    return self.latest.restore(step, args=ocp.args.StandardRestore(
-        abstract_state))
+    Waits for pending best saves first: a state on disk must never be ahead
+    of the best candidates evaluated before it.
+    """
+    self.best.wait_until_finished()
+    faults.point("before_state_save")
+    if step in self.latest.all_steps():
+      logging.info("state of step %d already saved; keeping it", step)
+      return
+    self.latest.save(step, args=ocp.args.StandardSave(state), force=force)
+    faults.point("state_saving")
+
+  def restore_state(self, abstract_state: Any, step: int | None = None,
+                    validate: Callable[[Any], str | None] | None = None
+                    ) -> Any:
+    """The newest restorable train state (or exactly ``step`` if given).
+
+    Steps are tried newest first. A step that fails to restore, or that
+    ``validate`` (returns an error text or None) rejects, is skipped with a
+    warning; once an older step restores, the newer broken ones are moved to
+    ``corrupt_checkpoints/`` so later saves can reuse their step numbers. If
+    no step restores, a RuntimeError names every step's error and nothing
+    moves (a changed model config must not cost a run its checkpoints).
+    """
+    if step is not None:
+      return self.latest.restore(step, args=ocp.args.StandardRestore(
+          abstract_state))
+    broken: list[tuple[int, str]] = []
+    first_error: Exception | None = None
+    for candidate in sorted(self.latest.all_steps(), reverse=True):
+      logging.info("restoring train state from step %d", candidate)
+      try:
+        state = self.latest.restore(candidate, args=ocp.args.StandardRestore(
+            abstract_state))
+        problem = validate(state) if validate is not None else None
+      except Exception as e:  # pylint: disable=broad-except
+        first_error = first_error or e
+        problem = f"{type(e).__name__}: {e}"
+      if problem is None:
+        if broken:
+          self._quarantine([s for s, _ in broken])
+        return state
+      logging.warning("checkpoint step %d in %s is unusable (%s); trying the "
+                      "previous step", candidate, self.latest.directory,
+                      problem[:2000])
+      broken.append((candidate, problem))
+    raise RuntimeError(
+        f"no restorable train state in {self.latest.directory} ("
+        + "; ".join(f"step {s}: {why[:500]}" for s, why in broken)
+        + "); nothing was moved. Move that directory away to start the run "
+        "again from its beginning") from first_error
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves broken steps out of ``checkpoints/`` (process 0; all wait)."""
+    if jax.process_index() == 0:
+      tf.io.gfile.makedirs(self.corrupt_dir)
+      for step in steps:
+        source = os.path.join(os.fspath(self.latest.directory), str(step))
+        target = os.path.join(self.corrupt_dir, f"{step}-{int(time.time())}")
+        logging.warning("moving unusable checkpoint %s to %s", source, target)
+        try:
+          tf.io.gfile.rename(source, target)
+        except (tf.errors.OpError, OSError) as e:  # Object stores: delete.
+          logging.warning("could not move %s (%s); deleting it", source, e)
+          tf.io.gfile.rmtree(source)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mic_jax corrupt steps moved")
+    self.latest.reload()
 
   def save_best(self, step: int, params: Any, metrics: dict[str, float]
                 ) -> None:
+    """Offers ``params`` as the best; a step already on disk is kept.
+
+    Asynchronous: the next :meth:`save_state` waits for it. A step already
+    on disk needs no second save (replaying a step gives the same
+    parameters bit for bit).
+    """
+    if step in self.best.all_steps():
+      logging.info("best candidate of step %d already saved; keeping it",
+                   step)
+      return
     self.best.save(step, args=ocp.args.StandardSave(params),
                    metrics={BEST_METRIC: float(metrics[BEST_METRIC])},
                    force=True)
+    faults.point("best_saving")
+
+  def forget_best_after(self, step: int | None) -> None:
+    """Deletes best candidates after ``step`` (all of them if None).
+
+    Called on (re)start with the restored step: the replay evaluates those
+    steps again and offers them in their original order.
+    """
+    for candidate in sorted(self.best.all_steps()):
+      if step is None or candidate > step:
+        logging.info("dropping best candidate %d (after the restored step "
+                     "%s; it will be evaluated again)", candidate, step)
+        self.best.delete(candidate)
 
   def best_step(self) -> int | None:
     return self.best.best_step()
 
   def restore_best(self, abstract_params: Any) -> tuple[int, Any]:
+    self.best.wait_until_finished()
     step = self.best.best_step()
     if step is None:
       raise FileNotFoundError(f"no best checkpoint in {self.best.directory}")

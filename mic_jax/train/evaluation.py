@@ -21,7 +21,7 @@ import numpy as np
 from mic_jax import sharding as shd
 from mic_jax.data import pipeline
 from mic_jax.train import metrics as metrics_lib
-from mic_jax.train import plots, reporting, steps
+from mic_jax.train import faults, plots, reporting, steps
 
 
 def dummy_batch(config: ml_collections.ConfigDict, info: Any,
@@ -80,6 +80,7 @@ class Evaluator:
       keep = _to_host(arrays["mask"]) > 0
       probs.append(_to_host(p)[keep])
       labels.append(_to_host(arrays["label"])[keep])
+      faults.point("eval_batch")
     if not probs:
       raise ValueError(f"split {split!r} of {self.run.data_dir} is empty")
     return np.concatenate(probs), np.concatenate(labels)

@@ -2,7 +2,8 @@
 
 * ``metrics.jsonl``: one JSON object per logged step, appended and flushed
   (and fsynced) as the step completes, so a crash keeps every line already
-  logged and a resumed run appends after them.
+  logged; a resumed run first drops the lines after its restored step (it
+  logs those steps again) and appends after the rest.
 * ``results.json``: validation and test metrics of the best checkpoint.
 * ``per_class_<split>.csv``: precision / recall / F1 / support per label.
 * TensorBoard events and stdout, through CLU's metric writers.
@@ -58,16 +59,27 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> None:
 
 
 class MetricsLog:
-  """Appends one JSON line per logged step to ``workdir/metrics.jsonl``."""
+  """Appends one JSON line per logged step to ``workdir/metrics.jsonl``.
 
-  def __init__(self, workdir: str):
+  ``keep_through_step``: on resume, the restored step; lines of later steps
+  (and a line a kill cut short) are dropped first, since the resumed run
+  logs those steps again. ``None`` (a fresh start) drops every line.
+  """
+
+  def __init__(self, workdir: str, keep_through_step: int | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._lines: list[str] = []
+    if is_writer() and tf.io.gfile.exists(self.path):
+      with tf.io.gfile.GFile(self.path) as f:
+        lines = f.read().splitlines()
+      self._lines = [l for l in lines
+                     if _logged_at_or_before(l, keep_through_step)]
+      if self._lines != lines:
+        logging.info("metrics.jsonl: dropping %d line(s) after step %s",
+                     len(lines) - len(self._lines), keep_through_step)
+        write_text(self.path, "".join(l + "\n" for l in self._lines))
     self._file = open(self.path, "a", encoding="utf-8") if is_writer() and \
         not workdir.startswith("gs://") else None
-    self._lines: list[str] = []
-    if self._file is None and is_writer() and tf.io.gfile.exists(self.path):
-      with tf.io.gfile.GFile(self.path) as f:
-        self._lines = f.read().splitlines()
 
   def append(self, record: Mapping[str, Any]) -> None:
     line = json.dumps(_plain(dict(record)), sort_keys=True)
@@ -82,6 +94,15 @@ class MetricsLog:
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
+
+
+def _logged_at_or_before(line: str, step: int | None) -> bool:
+  if step is None:
+    return False
+  try:
+    return int(json.loads(line)["step"]) <= step
+  except (ValueError, KeyError, TypeError):  # Cut short by a kill.
+    return False
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -14,11 +14,19 @@ Reads top to bottom in the order a run happens:
 
 Resume is exact: the input stream is a pure function of (seed, step), the
 dropout key is ``fold_in(seed, step)``, and the checkpoint holds params,
-optimizer state and step.
+optimizer state and step. A resumed run drops what the killed one wrote
+after its restored step (best candidates, metrics.jsonl lines) and replays
+it, so its outputs equal a never-interrupted run's (see docs/reliability.md).
+
+Never saved: a state with a NaN/Inf anywhere in params or optimizer state
+(the train step reports finiteness of the updated state; checked before
+every evaluation, save and log). SIGTERM on any host stops every host after
+the same step (a per-step all-reduce of the flag on multi-host runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,8 +45,7 @@ import numpy as np
 
 from mic_jax import sharding as shd
 from mic_jax.train import checkpointing, evaluation, optimizer, reporting, steps
-from mic_jax.train import image_features
-from mic_jax.train import towers
+from mic_jax.train import faults, finite, image_features, towers
 from mic_jax.data import pipeline
 
 
@@ -192,8 +199,9 @@ def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
   """The initial state by the explicit restore order. Returns (state, how)."""
   config = run.config
   if checkpoints.latest_step() is not None:
-    return checkpoints.restore_state(run.abstract_state), (
-        f"resumed from {run.workdir} step {checkpoints.latest_step()}")
+    state = checkpoints.restore_state(run.abstract_state,
+                                      validate=_restored_state_problem)
+    return state, f"resumed from {run.workdir} step {int(state.step)}"
   tx, _ = optimizer.make_optimizer(config.optim, run.abstract_state.params,
                                    config.total_steps)
   dummy = evaluation.dummy_batch(config, run.info, batch_size=1)
@@ -220,9 +228,21 @@ def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
   return steps.TrainState(step, params, opt_state), how
 
 
+def _restored_state_problem(state: steps.TrainState) -> str | None:
+  """Why a restored state must not be trained on, or None (it is fine)."""
+  if bool(jax.jit(finite.all_finite)((state.params, state.opt_state))):
+    return None
+  return "non-finite values (" + finite.describe(state) + ")"
+
+
+FINITE_METRIC = "train/state_finite"
+
+
 def jit_train_step(run: Run, *, donate: bool = True):
   """The run's train step, jitted with the state's shardings in and out.
 
+  Its metrics include ``train/state_finite``: whether the *updated* params
+  and optimizer state are all finite (not logged; checked before saves).
   Call it under ``jax.set_mesh(run.mesh)`` and ``nn.logical_axis_rules(
   run.rules)`` so the models' activation constraints apply.
   """
@@ -232,13 +252,21 @@ def jit_train_step(run: Run, *, donate: bool = True):
                                           config.total_steps)
   weights = steps.class_weights(run.info.class_counts("train"),
                                 config.loss.class_weighting)
+  train_step = steps.make_train_step(
+      run.model, tx, schedule, seed=config.seed,
+      grad_accum_steps=config.grad_accum_steps,
+      label_smoothing=config.loss.label_smoothing,
+      loss_class_weights=weights,
+      image_dropout=float(config.model.get("image_dropout", 0.0)))
+
+  def checked_step(state, batch):
+    state, metrics = train_step(state, batch)
+    metrics = dict(metrics)
+    metrics[FINITE_METRIC] = finite.all_finite((state.params, state.opt_state))
+    return state, metrics
+
   return jax.jit(
-      steps.make_train_step(
-          run.model, tx, schedule, seed=config.seed,
-          grad_accum_steps=config.grad_accum_steps,
-          label_smoothing=config.loss.label_smoothing,
-          loss_class_weights=weights,
-          image_dropout=float(config.model.get("image_dropout", 0.0))),
+      checked_step,
       in_shardings=(run.state_shardings, None),
       out_shardings=(run.state_shardings, None),
       donate_argnums=(0,) if donate else ())
@@ -287,8 +315,58 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(step: int, losses: list[tuple[int, Any]]) -> None:
-  for s, loss in losses:
+class _StopVote:
+  """Every process's stop flag, OR-ed over all processes, one step late.
+
+  A SIGTERM reaches one host at one step; stopping there alone would leave
+  it in the save barrier while the others run the next step's collectives.
+  Each step every process contributes its flag to a tiny jitted max over
+  all devices; the result is read one step later (it is done by then, so
+  the host never waits on the device for it), and all processes read the
+  same value at the same step, so they stop after the same step. A single
+  process uses its flag directly.
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh):
+    self._mesh = mesh
+    self._vote = None
+    if jax.process_count() > 1:
+      self._flags = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+      self._any = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
+
+  def __call__(self, requested: bool) -> bool:
+    """Whether every process stops now (``requested``: this one's flag)."""
+    if jax.process_count() == 1:
+      return requested
+    shards = [jax.device_put(np.full((1,), int(requested), np.int32), d)
+              for d in self._flags.addressable_devices]
+    flags = jax.make_array_from_single_device_arrays(
+        (self._mesh.devices.size,), self._flags, shards)
+    previous, self._vote = self._vote, self._any(flags)
+    return previous is not None and bool(previous)
+
+
+@contextlib.contextmanager
+def _saves_finish_on_error(checkpoints: checkpointing.RunCheckpoints):
+  """On an error in the loop, saves already started (all of checked, finite
+  states) still finish before the error propagates."""
+  try:
+    yield
+  except Exception:
+    try:
+      checkpoints.wait()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("a pending checkpoint save failed too: %s", e)
+    raise
+
+
+def _check_finite(step: int, pending: list[tuple[int, Any, Any]],
+                  state: steps.TrainState) -> None:
+  """Stops the run if a loss or an updated state since the last check is
+  NaN/Inf, naming the first bad step (and for a state, the bad leaves)."""
+  for s, loss, state_finite in pending:
     value = float(loss)
     if not math.isfinite(value):
       raise TrainingError(
@@ -296,6 +374,13 @@ def _check_finite(step: int, losses: list[tuple[int, Any]]) -> None:
           "config.optim.lr, check the data (python -m data_prep.prepare "
           "reports bad rows), or use dtype=float32; the last good "
           f"checkpoint is kept (this step, {step}, was not saved)")
+    if not bool(state_finite):
+      raise TrainingError(
+          f"the update of step {s} made the train state non-finite "
+          f"(NaN/Inf at step {step} in {finite.describe(state)}): training "
+          "stopped. Check config.optim (a NaN/Inf learning rate, "
+          "clip_norm) and lower config.optim.lr; the last good checkpoint is "
+          f"kept (nothing from step {s} on was saved)")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
@@ -311,9 +396,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     reporting.write_json(os.path.join(workdir, "config.json"),
                          json.loads(config.to_json_best_effort()))
   checkpoints = checkpointing.RunCheckpoints(workdir,
-                                             keep=config.keep_checkpoints)
+                                             keep=config.keep_checkpoints,
+                                             cleanup_tmp=True)
   state, how = init_state(run, checkpoints)
   start_step = int(state.step)
+  # What a killed run wrote after the restored step is replayed, not kept.
+  resumed_at = start_step if checkpoints.latest_step() is not None else None
+  checkpoints.forget_best_after(resumed_at)
   logging.info("state %s; training steps %d..%d", how, start_step,
                config.total_steps)
 
@@ -321,27 +410,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   evaluator = evaluation.Evaluator(run)
   data_sharding = shd.batch_sharding(run.mesh, run.rules)
   writer = reporting.create_writer(workdir)
-  log = reporting.MetricsLog(workdir)
+  log = reporting.MetricsLog(workdir, keep_through_step=resumed_at)
   progress = reporting.Progress(start_step, config.total_steps,
                                 config.batch_size)
   attach_image_features(run, state.params)
   batches = run.train_batches(start_step)
 
-  pending: list[tuple[int, Any]] = []  # (step, device loss) since last check.
+  # (step, device loss, device state-finite flag) since the last log.
+  pending: list[tuple[int, Any, Any]] = []
   step = start_step
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), _Preemption() as preempt:
+  vote = _StopVote(run.mesh)
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), \
+      _Preemption() as preempt, _saves_finish_on_error(checkpoints):
     if start_step == 0:
       _evaluate_and_keep_best(evaluator, state, 0, writer, log, checkpoints)
     while step < config.total_steps:
       batch = shd.host_to_global(next(batches), data_sharding)
       state, metrics = train_step(state, batch)
       step += 1
-      pending.append((step, metrics["train/loss"]))
+      faults.point("after_step")
+      pending.append((step, metrics["train/loss"], metrics.pop(FINITE_METRIC)))
       is_last = step == config.total_steps
       if step % config.log_every_steps == 0 or is_last:
-        _check_finite(step, pending)
+        _check_finite(step, pending, state)
         record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        record["train/loss"] = float(np.mean([float(l) for _, l in pending]))
+        record["train/loss"] = float(np.mean([float(l) for _, l, _ in pending]))
         record.update(progress.update(step))
         pending = []
         writer.write_scalars(step, {k: v for k, v in record.items()
@@ -349,11 +442,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         log.append({"step": step, **record})
         reporting.log_line(step, config.total_steps, record)
       if step % config.eval_every_steps == 0 or is_last:
+        _check_finite(step, pending, state)
         _evaluate_and_keep_best(evaluator, state, step, writer, log,
                                 checkpoints)
-      stop = preempt.requested or checkpoints.reached_preemption(step)
+      stop = vote(preempt.requested) or checkpoints.reached_preemption(step)
       if step % config.checkpoint_every_steps == 0 or is_last or stop:
-        _check_finite(step, pending)
+        _check_finite(step, pending, state)
         checkpoints.save_state(step, state, force=True)
       if stop:
         checkpoints.wait()
@@ -361,14 +455,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         raise SystemExit(f"preempted at step {step}; checkpoint saved, rerun "
                          "the same command to resume")
     checkpoints.wait()
+    faults.point("trained")
   writer.flush()
   log.close()
   results = evaluator.final_report(checkpoints)
+  faults.point("after_results")
   checkpoints.close()
   return results
 
 
 def _evaluate_and_keep_best(evaluator, state, step, writer, log, checkpoints):
+  faults.point("before_eval")
   report = evaluator.evaluate(state.params, "validation")
   scalars = {"validation/macro_f1": report["macro_f1"],
              "validation/accuracy": report["accuracy"]}
@@ -376,4 +473,5 @@ def _evaluate_and_keep_best(evaluator, state, step, writer, log, checkpoints):
   log.append({"step": step, **scalars})
   logging.info("step %d validation macro-F1 %.4f accuracy %.4f", step,
                report["macro_f1"], report["accuracy"])
+  faults.point("after_eval")
   checkpoints.save_best(step, state.params, scalars)
