@@ -224,7 +224,8 @@ def jit_train_step(run: Run, *, donate: bool = True):
           run.model, tx, schedule, seed=config.seed,
           grad_accum_steps=config.grad_accum_steps,
           label_smoothing=config.loss.label_smoothing,
-          loss_class_weights=weights),
+          loss_class_weights=weights, loss_kind=config.loss.kind,
+          focal_gamma=float(config.loss.focal_gamma)),
       in_shardings=(run.state_shardings, None),
       out_shardings=(run.state_shardings, None),
       donate_argnums=(0,) if donate else ())
