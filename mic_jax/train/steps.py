@@ -2,10 +2,10 @@
 
 The loss is a weighted softmax cross-entropy, or the focal loss
 (``config.loss.kind``): per-example weights are the batch ``mask`` (0 for
-padding) times an optional class weight. Gradient
-accumulation splits the global batch into ``grad_accum_steps`` micro-batches
-and normalises by the *whole* batch's weight, so accumulating is exactly a
-larger batch (up to float summation order).
+padding) times an optional class weight. Gradient accumulation splits the
+global batch into ``grad_accum_steps`` micro-batches and normalises by the
+*whole* batch's weight, so accumulating is exactly a larger batch (up to
+float summation order).
 """
 
 from __future__ import annotations
