@@ -165,6 +165,8 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.label_smoothing = 0.0
   c.loss.class_weighting = "none"  # "none", "inverse" or "inverse_sqrt".
+  c.loss.kind = "xent"       # "xent" or "focal" (mic_jax.train.steps).
+  c.loss.focal_gamma = 2.0   # Focal loss (1 - p)^gamma; 0 = cross-entropy.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -66,6 +66,21 @@ def test_demo_run_writes_every_output(tmp_path):
                 "train/examples_per_sec"):
       assert key in l and np.isfinite(l[key])
   assert json.loads((run / "config.json").read_text())["num_classes"] == 8
+  # Calibration (issue 15): fitted on validation, reported on every split.
+  calibration = json.loads((run / "calibration.json").read_text())
+  assert set(calibration) == {"temperature", "fitted_on"}
+  assert calibration["fitted_on"] == "validation"
+  for split in ("validation", "test"):
+    block = saved[split]["calibration"]
+    assert set(block) == {"temperature", "nll_before", "nll_after",
+                          "ece_before", "ece_after"}
+    assert block["temperature"] == calibration["temperature"] > 0
+    assert saved[split]["accuracy"] <= saved[split]["top5_accuracy"] <= 1
+    assert set(saved[split]["macro_f1_by_frequency"]) == {"head", "middle",
+                                                          "tail"}
+    assert (run / f"reliability_{split}.png").stat().st_size > 1000
+  assert (saved["validation"]["calibration"]["nll_after"]
+          <= saved["validation"]["calibration"]["nll_before"] + 1e-9)
   assert list(run.glob("events.out.tfevents.*"))
   assert (run / "training_curves.png").exists()
   assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()
@@ -306,3 +321,33 @@ def test_gradient_accumulation_equals_one_big_batch():
   for a, c in zip(jax.tree.leaves(out[4][0].params),
                   jax.tree.leaves(out[1][0].params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
+
+
+def test_focal_loss_reaches_the_train_step(tmp_path):
+  """config.loss.{kind, focal_gamma}, smoothing and class weights: the
+  step's loss is the focal formula on the model's logits."""
+  from mic_jax.train import checkpointing, steps  # pylint: disable=g-import-not-at-top
+  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = _demo_config(**{"loss.kind": "focal", "loss.focal_gamma": 1.5,
+                           "loss.label_smoothing": 0.1,
+                           "loss.class_weighting": "inverse",
+                           "text.dropout": 0.0, "fusion.dropout": 0.0})
+  run = trainer.build_run(config, str(tmp_path))
+  state, _ = trainer.init_state(run, checkpointing.RunCheckpoints(
+      str(tmp_path), keep=1, async_save=False))
+  batch = next(pipeline.train_batches(
+      run.data_dir, batch_size=config.batch_size,
+      image_size=config.image.size, seed=0, start_step=0,
+      shuffle_buffer=config.data.shuffle_buffer))
+  logits, _ = run.model.apply({"params": state.params}, batch, train=False)
+  logits = np.asarray(logits, np.float64)
+  weights = steps.class_weights(run.info.class_counts("train"), "inverse")
+  w = batch["mask"] * weights[batch["label"]]
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  q = np.eye(8)[batch["label"]] * 0.9 + 0.1 / 8
+  focal = -(q * (1 - np.exp(logp)) ** 1.5 * logp).sum(-1)
+  with jax.set_mesh(run.mesh):
+    _, metrics = trainer.jit_train_step(run, donate=False)(state, batch)
+  np.testing.assert_allclose(float(metrics["train/loss"]),
+                             (focal * w).sum() / w.sum(), rtol=1e-5)

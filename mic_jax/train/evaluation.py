@@ -17,11 +17,16 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow as tf
 
 from mic_jax import sharding as shd
 from mic_jax.data import pipeline
+from mic_jax.train import calibration
 from mic_jax.train import metrics as metrics_lib
 from mic_jax.train import faults, plots, reporting, steps
+
+# Written at the end of every run; the export reads its "temperature".
+CALIBRATION_FILE = "calibration.json"
 
 
 def dummy_batch(config: ml_collections.ConfigDict, info: Any,
@@ -52,16 +57,17 @@ class Evaluator:
     self.run = run
     config = run.config
     self.batch_size = int(config.data.eval_batch_size or config.batch_size)
-    self._eval_step = jax.jit(steps.make_eval_step(run.model),
+    self._eval_step = jax.jit(steps.make_eval_step(run.model, log_probs=True),
                               in_shardings=(run.state_shardings.params, None))
     self._sharding = shd.batch_sharding(run.mesh, run.rules)
 
-  def predict(self, params: Any, split: str, *, withhold_images: bool = False
-              ) -> tuple[np.ndarray, np.ndarray]:
+  def predict(self, params: Any, split: str, *, withhold_images: bool = False,
+              log_probs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities ``[N, C]`` and labels ``[N]`` of every example of ``split``.
 
     ``withhold_images`` scores every product as one without a photo (zero
     image, ``image_present = 0``): how much a fused model leans on photos.
+    ``log_probs`` returns log-probabilities (what calibration fits on).
     """
     probs, labels = [], []
     features = getattr(self.run, "features", None)
@@ -83,7 +89,8 @@ class Evaluator:
       faults.point("eval_batch")
     if not probs:
       raise ValueError(f"split {split!r} of {self.run.data_dir} is empty")
-    return np.concatenate(probs), np.concatenate(labels)
+    scores = np.concatenate(probs)
+    return (scores if log_probs else np.exp(scores)), np.concatenate(labels)
 
   def evaluate(self, params: Any, split: str, *, withhold_images: bool = False
                ) -> dict[str, Any]:
@@ -94,31 +101,95 @@ class Evaluator:
         labels, probs.argmax(-1), self.run.info.num_classes)
 
   def final_report(self, checkpoints: Any) -> dict[str, Any]:
-    """Best checkpoint on validation and test -> results, CSVs, plots."""
+    """Best checkpoint on validation and test -> results, CSVs, plots.
+
+    A temperature is fitted on validation (:mod:`mic_jax.train.calibration`)
+    and stored as ``calibration.json``; every split reports its figures
+    before and after it.
+    """
     run = self.run
     best_step, params = checkpoints.restore_best(run.abstract_state.params)
     results: dict[str, Any] = {"best_step": best_step,
                                "model": run.config.model.kind}
+    scored = {}
     for split in ("validation", "test"):
       if not run.info.has_split(split):
         logging.warning("no %s split in %s", split, run.data_dir)
         continue
-      probs, labels = self.predict(params, split)
-      report = metrics_lib.classification_report(
-          labels, probs.argmax(-1), run.info.num_classes)
-      results[split] = summarize(report)
+      scored[split] = self.predict(params, split, log_probs=True)
+    temperature = fit_validation_temperature(scored, run.workdir)
+    train_counts = run.info.class_counts("train")
+    for split, (log_probs, labels) in scored.items():
+      results[split], report = score_split(
+          log_probs, labels, temperature, train_counts, run.info.num_classes)
       if run.config.data.demo:
         # What neither modality alone can reach (see mic_jax.data.demo).
         from mic_jax.data import demo  # pylint: disable=g-import-not-at-top
         results[split].update(demo.single_modality_ceilings(
             os.path.dirname(run.data_dir), split))
       write_split_report(run.workdir, split, report, run.info.labels)
+      write_reliability(run.workdir, split, log_probs, labels, temperature)
     if reporting.is_writer():
       plots.training_curves(os.path.join(run.workdir, "training_curves.png"),
                             reporting.read_metrics(run.workdir))
       reporting.write_json(os.path.join(run.workdir, "results.json"), results)
     logging.info("results: %s", {k: v for k, v in results.items()})
     return results
+
+
+def fit_validation_temperature(scored: dict[str, tuple[np.ndarray, np.ndarray]],
+                               workdir: str, **extra: Any) -> float:
+  """Fits T on ``scored["validation"]`` and writes ``calibration.json``.
+
+  ``scored`` maps a split to ``(log_probs, labels)``. Without a validation
+  split nothing is fitted, no file is written (readers take T = 1) and 1 is
+  returned. ``extra`` goes into the file (late fusion's member temperatures).
+  """
+  path = os.path.join(workdir, CALIBRATION_FILE)
+  if "validation" not in scored:
+    logging.warning("no validation split: not calibrating (temperature 1)")
+    if reporting.is_writer() and tf.io.gfile.exists(path):
+      tf.io.gfile.remove(path)  # A stale file from an earlier run would lie.
+    return 1.0
+  temperature = calibration.fit_temperature(*scored["validation"])
+  logging.info("calibration: temperature %.4f fitted on validation",
+               temperature)
+  if reporting.is_writer():
+    reporting.write_json(path,
+                         calibration.calibration_record(temperature, **extra))
+  return temperature
+
+
+def score_split(log_probs: np.ndarray, labels: np.ndarray, temperature: float,
+                train_counts: np.ndarray, num_classes: int
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(results.json entry, classification report)`` of one split.
+
+  The entry holds the headline numbers, ``top5_accuracy``,
+  ``macro_f1_by_frequency`` and the ``calibration`` block; argmax-based
+  figures do not depend on the temperature.
+  """
+  report = metrics_lib.classification_report(labels, log_probs.argmax(-1),
+                                             num_classes)
+  entry = summarize(report)
+  entry["top5_accuracy"] = metrics_lib.top_k_accuracy(log_probs, labels, 5)
+  entry["macro_f1_by_frequency"] = metrics_lib.macro_f1_by_frequency(
+      report, train_counts)
+  entry["calibration"] = calibration.summary(log_probs, labels, temperature)
+  return entry, report
+
+
+def write_reliability(workdir: str, split: str, log_probs: np.ndarray,
+                      labels: np.ndarray, temperature: float) -> None:
+  """``reliability_<split>.png``: the reliability diagram before and after."""
+  if not reporting.is_writer():
+    return
+  before = calibration.reliability(calibration.scale(log_probs, 1.0), labels)
+  after = calibration.reliability(calibration.scale(log_probs, temperature),
+                                  labels)
+  plots.reliability_diagram(
+      os.path.join(workdir, f"reliability_{split}.png"), before, after,
+      f"{split}: temperature {temperature:.3f}")
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:

@@ -181,3 +181,64 @@ def choose_alpha(p_text: Any, p_image: Any, labels: Any, mask: Any = None,
     table.append((float(alpha), float(score)))
   best = min(table, key=lambda row: (-row[1], abs(row[0] - 0.5), row[0]))
   return best[0], best[1], table
+
+
+def top_k_accuracy(probs: Any, labels: Any, k: int = 5) -> float:
+  """Fraction of examples whose true class is among the ``k`` top scores.
+
+  Ties are broken towards the lower class id, as ``argmax`` does; with
+  ``k >= C`` every example counts.
+  """
+  probs = np.asarray(probs)
+  if probs.ndim != 2:
+    raise ValueError(f"probs must be [N, C], got {probs.shape}")
+  labels = _class_ids(labels, probs.shape[1], "labels")
+  if labels.shape[0] != probs.shape[0]:
+    raise ValueError(f"{labels.shape[0]} labels for {probs.shape[0]} rows")
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  if not labels.size:
+    return 0.0
+  top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+  return float((top == labels[:, None]).any(axis=-1).mean())
+
+
+FREQUENCY_GROUPS = ("head", "middle", "tail")
+
+
+def frequency_groups(train_counts: Any) -> dict[str, np.ndarray]:
+  """The class ids of the head, middle and tail thirds by training count.
+
+  Classes are sorted by training count, most frequent first, ties by class
+  id (a stable sort), and cut into three consecutive groups of
+  ``C // 3`` classes; the ``C % 3`` remaining classes go one each to the
+  head, then the middle (``np.array_split``), so the tail is never larger
+  than the other groups and holds the rarest classes (including those with
+  no training example).
+  """
+  counts = np.asarray(train_counts).reshape(-1)
+  order = np.argsort(-counts, kind="stable")
+  return dict(zip(FREQUENCY_GROUPS, np.array_split(order, 3)))
+
+
+def macro_f1_by_frequency(report: dict[str, Any], train_counts: Any
+                          ) -> dict[str, float | None]:
+  """Macro-F1 within the head, middle and tail thirds of the classes.
+
+  ``report`` is a :func:`classification_report`; each group's macro-F1
+  follows the module's convention restricted to the group: the mean F1 of
+  the group's classes that occur in the labels or the predictions. A group
+  with no such class (or no class at all, for ``C < 3``) is ``None``.
+  """
+  f1 = np.asarray(report["f1"], np.float64)
+  counts = np.asarray(train_counts).reshape(-1)
+  if counts.shape[0] != f1.shape[0]:
+    raise ValueError(f"train_counts has {counts.shape[0]} classes, the "
+                     f"report {f1.shape[0]}")
+  evaluated = np.zeros(f1.shape[0], bool)
+  evaluated[np.asarray(report["classes_evaluated"], np.int64)] = True
+  out: dict[str, float | None] = {}
+  for name, ids in frequency_groups(counts).items():
+    ids = ids[evaluated[ids]]
+    out[name] = float(f1[ids].mean()) if ids.size else None
+  return out

@@ -92,3 +92,39 @@ def training_curves(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   _save(fig, path)
+
+
+def reliability_diagram(path: str, before: Mapping[str, Any],
+                        after: Mapping[str, Any], title: str) -> None:
+  """Accuracy against confidence per bin, before and after calibration.
+
+  ``before`` / ``after`` are :func:`mic_jax.train.calibration.reliability`
+  results; a perfectly calibrated model lies on the diagonal. Empty bins are
+  not drawn; the lower panel shows how many examples each bin holds.
+  """
+  edges = np.asarray(before["edges"], np.float64)
+  centers = (edges[:-1] + edges[1:]) / 2
+  width = edges[1] - edges[0]
+  fig, (ax, hist) = plt.subplots(
+      2, 1, figsize=(6, 7), sharex=True,
+      gridspec_kw={"height_ratios": [3, 1]})
+  ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfect")
+  for r, name, color in ((before, "before", "tab:red"),
+                         (after, "after", "tab:blue")):
+    count = np.asarray(r["count"])
+    full = count > 0
+    ax.plot(np.asarray(r["confidence"])[full],
+            np.asarray(r["accuracy"])[full], marker="o", color=color,
+            label=f"{name} (ECE {r.get('ece', float('nan')):.3f})")
+    hist.bar(centers + (-width / 4 if name == "before" else width / 4),
+             count, width=width / 2, color=color, alpha=0.7, label=name)
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("accuracy")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left")
+  hist.set_xlabel("confidence (top probability)")
+  hist.set_ylabel("examples")
+  hist.set_yscale("symlog")
+  _save(fig, path)

@@ -1,10 +1,11 @@
 """The jitted train and eval steps, and the state they update.
 
-The loss is a weighted softmax cross-entropy: per-example weights are the
-batch ``mask`` (0 for padding) times an optional class weight. Gradient
-accumulation splits the global batch into ``grad_accum_steps`` micro-batches
-and normalises by the *whole* batch's weight, so accumulating is exactly a
-larger batch (up to float summation order).
+The loss is a weighted softmax cross-entropy, or the focal loss
+(``config.loss.kind``): per-example weights are the batch ``mask`` (0 for
+padding) times an optional class weight. Gradient accumulation splits the
+global batch into ``grad_accum_steps`` micro-batches and normalises by the
+*whole* batch's weight, so accumulating is exactly a larger batch (up to
+float summation order).
 """
 
 from __future__ import annotations
@@ -60,6 +61,47 @@ def weighted_xent(logits: jnp.ndarray, labels: jnp.ndarray,
   return jnp.sum(-jnp.sum(target * logp, axis=-1) * weights)
 
 
+LOSS_KINDS = ("xent", "focal")
+
+
+def weighted_focal(logits: jnp.ndarray, labels: jnp.ndarray,
+                   weights: jnp.ndarray, label_smoothing: float, gamma: float
+                   ) -> jnp.ndarray:
+  """Sum over the batch of weight * focal loss (Lin et al., 2017; float32).
+
+  ``FL = -sum_c q_c (1 - p_c)^gamma log p_c`` with ``q`` the (smoothed)
+  target of :func:`weighted_xent`: without smoothing it is the usual
+  ``-(1 - p_y)^gamma log p_y``; with smoothing each class's share of the
+  target is down-weighted by how well that class is already predicted.
+  ``gamma = 0`` is exactly the cross-entropy; class weights multiply the
+  per-example loss as they do for the cross-entropy.
+  """
+  num_classes = logits.shape[-1]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  target = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    target = target * (1 - label_smoothing) + label_smoothing / num_classes
+  # 1 - p as -expm1(log p): exact for p near 1; floored so that the power's
+  # gradient stays finite for gamma < 1 when p rounds to exactly 1.
+  one_minus_p = jnp.maximum(-jnp.expm1(logp), jnp.finfo(jnp.float32).tiny)
+  modulation = one_minus_p ** gamma if gamma else 1.0
+  return jnp.sum(-jnp.sum(target * modulation * logp, axis=-1) * weights)
+
+
+def weighted_loss(logits: jnp.ndarray, labels: jnp.ndarray,
+                  weights: jnp.ndarray, label_smoothing: float,
+                  kind: str = "xent", focal_gamma: float = 2.0
+                  ) -> jnp.ndarray:
+  """``config.loss.kind``: "xent" (:func:`weighted_xent`) or "focal"."""
+  if kind == "xent":
+    return weighted_xent(logits, labels, weights, label_smoothing)
+  if kind == "focal":
+    return weighted_focal(logits, labels, weights, label_smoothing,
+                          focal_gamma)
+  raise ValueError(f"config.loss.kind must be one of {LOSS_KINDS}, got "
+                   f"{kind!r}")
+
+
 # Stream of random bits for image dropout, separate from model dropout's
 # (which uses the step key itself), so turning it on changes nothing else.
 _PHOTO_DROP = 0x5EED
@@ -76,8 +118,8 @@ def withhold_photos(batch: Batch, key: jax.Array, rate: float) -> Batch:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int,
                     grad_accum_steps: int, label_smoothing: float,
-                    loss_class_weights: np.ndarray,
-                    image_dropout: float = 0.0
+                    loss_class_weights: np.ndarray, loss_kind: str = "xent",
+                    focal_gamma: float = 2.0, image_dropout: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
 
@@ -85,6 +127,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   probability (``image_present`` set to 0, as for a product without one);
   the draw is a pure function of (seed, step), so resume stays exact.
   """
+  if loss_kind not in LOSS_KINDS:
+    raise ValueError(f"config.loss.kind must be one of {LOSS_KINDS}, got "
+                     f"{loss_kind!r}")
+  if not focal_gamma >= 0:
+    raise ValueError(f"config.loss.focal_gamma must be >= 0, got "
+                     f"{focal_gamma}")
   if not 0.0 <= image_dropout <= 1.0:
     raise ValueError(f"model.image_dropout must be in [0, 1], got "
                      f"{image_dropout}")
@@ -103,8 +151,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       logits, _ = model.apply({"params": params}, micro, train=True,
                               rngs={"dropout": key})
       w = micro["mask"] * weights_table[micro["label"]]
-      return weighted_xent(logits, micro["label"], w,
-                           label_smoothing) / total_weight
+      return weighted_loss(logits, micro["label"], w, label_smoothing,
+                           loss_kind, focal_gamma) / total_weight
 
     grad_fn = jax.value_and_grad(micro_loss)
     if grad_accum_steps == 1:
@@ -142,11 +190,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], jnp.ndarray]:
-  """``eval_step(params, batch) -> probabilities [B, C]`` (float32)."""
+def make_eval_step(model: nn.Module, *, log_probs: bool = False
+                   ) -> Callable[[Any, Batch], jnp.ndarray]:
+  """``eval_step(params, batch) -> probabilities [B, C]`` (float32).
+
+  With ``log_probs`` it returns ``log_softmax`` instead: exact where a
+  probability underflows to 0, and what temperature scaling needs.
+  """
 
   def eval_step(params, batch):
     logits, _ = model.apply({"params": params}, batch, train=False)
+    if log_probs:
+      return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   return eval_step

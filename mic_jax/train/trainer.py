@@ -256,7 +256,8 @@ def jit_train_step(run: Run, *, donate: bool = True):
       run.model, tx, schedule, seed=config.seed,
       grad_accum_steps=config.grad_accum_steps,
       label_smoothing=config.loss.label_smoothing,
-      loss_class_weights=weights,
+      loss_class_weights=weights, loss_kind=config.loss.kind,
+      focal_gamma=float(config.loss.focal_gamma),
       image_dropout=float(config.model.get("image_dropout", 0.0)))
 
   def checked_step(state, batch):
