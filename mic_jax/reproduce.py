@@ -50,7 +50,7 @@ class System:
 
   @property
   def fused(self) -> bool:
-    return self.module in ("early_fusion", "cross_modal")
+    return self.module in ("late_fusion", "early_fusion", "cross_modal")
 
 
 SYSTEMS = (
@@ -141,6 +141,8 @@ def photo_ablation(system: System, root: str) -> dict | None:
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       return json.load(f)
+  if system.module == "late_fusion":
+    return None  # Written by the late-fusion run itself.
   return ablation.photo_ablation(workdir)
 
 

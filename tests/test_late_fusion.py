@@ -73,6 +73,18 @@ def test_members_are_scored_with_their_own_configs(tmp_path, text_member):
   val = results["validation"]["calibration"]
   assert val["nll_after"] <= val["nll_before"] + 1e-12
 
+  # The photo ablation of the fused model: with photos it is the model's
+  # own score; with every photo withheld the image member sees the empty
+  # image, so on the demo (colour only in the photo) the mix loses.
+  ablation = json.loads((late_dir / "photo_ablation.json").read_text())
+  assert ablation["model"] == "late"
+  for split in ("validation", "test"):
+    assert ablation[split]["with_photos"]["macro_f1"] == pytest.approx(
+        results[split]["macro_f1"], abs=1e-12)
+  if 0 < results["alpha"] < 1:
+    assert (ablation["test"]["photos_withheld"]["accuracy"]
+            < ablation["test"]["with_photos"]["accuracy"])
+
 
 def test_member_of_the_wrong_kind_is_refused(tmp_path, text_member):
   text_dir, _ = text_member

@@ -59,7 +59,8 @@ def test_reproduce_rows_configs():
   with pytest.raises(AttributeError):
     reproduce.system_config(rows["text_only"], "small", "", "/root",
                             ["model.text_rep=mean"])
-  assert rows["cross_modal"].fused and not rows["late_fusion"].fused
+  assert rows["cross_modal"].fused and rows["late_fusion"].fused
+  assert not rows["text_only"].fused
 
 
 def test_markdown_table_has_ablation_column():

@@ -83,6 +83,7 @@ def _trained_run(config: ml_collections.ConfigDict, workdir: str,
   checkpoints = checkpointing.RunCheckpoints(workdir, keep=1)
   step, params = checkpoints.restore_best(run.abstract_state.params)
   checkpoints.close()
+  trainer.attach_image_features(run, params)  # A frozen, cached photo tower.
   return run, params, step
 
 
@@ -156,6 +157,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results[split]["alpha"] = float(alpha)
     evaluation.write_split_report(workdir, split, report, info.labels)
     evaluation.write_reliability(workdir, split, lp_mix, y, t_mix)
+  ablation = _photo_ablation(image_eval, image_params, log_probs, calibrated,
+                             (t_text, t_image), alpha, num_classes)
   if reporting.is_writer():
+    reporting.write_json(os.path.join(workdir, "photo_ablation.json"),
+                         {"model": "late", **ablation})
     reporting.write_json(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _photo_ablation(image_eval, image_params, log_probs, calibrated,
+                    temperatures, alpha, num_classes) -> dict[str, Any]:
+  """``{split: {"with_photos", "photos_withheld"}}`` of the fused model.
+
+  Withheld: the image member scores every product as one without a photo,
+  the text member is unchanged, and the mix uses the same alpha and
+  temperatures (see :mod:`mic_jax.tools.photo_ablation`).
+  """
+  t_text, t_image = temperatures
+  out: dict[str, Any] = {}
+  for split, (lp_text, _, labels) in log_probs.items():
+    lp_image, _ = image_eval.predict(image_params, split, log_probs=True,
+                                     withhold_images=True)
+    p_text, p_image, _ = calibrated[split]
+    without = metrics.fuse(calibration.scale(lp_text, t_text),
+                           calibration.scale(lp_image, t_image), alpha)
+    with_photos = metrics.fuse(p_text, p_image, alpha)
+    out[split] = {
+        name: evaluation.summarize(metrics.classification_report(
+            labels, p.argmax(-1), num_classes))
+        for name, p in (("with_photos", with_photos),
+                        ("photos_withheld", without))}
+  return out
