@@ -64,6 +64,7 @@ from mic_jax.data import photos
 
 FORMAT_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
+MANIFEST = "manifest.json"  # Written last; lists every other file.
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
@@ -470,8 +471,6 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
   return manifest
 
 
-MANIFEST = "manifest.json"
-
 
 def _sha256(path: pathlib.Path) -> str:
   digest = hashlib.sha256()
@@ -487,7 +486,7 @@ def file_digests(directory: pathlib.Path) -> dict[str, dict[str, Any]]:
   return {path.relative_to(directory).as_posix():
           {"bytes": path.stat().st_size, "sha256": _sha256(path)}
           for path in sorted(directory.rglob("*"))
-          if path.is_file() and path.name != MANIFEST}
+          if path.is_file() and path != directory / MANIFEST}
 
 
 def _fsync_tree(directory: pathlib.Path) -> None:

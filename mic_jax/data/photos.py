@@ -137,6 +137,9 @@ def reencode(data: bytes, *, max_side: int = DEFAULT_MAX_SIDE,
       return ImageResult(jpeg=out.getvalue(), original_size=size)
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     return ImageResult(error=TOO_LARGE, detail=str(e)[:200])
+  except Image.UnidentifiedImageError:  # Its message names a BytesIO object.
+    return ImageResult(error=CORRUPT, detail="not a picture in a format PIL "
+                       "reads (JPEG, PNG, WebP, ...)")
   except Exception as e:  # pylint: disable=broad-except
     # PIL raises many types (OSError, SyntaxError, ValueError, struct.error,
     # ...) on hostile bytes; any of them means "not a usable image".
