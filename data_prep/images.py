@@ -1,93 +1,21 @@
-"""Validate a product photo and re-encode it as an RGB JPEG.
+"""Photo checks and re-encoding: moved to :mod:`mic_jax.data.photos`.
 
-Everything is converted here, once, so the tf.data graph only ever sees
-baseline RGB JPEGs: CMYK, grayscale, 16-bit, palette and alpha images are
-converted (alpha composited on white, the usual catalogue background), EXIF
-rotation is applied, and the long side is reduced to ``max_side``.
+Serving needs them too, and serving should not import ``data_prep``; the
+names stay importable from here for existing callers.
 """
 
-from __future__ import annotations
+from mic_jax.data.photos import CORRUPT
+from mic_jax.data.photos import DEFAULT_JPEG_QUALITY
+from mic_jax.data.photos import DEFAULT_MAX_SIDE
+from mic_jax.data.photos import ImageResult
+from mic_jax.data.photos import load
+from mic_jax.data.photos import MAX_PIXELS
+from mic_jax.data.photos import MISSING
+from mic_jax.data.photos import NOT_GIVEN
+from mic_jax.data.photos import PhotoPreprocessing
+from mic_jax.data.photos import reencode
+from mic_jax.data.photos import TOO_LARGE
 
-import dataclasses
-import io
-import warnings
-
-from PIL import Image, ImageOps
-
-# Larger inputs are refused rather than decoded (memory safety).
-MAX_PIXELS = 100_000_000
-
-NOT_GIVEN = "image_not_given"  # The catalogue lists no image: not an error.
-MISSING = "image_missing"
-CORRUPT = "image_corrupt"
-TOO_LARGE = "image_too_large"
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageResult:
-  jpeg: bytes = b""
-  original_size: tuple[int, int] = (0, 0)  # (width, height) as read.
-  error: str = ""
-  detail: str = ""
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-  if img.mode in ("RGBA", "LA", "PA") or (
-      img.mode == "P" and "transparency" in img.info):
-    rgba = img.convert("RGBA")
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-  if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-    img = img.point(lambda v: v / 256).convert("L")
-  return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def reencode(data: bytes, *, max_side: int = 512, quality: int = 90
-             ) -> ImageResult:
-  """Decodes ``data`` fully, converts to RGB, reduces, encodes JPEG.
-
-  Never raises on bad input: the failure comes back as ``error``.
-  """
-  if not data:
-    return ImageResult(error=CORRUPT, detail="empty file")
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      img = Image.open(io.BytesIO(data))
-      size = img.size
-      if size[0] * size[1] > MAX_PIXELS:
-        return ImageResult(original_size=size, error=TOO_LARGE,
-                           detail=f"{size[0]}x{size[1]}")
-      if img.format == "JPEG" and max(size) > 2 * max_side:
-        img.draft("RGB", (max_side, max_side))  # Cheap DCT-domain reduce.
-      img.load()  # Raises on truncated or corrupt data.
-      img = ImageOps.exif_transpose(img)
-      img = _to_rgb(img)
-      if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-      if min(img.size) < 1:
-        return ImageResult(original_size=size, error=CORRUPT,
-                           detail="zero-sized image")
-      out = io.BytesIO()
-      img.save(out, format="JPEG", quality=quality)
-      return ImageResult(jpeg=out.getvalue(), original_size=size)
-  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-    return ImageResult(error=TOO_LARGE, detail=str(e)[:200])
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL raises many types (OSError, SyntaxError, ValueError, struct.error,
-    # ...) on hostile bytes; any of them means "not a usable image".
-    return ImageResult(error=CORRUPT, detail=f"{type(e).__name__}: {e}"[:200])
-
-
-def load(path: str, *, max_side: int = 512, quality: int = 90
-         ) -> ImageResult:
-  """Reads and re-encodes the image at ``path`` ("" = no image given)."""
-  if not path:
-    return ImageResult(error=NOT_GIVEN, detail="no image given")
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    return ImageResult(error=MISSING, detail=f"{type(e).__name__}: {path}")
-  return reencode(data, max_side=max_side, quality=quality)
+__all__ = ["CORRUPT", "DEFAULT_JPEG_QUALITY", "DEFAULT_MAX_SIDE",
+           "ImageResult", "load", "MAX_PIXELS", "MISSING", "NOT_GIVEN",
+           "PhotoPreprocessing", "reencode", "TOO_LARGE"]

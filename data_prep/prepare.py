@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from data_prep import readers
 from data_prep import split as split_lib
 from data_prep import writer
+from mic_jax.data import photos
 from mic_jax.data import records
 from mic_jax.text import title_group_key
 
@@ -326,6 +327,10 @@ def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Runs (or resumes) the whole preparation; returns stats.json's content."""
   start = time.time()
+  try:  # Checked before hours of work, not at the end.
+    photos.PhotoPreprocessing(args.max_image_side, args.jpeg_quality)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from e
   out = pathlib.Path(args.output_dir)
   if args.overwrite and out.exists():
     shutil.rmtree(out)
@@ -459,7 +464,10 @@ def finish(args, out, work, p1, p2, labels, rare, done, tasks, seconds):
   }
   if stats["rows_in"] != rows_out + stats["rejected_total"]:
     raise RuntimeError("internal error: rows in != rows out + rejected")
-  extra = {"tokenizer": str(args.tokenizer), "seed": args.seed}
+  # The photo steps serving must repeat (the export copies this record).
+  extra = {"tokenizer": str(args.tokenizer), "seed": args.seed,
+           photos.INFO_KEY: photos.PhotoPreprocessing(
+               args.max_image_side, args.jpeg_quality).to_dict()}
   if p1["parents"]:
     taxonomy = {"levels": p1["parents"] + [args.fashion_level
                 if not args.parent_columns else args.label_column],

@@ -5,8 +5,11 @@ r"""Exports a trained run as a self-contained serving directory.
 
 The directory holds everything inference needs and nothing of training:
 
-  manifest.json     versions, input shapes, preprocessing, metrics, the
-                    abstain threshold, the training config (for the record)
+  manifest.json     versions, input shapes, preprocessing (the photo
+                    settings the data was prepared with, as data), the
+                    calibration temperature, metrics, the abstain
+                    threshold, the training config (for the record), and
+                    the size and SHA-256 of every other file
   model.stablehlo   the inference function serialized with ``jax.export``
                     (StableHLO), symbolic batch dimension; parameters are
                     its first argument, so the file stays small and
@@ -20,14 +23,24 @@ The directory holds everything inference needs and nothing of training:
 tokenizer only: no model code, no flax. Late-fusion runs export both towers
 and the function returns ``alpha * p_text + (1 - alpha) * p_image``.
 
-The output is written to a temporary directory and renamed when complete,
-so a directory named ``--output`` is always whole; exporting the same
-checkpoint again gives byte-identical files.
+The function returns *calibrated* probabilities: ``softmax(logits / T)``
+with the temperature of the run's ``calibration.json`` (fitted on the
+validation split; absent means T = 1). A late-fusion run calibrates each
+member before mixing and re-tempers the mix, ``p ∝ p_mix ** (1 / T_mix)``.
+The abstain threshold is chosen on these calibrated probabilities.
+
+The output is written to a temporary directory and renamed when complete
+(an existing one, with ``--overwrite``, is renamed away first and deleted
+after), so a directory named ``--output`` is always whole; the Predictor
+also checks every file against the manifest's sizes and hashes before
+loading. Exporting the same checkpoint again gives byte-identical files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -47,8 +60,11 @@ import ml_collections
 import numpy as np
 
 from mic_jax.checkpoints import common
+from mic_jax.data import photos
 
 FORMAT_VERSION = 1
+CALIBRATION_FILE = "calibration.json"
+MANIFEST = "manifest.json"  # Written last; lists every other file.
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
@@ -130,15 +146,27 @@ def write_params(directory: pathlib.Path, params: Any) -> None:
 
 
 def _copy_tokenizer(info: dict[str, Any], output: pathlib.Path) -> str:
-  source = pathlib.Path(info.get("tokenizer", ""))
+  """Copies the tokenizer ``dataset_info.json`` names (a local path or, as
+  ``data_prep --tokenizer`` accepts, a hub id) into ``output/tokenizer``."""
+  from mic_jax.checkpoints import hub  # pylint: disable=g-import-not-at-top
+  recorded = str(info.get("tokenizer") or "")
+  if not recorded:
+    raise ExportError("dataset_info.json names no tokenizer: prepare the "
+                      "data again with data_prep")
+  source = pathlib.Path(recorded).expanduser()
   target = output / "tokenizer"
   target.mkdir()
-  if source.is_file():  # A SentencePiece .model file.
+  if source.is_file():  # A SentencePiece .model or a tokenizer.json.
     shutil.copyfile(source, target / source.name)
     return f"tokenizer/{source.name}"
-  if not source.is_dir():
-    raise ExportError(f"the tokenizer the data was prepared with ({source}, "
-                      "from dataset_info.json) is not available")
+  try:
+    # Resolves a hub id through the local Hugging Face cache (or a
+    # download), exactly as data_prep and training loaded it.
+    source = hub.resolve_dir(recorded, what="tokenizer")
+  except common.CheckpointError as e:
+    raise ExportError(f"the tokenizer the data was prepared with "
+                      f"({recorded!r}, from dataset_info.json) is not "
+                      f"available: {e}") from e
   for path in sorted(source.iterdir()):
     if path.is_file() and path.suffix in (".json", ".txt", ".model"):
       shutil.copyfile(path, target / path.name)
@@ -165,13 +193,69 @@ def abstain_threshold(probs: np.ndarray, labels: np.ndarray, target: float
           "validation_coverage": float((k + 1) / len(order))}
 
 
-def inference_fn(models: dict[str, Any], alpha: float | None) -> Callable:
-  """``f(params, ids, mask, types, image, present) -> probs [B, C]``."""
+def _temperature(value: Any, where: str) -> float:
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or
+      not math.isfinite(value) or value <= 0):
+    raise ExportError(f"{where}: a temperature must be a positive finite "
+                      f"number, got {value!r}")
+  return float(value)
 
-  def probs(model, params, batch):
+
+def read_calibration(workdir: pathlib.Path, late: bool) -> dict[str, Any]:
+  """The run's temperatures: ``{"temperature": T}``, plus ``"members":
+  {"text": T, "image": T}`` for late fusion. No ``calibration.json``
+  (a run from before calibration) means every temperature is 1."""
+  path = workdir / CALIBRATION_FILE
+  if path.exists():
+    try:
+      record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+      raise ExportError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(record, dict) or "temperature" not in record:
+      raise ExportError(f'{path}: expected {{"temperature": T, ...}}, got '
+                        f"{record!r}"[:300])
+  else:
+    logging.warning("%s not found: exporting uncalibrated probabilities "
+                    "(temperature 1)", path)
+    record = {"temperature": 1.0}
+  calibration = {"temperature": _temperature(record["temperature"],
+                                             f"{path}: temperature"),
+                 "fitted_on": record.get("fitted_on")}
+  if late:
+    members = record.get("members", {"text": 1.0, "image": 1.0})
+    if not isinstance(members, dict) or set(members) != {"text", "image"}:
+      raise ExportError(f'{path}: "members" must be {{"text": T, "image": '
+                        f"T}} for a late-fusion run, got {members!r}")
+    calibration["members"] = {
+        k: _temperature(v, f"{path}: members.{k}")
+        for k, v in sorted(members.items())}
+  return calibration
+
+
+def tempered(probs: jax.Array, temperature: float) -> jax.Array:
+  """``p ** (1 / T)`` renormalized (the identity at T = 1)."""
+  if temperature == 1:
+    return probs
+  return jax.nn.softmax(jnp.log(probs) / temperature, axis=-1)
+
+
+def inference_fn(models: dict[str, Any], alpha: float | None,
+                 calibration: dict[str, Any] | None = None) -> Callable:
+  """``f(params, ids, mask, types, image, present) -> probs [B, C]``.
+
+  Probabilities are calibrated with ``calibration`` (see
+  :func:`read_calibration`; ``None`` means temperature 1).
+  """
+  calibration = calibration or {"temperature": 1.0}
+  members = calibration.get("members") or {"text": 1.0, "image": 1.0}
+
+  def probs(model, params, batch, temperature=1.0):
     params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     logits, _ = model.apply({"params": params}, batch, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
+    if temperature != 1:
+      logits = logits / temperature
+    return jax.nn.softmax(logits, axis=-1)
 
   def infer(params, input_ids, attention_mask, token_type_ids, image,
             image_present):
@@ -179,9 +263,13 @@ def inference_fn(models: dict[str, Any], alpha: float | None) -> Callable:
              "token_type_ids": token_type_ids, "image": image,
              "image_present": image_present}
     if alpha is None:
-      return probs(models["model"], params["model"], batch)
-    return (alpha * probs(models["text"], params["text"], batch) +
-            (1 - alpha) * probs(models["image"], params["image"], batch))
+      return probs(models["model"], params["model"], batch,
+                   calibration["temperature"])
+    mix = (alpha * probs(models["text"], params["text"], batch,
+                         members["text"]) +
+           (1 - alpha) * probs(models["image"], params["image"], batch,
+                               members["image"]))
+    return tempered(mix, calibration["temperature"])
 
   return infer
 
@@ -297,10 +385,16 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
     models[name], params[name], steps_[name], config = restore(run_dir, step)
   data_dir = data_dir_of(config, runs[name])
   info = _read_json(data_dir / "dataset_info.json")
+  try:
+    photo = photos.PhotoPreprocessing.from_dict(
+        info.get(photos.INFO_KEY), where=str(data_dir / "dataset_info.json"))
+  except ValueError as e:
+    raise ExportError(str(e)) from e
+  calibration = read_calibration(work, late=alpha is not None)
   max_length, image_size = int(config.text.max_length), int(config.image.size)
   if dtype == "bfloat16":
     params = jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params)
-  infer = inference_fn(models, alpha)
+  infer = inference_fn(models, alpha, calibration)
   serialized, platforms = _serialize(infer, params, max_length, image_size)
   if info.get("shards", {}).get("validation"):
     abstain = abstain_threshold(
@@ -344,12 +438,17 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
             "token_type_ids": ["b", max_length, "int32"],
             "image": ["b", image_size, image_size, 3, "float32"],
             "image_present": ["b", "int32"]},
-        "output": ["b", int(info["num_classes"]), "float32 probabilities"],
+        "output": ["b", int(info["num_classes"]),
+                   "float32 calibrated probabilities"],
+        "calibration": calibration,
         "text": {"tokenizer": tokenizer, "max_length": max_length,
                  "normalization": "Unicode NFKC, whitespace collapsed"},
         "image": {"size": image_size,
+                  photos.INFO_KEY: photo.to_dict(),
                   "preprocessing": "decode, RGB, EXIF rotation, long side "
-                                   "<= 512, JPEG q90 (data_prep); bilinear "
+                                   f"<= {photo.max_side}, JPEG "
+                                   f"q{photo.jpeg_quality} (data_prep, "
+                                   f"{photos.INFO_KEY}); bilinear "
                                    "antialiased resize of the short side to "
                                    "size, centre crop, x / 127.5 - 1",
                   "absent": "zeros with image_present = 0"},
@@ -359,17 +458,61 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
         "metrics": {k: results[k] for k in ("validation", "test")
                     if k in results},
         "training_config": config_dict,
+        "files": file_digests(tmp),
     }
-    (tmp / "manifest.json").write_text(
+    (tmp / MANIFEST).write_text(
         json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _fsync_tree(tmp)
     tmp.chmod(0o755)  # mkdtemp makes it private.
-    if out.exists():
-      shutil.rmtree(out)
-    os.rename(tmp, out)
+    _replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return manifest
+
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def file_digests(directory: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """``{relative path: {"bytes", "sha256"}}`` of every file but the
+  manifest: what a loader checks to know the directory is whole."""
+  return {path.relative_to(directory).as_posix():
+          {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+          for path in sorted(directory.rglob("*"))
+          if path.is_file() and path != directory / MANIFEST}
+
+
+def _fsync_tree(directory: pathlib.Path) -> None:
+  """Flushes the files to disk before the rename publishes them."""
+  for path in sorted(directory.rglob("*")):
+    if path.is_file():
+      with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
+  """Puts ``tmp`` at ``out`` by renames only, so ``out`` is never a
+  half-deleted old export: an existing one is renamed aside first and
+  deleted after."""
+  old = None
+  if out.exists():
+    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+    os.rename(out, old)
+  try:
+    os.rename(tmp, out)
+  except BaseException:
+    if old is not None:
+      os.rename(old, out)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run.")

@@ -72,6 +72,8 @@ def parse_request(body: bytes, max_instances: int
     payload = json.loads(body)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise BadRequest(400, f"malformed JSON: {e}") from e
+  except RecursionError as e:  # "[[[[..." thousands deep.
+    raise BadRequest(400, "malformed JSON: nested too deeply") from e
   if not isinstance(payload, dict) or not isinstance(
       payload.get("instances"), list):
     raise BadRequest(400, 'the body must be {"instances": [...]}')
@@ -82,7 +84,7 @@ def parse_request(body: bytes, max_instances: int
     raise BadRequest(413, f"{len(instances)} instances; at most "
                      f"{max_instances} per request")
   top_k = payload.get("top_k", 5)
-  if not isinstance(top_k, int) or top_k < 1:
+  if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
     raise BadRequest(400, f"top_k must be a positive integer, got {top_k!r}")
   titles, images = [], []
   for i, item in enumerate(instances):
@@ -162,8 +164,11 @@ def make_app(predictor: Any, *, max_body_bytes: int, max_instances: int,
 
 def main(argv):
   del argv
-  from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
-  predictor = Predictor(_MODEL.value)
+  from mic_jax.serving import ExportDirError, Predictor  # pylint: disable=g-import-not-at-top
+  try:
+    predictor = Predictor(_MODEL.value)
+  except ExportDirError as e:  # Not whole: refuse to serve it.
+    raise SystemExit(f"error: {e}") from e
   predictor.predict(["warm-up"], [None])  # Load the tokenizer and TF ops.
   # Compile every batch size a call can have before the first client.
   predictor.warm_up(max(_MAX_BATCH.value, _MAX_INSTANCES.value))

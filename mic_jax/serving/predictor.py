@@ -1,18 +1,27 @@
 """Predictions from an export directory, without the model code.
 
 Imports jax (to run the serialized StableHLO), numpy, the title tokenizers
-of :mod:`mic_jax.text`, the photo checks of :mod:`data_prep.images` (PIL)
+of :mod:`mic_jax.text`, the photo checks of :mod:`mic_jax.data.photos` (PIL)
 and the image transform of :mod:`mic_jax.data.preprocess` (TensorFlow ops):
 a photo goes through exactly the steps an evaluated product went through
-(decode, RGB, EXIF rotation, long side <= 512, JPEG re-encode, resize and
+(decode, RGB, EXIF rotation, long side reduced and JPEG re-encoded with the
+settings the data was prepared with, as recorded in the manifest; resize and
 centre crop), and nothing of :mod:`mic_jax.models`, :mod:`mic_jax.train` or
 flax is loaded.
+
+An export directory is checked before use: every file the manifest lists
+must be present with its recorded size and SHA-256, so a half-written,
+truncated or tampered export is refused with the file named instead of
+being served. Exports from before the manifest listed files (or the photo
+settings, or a calibration temperature) still load, with today's defaults.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import threading
@@ -24,6 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from mic_jax.checkpoints import common
+from mic_jax.data import photos
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray, None]
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # Padded batch sizes: few compilations.
@@ -31,6 +41,68 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # Padded batch sizes: few compilations.
 
 class PredictionError(ValueError):
   """A product cannot be scored; the message names it and says why."""
+
+
+class ExportDirError(RuntimeError):
+  """The export directory is not whole or not an export; names the file."""
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def read_manifest(export_dir: str | os.PathLike[str], *, verify: bool = True
+                  ) -> dict[str, Any]:
+  """The manifest of a whole export directory.
+
+  Args:
+    export_dir: written by ``python -m mic_jax.export``.
+    verify: check every listed file's size and SHA-256 (reads them all
+      once; a few seconds for a BERT-base export).
+
+  Raises:
+    ExportDirError: no or unreadable manifest (e.g. the temporary
+      directory of an export that did not finish), or a listed file
+      missing, of another size or another hash; the message names it.
+  """
+  directory = pathlib.Path(export_dir)
+  path = directory / "manifest.json"
+  if not path.exists():
+    hint = (" (it looks like the temporary directory of an export that did "
+            "not finish: export again)" if ".tmp-" in directory.name else "")
+    raise ExportDirError(f"{path} not found: not a complete mic_jax export"
+                         f"{hint} (see python -m mic_jax.export)")
+  try:
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ExportDirError(f"{path} is not valid JSON ({e}): the export is "
+                         "damaged; export again") from e
+  if not isinstance(manifest, dict):
+    raise ExportDirError(f"{path}: not a mic_jax export manifest")
+  files = manifest.get("files")
+  if files is None:
+    logging.warning("%s lists no files (an export from before integrity "
+                    "checks): loading it unchecked", path)
+    return manifest
+  for name, entry in sorted(files.items()):
+    file = directory / name
+    if not file.is_file():
+      raise ExportDirError(f"{file} is missing: the export {directory} is "
+                           "incomplete; export again")
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+      raise ExportDirError(f"{file} has {size} bytes, the manifest says "
+                           f"{entry['bytes']}: the export {directory} is "
+                           "truncated or damaged; export again")
+    if verify and _sha256(file) != entry["sha256"]:
+      raise ExportDirError(f"{file} does not match its SHA-256 in the "
+                           f"manifest: the export {directory} is damaged; "
+                           "export again")
+  return manifest
 
 
 def read_params(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -65,14 +137,14 @@ class Predictor:
   thread-safe; photo decoding and scoring run concurrently.
   """
 
-  def __init__(self, export_dir: str | os.PathLike[str]):
+  def __init__(self, export_dir: str | os.PathLike[str], *,
+               verify: bool = True):
+    """Loads ``export_dir``; ``verify=False`` checks file sizes only
+    (not hashes). Raises :class:`ExportDirError` for a directory that is
+    not a whole export."""
     from mic_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
     self.dir = pathlib.Path(export_dir)
-    manifest_path = self.dir / "manifest.json"
-    if not manifest_path.exists():
-      raise FileNotFoundError(f"{manifest_path} not found: not a mic_jax "
-                              "export (see python -m mic_jax.export)")
-    self.manifest = json.loads(manifest_path.read_text())
+    self.manifest = read_manifest(self.dir, verify=verify)
     self.labels = (self.dir / self.manifest["labels"]).read_text(
         encoding="utf-8").splitlines()
     self.taxonomy = None
@@ -82,6 +154,18 @@ class Predictor:
     self.max_length = int(self.manifest["text"]["max_length"])
     self.image_size = int(self.manifest["image"]["size"])
     self.threshold = float(self.manifest["abstain"]["threshold"])
+    # The photo settings the training data was prepared with (exports
+    # from before they were recorded used the defaults).
+    try:
+      self.photo = photos.PhotoPreprocessing.from_dict(
+          self.manifest["image"].get(photos.INFO_KEY),
+          where=str(self.dir / "manifest.json"))
+    except ValueError as e:
+      raise ExportDirError(str(e)) from e
+    # Probabilities come out of the exported function calibrated with this
+    # temperature (recorded here; 1 for exports made before calibration).
+    self.temperature = float(
+        (self.manifest.get("calibration") or {}).get("temperature", 1.0))
     self._tokenize_lock = threading.Lock()
     self.tokenizer = load_tokenizer(self.dir / self.manifest["text"][
         "tokenizer"])
@@ -107,7 +191,6 @@ class Predictor:
     """``([S, S, 3] float32 in [-1, 1], present)`` of one product's photo."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    from data_prep import images  # pylint: disable=g-import-not-at-top
     from mic_jax.data import preprocess  # pylint: disable=g-import-not-at-top
     size = self.image_size
     if image is None:
@@ -128,7 +211,7 @@ class Predictor:
       except OSError as e:
         raise PredictionError(f"product {index}: cannot read {image}: "
                               f"{e.strerror or e}") from e
-    result = images.reencode(data)  # Exactly what data_prep did.
+    result = self.photo.reencode(data)  # Exactly what data_prep did.
     if result.error:
       raise PredictionError(f"product {index}: unusable image "
                             f"({result.error}: {result.detail})")
