@@ -60,7 +60,7 @@ def _launch_two(workdir, faults_by_process=(None, None)):
           f"--config.total_steps={STEPS}", f"--config.batch_size={BATCH}",
           "--config.log_every_steps=1", "--config.eval_every_steps=1000",
           f"--config.checkpoint_every_steps={STEPS}",
-          "--config.optim.warmup_steps=0",
+          "--config.optim.warmup_steps=0", "--config.optim.eps=1e-3",
           f"--coordinator_address=localhost:{port}", "--num_processes=2"]
   procs = []
   for i, fault in enumerate(faults_by_process):
@@ -126,6 +126,11 @@ def test_two_processes_match_one(two, tmp_path):
     config.data.demo, config.data.dir = False, str(data_dir)
     config.total_steps, config.batch_size = STEPS, BATCH
     config.optim.warmup_steps = 0
+    # Key biases (softmax-invariant) get a zero gradient up to float noise,
+    # which Adam's default eps would turn into lr-sized steps that differ
+    # between meshes; a larger eps keeps noise-only updates negligible while
+    # real gradients still move the parameters.
+    config.optim.eps = 1e-3
   run = trainer.build_run(config, str(tmp_path / "one"))
   state, _ = trainer.init_state(run, checkpointing.RunCheckpoints(
       str(tmp_path / "one"), keep=1, async_save=False))
@@ -152,7 +157,7 @@ def test_two_processes_match_one(two, tmp_path):
   want = jax.device_get(state.params)
   moved = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(want), jax.tree.leaves(initial)))
-  assert moved > 1e-3, moved  # The steps really changed the parameters.
+  assert moved > 1e-4, moved  # The steps really changed the parameters.
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0],
                           jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=1e-5,

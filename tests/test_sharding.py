@@ -30,6 +30,11 @@ def _config(data, fsdp, tensor):
     config.batch_size = BATCH
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
     config.optim.warmup_steps = 0
+    # Key biases (softmax-invariant) get a zero gradient up to float noise,
+    # which Adam's default eps would turn into lr-sized steps that differ
+    # between meshes; a larger eps keeps noise-only updates negligible while
+    # real gradients still move the parameters.
+    config.optim.eps = 1e-3
   return config
 
 
@@ -78,7 +83,7 @@ def reference(workdir):
   params = jax.device_get(state.params)
   moved = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(params), jax.tree.leaves(initial)))
-  assert moved > 1e-3, moved  # Equal params below are not equal by inertia.
+  assert moved > 1e-4, moved  # Equal params below are not equal by inertia.
   return batches, history, params
 
 

@@ -280,7 +280,10 @@ def test_gradient_accumulation_equals_one_big_batch():
   from mic_jax.train import optimizer, steps, towers  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   config = _demo_config(**{"text.dropout": 0.0, "fusion.dropout": 0.0,
-                           "num_classes": 8, "optim.warmup_steps": 0})
+                           "num_classes": 8, "optim.warmup_steps": 0,
+                           # Noise-only gradients (key biases) must not get
+                           # lr-sized Adam steps: see tests/test_sharding.py.
+                           "optim.eps": 1e-3})
   model = towers.build_model(config)
   rng = np.random.default_rng(0)
   b, length, size = 8, config.text.max_length, config.image.size
@@ -312,7 +315,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   moved = max(float(np.abs(np.asarray(a) - np.asarray(c)).max())
               for a, c in zip(jax.tree.leaves(out[1][0].params),
                               jax.tree.leaves(params)))
-  assert moved > 1e-3, moved  # The comparison below is not vacuous.
+  assert moved > 1e-4, moved  # The comparison below is not vacuous.
   for got, want in zip(out[4][1], out[1][1]):
     np.testing.assert_allclose(got["train/loss"], want["train/loss"],
                                rtol=1e-5)
