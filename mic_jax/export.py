@@ -61,6 +61,7 @@ import numpy as np
 
 from mic_jax.checkpoints import common
 from mic_jax.data import photos
+from mic_jax.serving import predictor as predictor_lib
 
 FORMAT_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
@@ -471,20 +472,12 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
   return manifest
 
 
-
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def file_digests(directory: pathlib.Path) -> dict[str, dict[str, Any]]:
   """``{relative path: {"bytes", "sha256"}}`` of every file but the
   manifest: what a loader checks to know the directory is whole."""
   return {path.relative_to(directory).as_posix():
-          {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+          {"bytes": path.stat().st_size,
+           "sha256": predictor_lib.file_sha256(path)}
           for path in sorted(directory.rglob("*"))
           if path.is_file() and path != directory / MANIFEST}
 

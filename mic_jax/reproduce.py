@@ -66,19 +66,24 @@ SYSTEMS = (
 )
 BIT = System("Image-BiT", "image_only", "image_only_bit", arg="image=bit")
 
-flags.DEFINE_enum("preset", "small", ["paper", "small", "demo"],
-                  "Config preset for every system.")
-flags.DEFINE_string("data_dir", "", "Prepared data (data_prep output); empty "
-                    "only for the demo preset.")
-flags.DEFINE_string("workdir", None, "Root of the runs.")
-flags.DEFINE_bool("with_bit", False, "Also train image-only BiT.")
-flags.DEFINE_multi_string("set", [], "Config overrides KEY=VALUE applied to "
-                          "every system, e.g. seed=1.")
-flags.DEFINE_list("systems", [], "Only these run directories (e.g. "
-                  "text_only,title_baseline); default: all.")
-flags.DEFINE_bool("ablate_photos", True, "Score every fused system with its "
-                  "photos withheld too.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The program's flags; defined only when run as a program, so importing
+  this module beside other programs (export, main) defines no flag twice."""
+  flags.DEFINE_enum("preset", "small", ["paper", "small", "demo"],
+                    "Config preset for every system.")
+  flags.DEFINE_string("data_dir", "", "Prepared data (data_prep output); empty "
+                      "only for the demo preset.")
+  flags.DEFINE_string("workdir", None, "Root of the runs.")
+  flags.DEFINE_bool("with_bit", False, "Also train image-only BiT.")
+  flags.DEFINE_multi_string("set", [], "Config overrides KEY=VALUE applied to "
+                            "every system, e.g. seed=1.")
+  flags.DEFINE_list("systems", [], "Only these run directories (e.g. "
+                    "text_only,title_baseline); default: all.")
+  flags.DEFINE_bool("ablate_photos", True, "Score every fused system with its "
+                    "photos withheld too.")
 
 
 def parse_value(old: object, text: str) -> object:
@@ -184,5 +189,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flag_as_required("workdir")
   app.run(main)

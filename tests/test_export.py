@@ -62,7 +62,11 @@ def _in_process_probs(run_dir, predictor, titles, images):
   batch = {**text, "image": np.stack([p for p, _ in pixels]),
            "image_present": np.array([f for _, f in pixels], np.int32)}
   logits, _ = model.apply({"params": params}, batch)
-  return np.asarray(jax.nn.softmax(logits, axis=-1))
+  # Calibrated: the run's temperature, fitted on validation (issue 15).
+  calibration = run_dir / "calibration.json"
+  temperature = (json.loads(calibration.read_text())["temperature"]
+                 if calibration.exists() else 1.0)
+  return np.asarray(jax.nn.softmax(logits / temperature, axis=-1))
 
 
 def test_export_equals_in_process_model(run_dir, export_dir, products):
@@ -71,6 +75,8 @@ def test_export_equals_in_process_model(run_dir, export_dir, products):
   predictor = Predictor(export_dir)
   got = predictor.probabilities(titles, images)
   want = _in_process_probs(run_dir, predictor, titles, images)
+  assert predictor.temperature == pytest.approx(json.loads(
+      (run_dir / "calibration.json").read_text())["temperature"])
   assert got.shape == (12, 8)
   assert np.abs(got - want).max() <= 1e-5
   results = predictor.predict(titles, images, top_k=3)

@@ -91,10 +91,25 @@ def _train_records(workdir):
 
 
 def _final_params(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  """The newest state's params, onto one local device.
+
+  The checkpoint was written by two processes (devices 0-3 and 2048-2051),
+  so Orbax needs a target on this process's devices to restore it.
+  """
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
-  params = manager.restore(step)["params"]
   manager.close()
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree,
+      is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  params = checkpointer.restore(path, target)["params"]
+  checkpointer.close()
   return step, params
 
 

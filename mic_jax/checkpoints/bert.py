@@ -17,7 +17,6 @@ from typing import Any
 
 from absl import logging
 import flax.linen as nn
-from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +24,7 @@ import numpy as np
 from mic_jax.checkpoints import common
 from mic_jax.checkpoints.common import CheckpointError
 from mic_jax.checkpoints.hub import resolve_dir
-from mic_jax.checkpoints.tensor_files import read_safetensors, read_torch_zip
+from mic_jax.checkpoints import tensor_files
 from mic_jax.models.bert import BertConfig, BertEncoder, BertPooler
 
 # Tensors that BERT checkpoints carry but an encoder does not use: the
@@ -38,36 +37,13 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
 
 
 def read_weights(directory: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
-  """Reads the first weight file found, in order of safety and speed.
+  """Reads the first BERT weight file found, in order of safety and speed.
 
   Returns:
     ``({name: array}, file)`` with the file's own names.
   """
-  for name in _WEIGHT_FILES:
-    path = directory / name
-    if not path.exists():
-      continue
-    if name == "model.safetensors":
-      return read_safetensors(path), str(path)
-    if name.endswith(".index.json"):
-      with open(path, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-      tensors: dict[str, np.ndarray] = {}
-      for shard in shards:
-        tensors.update(read_safetensors(directory / shard))
-      return tensors, str(path)
-    if name == "pytorch_model.bin":
-      return read_torch_zip(path), str(path)
-    with open(path, "rb") as f:
-      try:
-        tree = serialization.msgpack_restore(f.read())
-      except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f"{path}: not a Flax msgpack file ({e})") from e
-    return {k: np.asarray(v) for k, v in common.flatten(tree).items()}, str(
-        path)
-  raise CheckpointError(
-      f"{directory}: no BERT weights found; expected one of "
-      f"{', '.join(_WEIGHT_FILES)}")
+  return tensor_files.read_weight_files(directory, _WEIGHT_FILES,
+                                        what="BERT weights")
 
 
 def _rename(name: str) -> str | None:

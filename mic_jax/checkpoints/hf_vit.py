@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mic_jax.checkpoints.common import CheckpointError, FlatParams
-from mic_jax.checkpoints.tensor_files import read_safetensors, read_torch_zip
+from mic_jax.checkpoints import tensor_files
 
 MODEL_TYPES = ("vit", "dinov2")
 # What HF's image processors default to when preprocessor_config.json is
@@ -189,21 +189,7 @@ def config_fields(directory: pathlib.Path) -> dict[str, Any]:
 
 def read_weights(directory: pathlib.Path) -> tuple[FlatParams, str]:
   """Tensors of the first weight file found; ``({hub name: array}, file)``."""
-  for name in _WEIGHT_FILES:
-    path = directory / name
-    if not path.exists():
-      continue
-    if name == "model.safetensors":
-      return read_safetensors(path), str(path)
-    if name == "pytorch_model.bin":
-      return read_torch_zip(path), str(path)
-    shards = sorted(set(_read_json(path).get("weight_map", {}).values()))
-    tensors: FlatParams = {}
-    for shard in shards:
-      tensors.update(read_safetensors(directory / shard))
-    return tensors, str(path)
-  raise CheckpointError(f"{directory}: no weights found; expected one of "
-                        f"{', '.join(_WEIGHT_FILES)}")
+  return tensor_files.read_weight_files(directory, _WEIGHT_FILES)
 
 
 def _hub_names(tensors: FlatParams, model_type: str) -> FlatParams:

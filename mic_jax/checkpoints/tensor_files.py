@@ -140,3 +140,46 @@ def read_torch_zip(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   if bad:
     raise CheckpointError(f"{path}: entries that are not tensors: {bad[:10]}")
   return dict(state)
+
+
+def read_weight_files(directory: pathlib.Path, candidates: tuple[str, ...],
+                      what: str = "weights"
+                      ) -> tuple[dict[str, np.ndarray], str]:
+  """The tensors of the first of ``candidates`` found in a HF directory.
+
+  ``candidates`` are file names in order of preference (safer and faster
+  first): ``model.safetensors``, a sharded ``model.safetensors.index.json``,
+  ``pytorch_model.bin`` (read without running pickled code) and
+  ``flax_model.msgpack``. Returns ``({name: array}, file)`` with the file's
+  own names.
+  """
+  for name in candidates:
+    path = directory / name
+    if not path.exists():
+      continue
+    if name == "model.safetensors":
+      return read_safetensors(path), str(path)
+    if name.endswith(".index.json"):
+      with open(path, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+      tensors: dict[str, np.ndarray] = {}
+      for shard in shards:
+        tensors.update(read_safetensors(directory / shard))
+      return tensors, str(path)
+    if name == "pytorch_model.bin":
+      return read_torch_zip(path), str(path)
+    if name.endswith(".msgpack"):
+      # pylint: disable=g-import-not-at-top
+      from flax import serialization
+      from mic_jax.checkpoints import common
+      # pylint: enable=g-import-not-at-top
+      with open(path, "rb") as f:
+        try:
+          tree = serialization.msgpack_restore(f.read())
+        except Exception as e:  # pylint: disable=broad-except
+          raise CheckpointError(f"{path}: not a Flax msgpack file ({e})") from e
+      return {k: np.asarray(v) for k, v in common.flatten(tree).items()}, str(
+          path)
+    raise ValueError(f"unknown weight file kind {name!r}")
+  raise CheckpointError(f"{directory}: no {what} found; expected one of "
+                        f"{', '.join(candidates)}")

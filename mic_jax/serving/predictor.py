@@ -47,7 +47,8 @@ class ExportDirError(RuntimeError):
   """The export directory is not whole or not an export; names the file."""
 
 
-def _sha256(path: pathlib.Path) -> str:
+def file_sha256(path: pathlib.Path) -> str:
+  """Hex SHA-256 of a file (the export manifest's check of every file)."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -98,7 +99,7 @@ def read_manifest(export_dir: str | os.PathLike[str], *, verify: bool = True
       raise ExportDirError(f"{file} has {size} bytes, the manifest says "
                            f"{entry['bytes']}: the export {directory} is "
                            "truncated or damaged; export again")
-    if verify and _sha256(file) != entry["sha256"]:
+    if verify and file_sha256(file) != entry["sha256"]:
       raise ExportDirError(f"{file} does not match its SHA-256 in the "
                            f"manifest: the export {directory} is damaged; "
                            "export again")
