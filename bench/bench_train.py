@@ -6,20 +6,33 @@ does (``towers.build_model``, ``optimizer.make_optimizer``,
 train step on random batches of the real shapes: examples/s, and achieved
 FLOP/s with the FLOPs counted by XLA for the compiled step.
 
-Part 2 trains our text-only model and ``transformers.
-BertForSequenceClassification`` built from the same MiniLM checkpoint the
-same way: AdamW, float32, gradient clipping at 1.0, dropout on in both,
-same batch and sequence length, interleaved repeats in one process, and
-reports the ratio of median step times.
+Part 2 trains our models against PyTorch ones written the way a PyTorch
+user would, in float32 and in bfloat16 (``torch.autocast`` on their side,
+``config.dtype`` on ours), trained the same way: AdamW, gradient clipping at
+1.0, dropout on in both, same batch and shapes, interleaved repeats in one
+process; it reports the ratio of median step times.
+
+* text-only: ``transformers.BertForSequenceClassification`` from the same
+  MiniLM checkpoint;
+* cross-modal: ``bench/torch_cross_modal.py`` (HF ``BertModel`` from MiniLM,
+  an HF ``ViTModel`` of the ``small-scratch`` size, eqs. (1)-(4) as a
+  ``torch.nn.Module``).
+
+The CPU model and its bf16 support (``lscpu``) head the output, since a
+ratio measured on one CPU does not carry to another.
 
   python bench/bench_train.py [--steps=5] [--repeats=3] [--batch_size=64]
+      [--systems=...] [--compare=text_only,cross_modal] [--dtypes=float32,bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import platform
 import statistics
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -62,13 +75,14 @@ def random_batch(config: Any, batch_size: int, seed: int = 0
   }
 
 
-def our_step(kind: str, arg: str, batch_size: int
+def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
              ) -> tuple[Callable[[], None], int, float, Any]:
   """(run one step, parameter count, XLA FLOPs per step, config)."""
   config = common.make_config(kind, arg)
   with config.unlocked():
     config.num_classes = NUM_CLASSES
     config.batch_size = batch_size
+    config.dtype = dtype
   model = towers.build_model(config)
   batch = {k: jnp.asarray(v) for k, v in random_batch(config,
                                                       batch_size).items()}
@@ -97,31 +111,91 @@ def _cost(compiled) -> dict[str, float]:
   return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
 
 
-def hf_step(text_dir: str, config: Any, batch_size: int
-            ) -> Callable[[], None]:
-  """One AdamW step of BertForSequenceClassification, trained like ours."""
+def _torch_train_step(model: Any, config: Any, inputs: dict[str, Any],
+                      labels: Any, dtype: str) -> Callable[[], None]:
+  """One AdamW step of a torch model, with our optimizer settings."""
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  model = transformers.BertForSequenceClassification.from_pretrained(
-      text_dir, num_labels=NUM_CLASSES)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
                           weight_decay=config.optim.weight_decay,
                           betas=(config.optim.b1, config.optim.b2),
                           eps=config.optim.eps)
-  b = random_batch(config, batch_size)
-  inputs = {k: torch.tensor(b[k], dtype=torch.long)
-            for k in ("input_ids", "attention_mask", "token_type_ids")}
-  labels = torch.tensor(b["label"], dtype=torch.long)
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                            enabled=dtype == "bfloat16")
 
   def run():
     opt.zero_grad()
-    loss = model(**inputs, labels=labels).loss
+    with autocast:
+      logits = model(**inputs)
+      loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_norm)
     opt.step()
 
   return run
+
+
+def _torch_batch(config: Any, batch_size: int, pixels: bool
+                 ) -> tuple[dict[str, Any], Any]:
+  """The same random batch as ours, as torch tensors (NCHW pixels)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  b = random_batch(config, batch_size)
+  inputs = {k: torch.tensor(b[k], dtype=torch.long)
+            for k in ("input_ids", "attention_mask", "token_type_ids")}
+  if pixels:
+    inputs["pixel_values"] = torch.tensor(b["image"]).permute(0, 3, 1, 2)
+  return inputs, torch.tensor(b["label"], dtype=torch.long)
+
+
+class _Logits:
+  """Adapts BertForSequenceClassification to return logits."""
+
+  def __init__(self, model):
+    self.model = model
+
+  def __call__(self, **inputs):
+    return self.model(**inputs).logits
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+
+def torch_step(kind: str, config: Any, batch_size: int, dtype: str
+               ) -> Callable[[], None]:
+  """The PyTorch user's version of our ``kind`` model, one train step."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  transformers.logging.set_verbosity_error()  # The new head's load report.
+  if kind == "text_only":
+    model = _Logits(transformers.BertForSequenceClassification.from_pretrained(
+        config.text.checkpoint, num_labels=NUM_CLASSES))
+    inputs, labels = _torch_batch(config, batch_size, pixels=False)
+  elif kind == "cross_modal":
+    import torch_cross_modal  # pylint: disable=g-import-not-at-top
+    size = dataclasses.asdict(vit.vit_config(config.image.variant))
+    size["size"] = config.image.size
+    model = torch_cross_modal.CrossModalClassifier(
+        config.text.checkpoint, size, NUM_CLASSES,
+        fusion_dropout=config.fusion.dropout,
+        head_dropout=config.fusion.dropout)
+    inputs, labels = _torch_batch(config, batch_size, pixels=True)
+  else:
+    raise ValueError(f"no PyTorch reference for {kind!r}")
+  return _torch_train_step(model, config, inputs, labels, dtype)
+
+
+def cpu_description() -> str:
+  """``lscpu``'s model name, core count and bf16 support, for the record."""
+  try:
+    text = subprocess.run(["lscpu"], capture_output=True, text=True,
+                          check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return platform.processor() or "unknown CPU"
+  fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+  flags = fields.get("Flags", "").split()
+  bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+  return (f"{fields.get('Model name', '?').strip()}, "
+          f"{fields.get('CPU(s)', '?').strip()} CPUs, bf16 instructions: "
+          f"{', '.join(bf16) or 'none'}")
 
 
 def timed(run: Callable[[], None], steps_: int) -> float:
@@ -135,56 +209,63 @@ def timed(run: Callable[[], None], steps_: int) -> float:
   return statistics.median(times)
 
 
+def compare(kind: str, dtype: str, batch_size: int, steps_: int,
+            repeats: int) -> tuple[float, float]:
+  """Median step seconds of ours and the PyTorch reference, interleaved."""
+  ours, _, _, config = our_step(kind, "small", batch_size, dtype)
+  theirs = torch_step(kind, config, batch_size, dtype)
+  ours_times, their_times = [], []
+  for _ in range(repeats):  # Interleaved: both see the same machine.
+    ours_times.append(timed(ours, steps_))
+    their_times.append(timed(theirs, steps_))
+  return statistics.median(ours_times), statistics.median(their_times)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--systems", default=",".join(SYSTEMS))
+  parser.add_argument("--systems", default=",".join(SYSTEMS),
+                      help="Part 1 rows; empty skips part 1.")
+  parser.add_argument("--compare", default="text_only,cross_modal",
+                      help="Part 2: models timed against PyTorch.")
+  parser.add_argument("--dtypes", default="float32,bfloat16")
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   # XLA's CPU client uses every core; give PyTorch the same.
   torch.set_num_threads(os.cpu_count() or 1)
 
+  print(f"CPU: {cpu_description()}")
   print(f"batch {args.batch_size}, {args.steps} timed steps x "
-        f"{args.repeats} repeats, median; jax {jax.__version__}, "
-        f"{jax.devices()[0].platform}")
-  print("\n| system | params | step ms | examples/s | GFLOP/step (XLA) | "
-        "achieved GFLOP/s |")
-  print("|---|---:|---:|---:|---:|---:|")
-  text_config = None
-  ours_text = None
-  for name in args.systems.split(","):
+        f"{args.repeats} repeats, median; jax {jax.__version__} "
+        f"({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)")
+  if args.systems:
+    print("\n| system | params | step ms | examples/s | GFLOP/step (XLA) | "
+          "achieved GFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+  for name in filter(None, args.systems.split(",")):
     kind, arg = SYSTEMS[name]
-    run, count, flops, config = our_step(kind, arg, args.batch_size)
+    run, count, flops, _ = our_step(kind, arg, args.batch_size)
     seconds = statistics.median(timed(run, args.steps)
                                 for _ in range(args.repeats))
     print(f"| {name} | {count / 1e6:.1f}M | {seconds * 1e3:.0f} | "
           f"{args.batch_size / seconds:.0f} | {flops / 1e9:.1f} | "
           f"{flops / seconds / 1e9:.0f} |", flush=True)
-    if kind == "text_only":
-      text_config, ours_text = config, run
 
-  if ours_text is None:
+  if not args.compare:
     return
-  theirs = hf_step(text_config.text.checkpoint, text_config, args.batch_size)
-  ours_times, their_times = [], []
-  for _ in range(args.repeats):  # Interleaved: both see the same machine.
-    ours_times.append(timed(ours_text, args.steps))
-    their_times.append(timed(theirs, args.steps))
-  ours_s, theirs_s = statistics.median(ours_times), statistics.median(
-      their_times)
-  print(f"\nText-only (MiniLM 6x384, seq {text_config.text.max_length}, "
-        f"batch {args.batch_size}, AdamW, f32, dropout on, clip 1.0):\n")
-  print("| implementation | step ms | examples/s |")
-  print("|---|---:|---:|")
-  print(f"| mic_jax (JAX/XLA) | {ours_s * 1e3:.0f} | "
-        f"{args.batch_size / ours_s:.0f} |")
-  print(f"| transformers BertForSequenceClassification (PyTorch, "
-        f"{torch.get_num_threads()} threads) | {theirs_s * 1e3:.0f} | "
-        f"{args.batch_size / theirs_s:.0f} |")
-  print(f"\nmic_jax is {theirs_s / ours_s:.2f}x the speed of the PyTorch "
-        "reference.")
+  print("\nAgainst PyTorch (:small sizes, AdamW, dropout on, clip 1.0; "
+        "ratio = PyTorch ms / mic_jax ms):\n")
+  print("| model | dtype | mic_jax ms | PyTorch ms | ratio |")
+  print("|---|---|---:|---:|---:|")
+  for kind in args.compare.split(","):
+    for dtype in args.dtypes.split(","):
+      ours_s, theirs_s = compare(kind, dtype, args.batch_size, args.steps,
+                                 args.repeats)
+      print(f"| {kind} | {dtype} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} "
+            f"| {theirs_s / ours_s:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
