@@ -7,6 +7,7 @@ weights or the image size change, and a build that fails leaves nothing a
 later run could mistake for a cache.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -193,6 +194,22 @@ def test_image_dropout_one_trains_like_no_photos(demo_run):
   assert abs(float(m3["train/loss"]) - float(m1["train/loss"])) > 1e-6
   with pytest.raises(ValueError, match="image_dropout"):
     step_fn(1.5)
+
+
+def test_model_trained_without_photos_is_scored_without_photos(demo_run):
+  """``image_dropout = 1`` evaluates as trained: every photo withheld."""
+  run, state = demo_run
+  evaluator = evaluation.Evaluator(run)
+  as_trained, _ = evaluator.predict(state.params, "validation")
+  withheld, _ = evaluator.predict(state.params, "validation",
+                                  withhold_images=True)
+  assert np.abs(as_trained - withheld).max() > 1e-6  # Photos do matter here.
+  config = run.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.image_dropout = 1.0
+  no_photos = evaluation.Evaluator(dataclasses.replace(run, config=config))
+  scored, _ = no_photos.predict(state.params, "validation")
+  np.testing.assert_array_equal(scored, withheld)
 
 
 def _jpeg(colour):
