@@ -67,6 +67,19 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     say("%s", line)
 
 
+def results_table(per_split: dict[str, Any]) -> None:
+  """The results of a run or an export, one row per split present."""
+  rows = []
+  for split in ("validation", "test"):
+    r = per_split.get(split)
+    if r:
+      top5 = r.get("top5_accuracy")
+      rows.append([split, f"{r['macro_f1']:.4f}", f"{r['accuracy']:.4f}",
+                   "" if top5 is None else f"{top5:.4f}",
+                   f"{int(r.get('num_examples', 0)):,}"])
+  table(["split", "macro-F1", "accuracy", "top-5", "products"], rows)
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]
                  ) -> list[str]:
   """Lines of a plain-text table: first column left-, others right-aligned."""

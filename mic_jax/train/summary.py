@@ -17,7 +17,6 @@ import jax
 
 from mic_jax import console
 
-SPLITS = ("validation", "test")
 # What a run writes into its workdir, in the order a person looks for it.
 OUTPUTS = ("results.json", "metrics.jsonl", "per_class_*.csv", "*.png",
            "calibration.json", "config.json", "checkpoints/", "best/")
@@ -76,20 +75,8 @@ def end(results: Mapping[str, Any], workdir: str) -> None:
   title = f"best step {results.get('best_step')}"
   if "alpha" in results:
     title += f", alpha {results['alpha']:.2f}"
-  rows = []
-  for split in SPLITS:
-    r = results.get(split)
-    if not r:
-      continue
-    rows.append([split, f"{r['macro_f1']:.4f}", f"{r['accuracy']:.4f}",
-                 _maybe(r.get("top5_accuracy")),
-                 f"{int(r.get('num_examples', 0)):,}"])
-  console.say("results  %s %s", results.get("model", ""), f"({title})")
-  console.table(["split", "macro-F1", "accuracy", "top-5", "products"], rows)
-
-
-def _maybe(value: Any) -> str:
-  return "" if value is None else f"{value:.4f}"
+  console.say("results  %s (%s)", results.get("model", ""), title)
+  console.results_table(results)
 
 
 def _exists(directory: str, pattern: str) -> bool:
