@@ -141,8 +141,13 @@ def main(argv):
 
 
 def _predict():
-  from mic_jax.serving import Predictor, PredictionError  # pylint: disable=g-import-not-at-top
-  predictor = Predictor(_MODEL.value)
+  # pylint: disable=g-import-not-at-top
+  from mic_jax.serving import ExportDirError, Predictor, PredictionError
+  # pylint: enable=g-import-not-at-top
+  try:
+    predictor = Predictor(_MODEL.value)
+  except ExportDirError as e:  # Not whole: refuse to use it.
+    raise SystemExit(f"error: {e}") from e
   if _INPUT.value:
     if not _OUTPUT.value:
       raise app.UsageError("--input needs --output")
