@@ -192,10 +192,13 @@ def session(program: str, output_dir: str | os.PathLike[str] | None, *,
       time.strftime("%Y-%m-%d %H:%M:%S"), os.getpid(), " ".join(sys.argv))
   try:
     yield current
-  except BaseException as e:
-    if not isinstance(e, SystemExit) or e.code not in (None, 0):
-      # The full record stays in the file; Python prints it to the console.
-      _session_logger.error("%s stopped", program, exc_info=True)
+  except SystemExit as e:
+    if e.code not in (None, 0):  # The message was printed; note the stop.
+      _session_logger.error("%s stopped: %s", program, e.code)
+    raise
+  except BaseException:
+    # The full record stays in the file; Python prints it to the console.
+    _session_logger.error("%s stopped", program, exc_info=True)
     raise
   finally:
     _active.remove(current)
