@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from data_prep import readers
 from data_prep import split as split_lib
 from data_prep import writer
+from mic_jax import console
 from mic_jax.data import photos
 from mic_jax.data import records
 from mic_jax.text import title_group_key
@@ -100,11 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
   a("--examples_per_shard", type=int, default=2048)
   a("--num_workers", type=int, default=os.cpu_count() or 1)
   a("--overwrite", action="store_true", help="delete output_dir first")
+  a("-v", "--verbose", action="store_true", help=console.VERBOSE_HELP)
   return p
 
 
 # Arguments that do not change the output (safe to vary on restart).
-_RUNTIME_ONLY = ("num_workers", "overwrite")
+_RUNTIME_ONLY = ("num_workers", "overwrite", "verbose")
 
 
 def _fingerprint(args: argparse.Namespace) -> dict[str, Any]:
@@ -333,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise SystemExit(f"error: {e}") from e
   out = pathlib.Path(args.output_dir)
   if args.overwrite and out.exists():
-    shutil.rmtree(out)
+    _clear(out)
   work = out / WORK
   work.mkdir(parents=True, exist_ok=True)
   fingerprint = _fingerprint(args)
@@ -398,6 +400,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   bar.close()
   return finish(args, out, work, p1, p2, labels, rare, done, tasks,
                 time.time() - start)
+
+
+def _clear(out: pathlib.Path) -> None:
+  """Deletes ``out`` for --overwrite, except this run's open log file."""
+  session = console.active()
+  keep = session.log_path.resolve() if session else None
+  if keep is None or keep.parent != out.resolve():
+    shutil.rmtree(out)
+    return
+  for child in out.iterdir():
+    if child.resolve() == keep:
+      continue
+    if child.is_dir() and not child.is_symlink():
+      shutil.rmtree(child)
+    else:
+      child.unlink()
 
 
 def _run_task(item):
@@ -482,13 +500,50 @@ def finish(args, out, work, p1, p2, labels, rare, done, tasks, seconds):
 
 
 def main(argv: list[str] | None = None) -> None:
+  """The program: flags, a console session, the preparation, a summary."""
   args = build_parser().parse_args(argv)
-  stats = run(args)
-  print(json.dumps({k: stats[k] for k in ("rows_in", "rows_out", "rejected",
-                                          "repaired", "seconds",
-                                          "products_per_second")}))
-  print("splits: " + ", ".join(f"{s}={v['examples']}"
-                               for s, v in stats["splits"].items()))
+  nested = console.active() is not None  # E.g. the demo data of a run.
+  with console.session("prepare", args.output_dir, verbose=args.verbose):
+    if not nested:
+      console.say("prepare  %s -> %s (log: %s)", args.input, args.output_dir,
+                  console.active().log_path)
+    stats = run(args)
+    report(stats, args.output_dir, brief=nested)
+
+
+def report(stats: dict[str, Any], output_dir: str, brief: bool = False
+           ) -> None:
+  """What was prepared: rows kept and rejected, then per split (console)."""
+  splits = stats["splits"]
+  console.say("prepared %s of %s rows in %.1f s (%s rejected, %s) -> %s",
+              f"{stats['rows_out']:,}", f"{stats['rows_in']:,}",
+              stats["seconds"], f"{stats['rejected_total']:,}",
+              ", ".join(f"{s} {v['examples']:,}" for s, v in splits.items()),
+              output_dir)
+  if brief:
+    return
+  if stats["rejected"]:
+    console.say("rejected %s (rows in rejected.jsonl)", ", ".join(
+        f"{k} {v:,}" for k, v in stats["rejected"].items()))
+  if stats["repaired"]:
+    console.say("repaired %s", ", ".join(
+        f"{k} {v:,}" for k, v in stats["repaired"].items()))
+  session = console.active()
+  console.say("wrote    %s: %d TFRecord shard(s), dataset_info.json, "
+              "labels.txt, stats.json, rejected.jsonl%s", output_dir,
+              sum(len(v) for v in _shard_files(output_dir).values()),
+              f", {session.log_path.name}" if session else "")
+  console.table(
+      ["split", "products", "with photo", "classes"],
+      [[s, f"{v['examples']:,}", f"{v['image_present']:,}",
+        f"{len(v['per_class'])}"] for s, v in splits.items()])
+
+
+def _shard_files(output_dir: str) -> dict[str, list[str]]:
+  info = json.loads((pathlib.Path(output_dir) / records.INFO_FILE).read_text(
+      encoding="utf-8"))
+  return {s: [f["file"] for f in shards]
+          for s, shards in info.get("shards", {}).items()}
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mic_jax import console
 from mic_jax.checkpoints import common
 from mic_jax.data import photos
 from mic_jax.serving import predictor as predictor_lib
@@ -519,24 +520,60 @@ _PRECISION = flags.DEFINE_float("target_precision", 0.95, "Precision the "
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output.")
 _SAVED_MODEL = flags.DEFINE_bool("saved_model", False, "Also write a TF "
                                  "SavedModel (jax2tf) for TF Serving.")
+console.define_verbose_flag()
 
 
 def main(argv):
   del argv
-  try:
-    manifest = export_run(_WORKDIR.value, _OUTPUT.value, step=_STEP.value,
-                          dtype=_DTYPE.value,
-                          target_precision=_PRECISION.value,
-                          overwrite=_OVERWRITE.value,
-                          saved_model=_SAVED_MODEL.value)
-  except ExportError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps({"output": _OUTPUT.value, "model": manifest["model"],
-                    "platforms": manifest["platforms"],
-                    "abstain": manifest["abstain"]}))
+  out = pathlib.Path(_OUTPUT.value)
+  # The export directory holds only what its manifest lists: the log sits
+  # beside it (exports/v1 -> exports/v1.log).
+  with console.session("export", out.parent, log_name=f"{out.name}.log",
+                       verbose=console.verbose_requested()) as session:
+    console.say("export   %s (%s) -> %s (log: %s)", _WORKDIR.value,
+                "best checkpoint" if _STEP.value is None
+                else f"checkpoints/{_STEP.value}", out, session.log_path)
+    try:
+      manifest = export_run(_WORKDIR.value, _OUTPUT.value, step=_STEP.value,
+                            dtype=_DTYPE.value,
+                            target_precision=_PRECISION.value,
+                            overwrite=_OVERWRITE.value,
+                            saved_model=_SAVED_MODEL.value)
+    except ExportError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    report(manifest, out)
+
+
+def report(manifest: dict[str, Any], out: pathlib.Path) -> None:
+  """What was exported, for the console: files, abstain rule, metrics."""
+  files = manifest["files"]
+  size = sum(f["bytes"] for f in files.values())
+  tops = sorted({name.split("/")[0] + ("/" if "/" in name else "")
+                 for name in files})
+  console.say("wrote    %s (%.1f MB): %s, %s", out, size / 2**20,
+              ", ".join(tops), MANIFEST)
+  console.say("serves   %s on %s, %s parameters, temperature %.3f",
+              manifest["model"], ", ".join(manifest["platforms"]),
+              manifest["params_dtype"],
+              manifest["calibration"]["temperature"])
+  abstain = manifest["abstain"]
+  if abstain["validation_precision"] is None:
+    console.say("abstain  below %.3f (no validation precision)",
+                abstain["threshold"])
+  else:
+    console.say("abstain  below probability %.3f: validation precision "
+                "%.3f, coverage %.3f", abstain["threshold"],
+                abstain["validation_precision"],
+                abstain["validation_coverage"])
+  console.results_table(manifest["metrics"])
+
+
+def run():
+  """Console-script entry point (``mic-jax-export``)."""
+  flags.mark_flags_as_required(["workdir", "output"])
+  app.run(main)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "output"])
-  app.run(main)
+  run()

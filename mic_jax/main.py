@@ -19,6 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mic_jax import console
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally with ':argument'.",
     lock_config=True)
@@ -36,11 +38,20 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (non-TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
+console.define_verbose_flag()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  process = _PROCESS_ID.value
+  log_name = "train.log" if not process else f"train.process{process}.log"
+  with console.session("train", _WORKDIR.value, log_name=log_name,
+                       verbose=console.verbose_requested()):
+    _train()
+
+
+def _train():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   # tf.data must not grab the accelerators JAX is about to use.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -50,21 +61,24 @@ def main(argv):
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value,
         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s)",
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
-  from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  console.say("JAX process %d/%d, %d local / %d global devices (%s)",
+              jax.process_index(), jax.process_count(),
+              jax.local_device_count(), jax.device_count(),
+              jax.devices()[0].platform)
+  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import summary, trainer
+  # pylint: enable=g-import-not-at-top
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except trainer.TrainingError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  summary.end(results, _WORKDIR.value)
 
 
 def run():
-  """Console-script entry point (``mic-jax``)."""
+  """Console-script entry point (``mic-jax-train``, ``mic-jax``)."""
   app.run(main)
 
 

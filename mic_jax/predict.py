@@ -26,6 +26,8 @@ from typing import Any, Iterator
 from absl import app
 from absl import flags
 
+from mic_jax import console
+
 _MODEL = flags.DEFINE_string("model", None, "Export directory.")
 _TITLE = flags.DEFINE_string("title", None, "One product's title.")
 _IMAGE = flags.DEFINE_string("image", None, "Its photo (path), if any.")
@@ -37,6 +39,7 @@ _ID_COLUMN = flags.DEFINE_string("id_column", "id", "Batch mode: copied to "
                                  "the output when present.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Labels per product.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Products per model call.")
+console.define_verbose_flag()
 
 
 def read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -128,11 +131,30 @@ def _score_one(predictor, row, root, title_column, image_column, top_k,
 
 def main(argv):
   del argv
-  from mic_jax.serving import Predictor, PredictionError  # pylint: disable=g-import-not-at-top
-  predictor = Predictor(_MODEL.value)
+  # Stdout carries the predictions: the console lines go to stderr. The log
+  # sits beside the batch output, or in the user's log folder (see console).
+  output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value)) \
+      if _INPUT.value and _OUTPUT.value else None
+  with console.session("predict", output_dir, stream=sys.stderr,
+                       verbose=console.verbose_requested()):
+    _predict()
+
+
+def _predict():
+  # pylint: disable=g-import-not-at-top
+  from mic_jax.serving import ExportDirError, Predictor, PredictionError
+  # pylint: enable=g-import-not-at-top
+  try:
+    predictor = Predictor(_MODEL.value)
+  except ExportDirError as e:  # Not whole: refuse to use it.
+    raise SystemExit(f"error: {e}") from e
   if _INPUT.value:
     if not _OUTPUT.value:
       raise app.UsageError("--input needs --output")
+    console.say("predict  %s with %s (%s, %d labels) -> %s (log: %s)",
+                _INPUT.value, _MODEL.value, predictor.manifest["model"],
+                len(predictor.labels), _OUTPUT.value,
+                console.active().log_path)
     counts = predict_file(
         predictor, _INPUT.value, _OUTPUT.value,
         title_column=_TITLE_COLUMN.value, image_column=_IMAGE_COLUMN.value,
@@ -151,6 +173,11 @@ def main(argv):
   print(json.dumps(result, ensure_ascii=False, indent=1))
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point (``mic-jax-predict``)."""
   flags.mark_flag_as_required("model")
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

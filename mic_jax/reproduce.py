@@ -33,10 +33,9 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
-import tensorflow as tf
 
 from configs import common
+from mic_jax import console
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +83,7 @@ def _define_flags() -> None:
                     "text_only,title_baseline); default: all.")
   flags.DEFINE_bool("ablate_photos", True, "Score every fused system with its "
                     "photos withheld too.")
+  console.define_verbose_flag()
 
 
 def parse_value(old: object, text: str) -> object:
@@ -117,12 +117,13 @@ def system_config(system: System, preset: str, data_dir: str, root: str,
 def run_system(system: System, root: str) -> dict:
   """Trains (unless finished) and returns the system's results.json."""
   # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   from mic_jax.train import title_baseline, trainer
   # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
   results_path = os.path.join(workdir, "results.json")
   if not tf.io.gfile.exists(results_path):
-    logging.info("=== %s -> %s", system.name, workdir)
+    console.say("=== %s -> %s", system.name, workdir)
     if system.module == "title_baseline":
       data_dir = FLAGS.data_dir
       if not data_dir:
@@ -140,7 +141,10 @@ def photo_ablation(system: System, root: str) -> dict | None:
   """Test figures of a fused run with every photo withheld (cached)."""
   if not (system.fused and FLAGS.ablate_photos):
     return None
-  from mic_jax.tools import photo_ablation as ablation  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from mic_jax.tools import photo_ablation as ablation
+  # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
   path = os.path.join(workdir, "photo_ablation.json")
   if tf.io.gfile.exists(path):
@@ -167,6 +171,16 @@ def markdown(rows: list[tuple[System, dict, dict | None]]) -> str:
 
 def main(argv):
   del argv
+  with console.session("reproduce", FLAGS.workdir,
+                       verbose=console.verbose_requested()) as session:
+    console.say("reproduce  preset %s, data %s -> %s (log: %s)", FLAGS.preset,
+                FLAGS.data_dir or "built-in demo", FLAGS.workdir,
+                session.log_path)
+    _reproduce()
+
+
+def _reproduce():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   root = FLAGS.workdir
   tf.io.gfile.makedirs(root)
   systems = list(SYSTEMS) + ([BIT] if FLAGS.with_bit else [])
@@ -181,14 +195,24 @@ def main(argv):
   for system in systems:
     results = run_system(system, root)
     rows.append((system, results, photo_ablation(system, root)))
+    console.say("%s: validation macro-F1 %.4f, test macro-F1 %.4f (%s)",
+                system.name, results["validation"]["macro_f1"],
+                results["test"]["macro_f1"], os.path.join(root, system.subdir))
   table = markdown(rows)
   name = "table2.md" if not FLAGS.systems else "table2_partial.md"
   with tf.io.gfile.GFile(os.path.join(root, name), "w") as f:
     f.write(table)
-  print(table)
+  console.say("wrote    %s", os.path.join(root, name))
+  for line in table.splitlines():
+    console.say("%s", line)
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point (``mic-jax-reproduce``)."""
   _define_flags()
   flags.mark_flag_as_required("workdir")
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

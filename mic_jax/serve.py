@@ -33,8 +33,9 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 from aiohttp import web
+
+from mic_jax import console
 
 _MODEL = flags.DEFINE_string("model", None, "Export directory.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
@@ -51,6 +52,7 @@ _BATCH_DELAY = flags.DEFINE_float(
     "its batch. 0 still merges whatever queued while the model was busy.")
 _ENCODE_THREADS = flags.DEFINE_integer(
     "encode_threads", 2, "Threads tokenizing titles and decoding photos.")
+console.define_verbose_flag()
 
 
 class BadRequest(Exception):
@@ -164,16 +166,24 @@ def make_app(predictor: Any, *, max_body_bytes: int, max_instances: int,
 
 def main(argv):
   del argv
+  # No output directory: the log goes to the user's log folder (console).
+  with console.session("serve", None, verbose=console.verbose_requested()):
+    _serve()
+
+
+def _serve():
   from mic_jax.serving import ExportDirError, Predictor  # pylint: disable=g-import-not-at-top
   try:
     predictor = Predictor(_MODEL.value)
   except ExportDirError as e:  # Not whole: refuse to serve it.
     raise SystemExit(f"error: {e}") from e
+  console.say("model    %s (%s, %d labels); warming up", _MODEL.value,
+              predictor.manifest["model"], len(predictor.labels))
   predictor.predict(["warm-up"], [None])  # Load the tokenizer and TF ops.
   # Compile every batch size a call can have before the first client.
   predictor.warm_up(max(_MAX_BATCH.value, _MAX_INSTANCES.value))
-  logging.info("serving %s on http://%s:%d", _MODEL.value, _HOST.value,
-               _PORT.value)
+  console.say("serving  http://%s:%d (POST /v1/predict, GET /healthz; log: "
+              "%s)", _HOST.value, _PORT.value, console.active().log_path)
   web.run_app(make_app(predictor, max_body_bytes=_MAX_BODY.value,
                        max_instances=_MAX_INSTANCES.value,
                        max_batch_size=_MAX_BATCH.value,
@@ -182,6 +192,11 @@ def main(argv):
               host=_HOST.value, port=_PORT.value, print=None)
 
 
-if __name__ == "__main__":
+def run():
+  """Console-script entry point (``mic-jax-serve``)."""
   flags.mark_flag_as_required("model")
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

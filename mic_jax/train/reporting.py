@@ -28,6 +28,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from mic_jax import console
+
 
 def is_writer() -> bool:
   return jax.process_index() == 0
@@ -177,7 +179,8 @@ def write_per_class_csv(path: str, report: Mapping[str, Any],
 
 
 def log_line(step: int, total: int, record: Mapping[str, Any]) -> None:
-  logging.info(
+  """The progress line of a logged step, on the console."""
+  console.say(
       "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f ex/s  ETA %s",
       step, total, record.get("train/loss", float("nan")),
       record.get("train/learning_rate", float("nan")),

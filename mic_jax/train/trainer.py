@@ -45,7 +45,7 @@ import numpy as np
 
 from mic_jax import sharding as shd
 from mic_jax.train import checkpointing, evaluation, optimizer, reporting, steps
-from mic_jax.train import faults, finite, image_features, towers
+from mic_jax.train import faults, finite, image_features, summary, towers
 from mic_jax.data import pipeline
 
 
@@ -404,8 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   # What a killed run wrote after the restored step is replayed, not kept.
   resumed_at = start_step if checkpoints.latest_step() is not None else None
   checkpoints.forget_best_after(resumed_at)
-  logging.info("state %s; training steps %d..%d", how, start_step,
-               config.total_steps)
+  summary.start(run, how, start_step)
 
   train_step = jit_train_step(run)
   evaluator = evaluation.Evaluator(run)
@@ -472,7 +471,6 @@ def _evaluate_and_keep_best(evaluator, state, step, writer, log, checkpoints):
              "validation/accuracy": report["accuracy"]}
   writer.write_scalars(step, scalars)
   log.append({"step": step, **scalars})
-  logging.info("step %d validation macro-F1 %.4f accuracy %.4f", step,
-               report["macro_f1"], report["accuracy"])
+  summary.evaluation_line(step, report)
   faults.point("after_eval")
   checkpoints.save_best(step, state.params, scalars)
