@@ -121,7 +121,9 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
   if mask is not None:
     mask = jnp.broadcast_to(jnp.asarray(mask, bool), full)
   if bias is not None:
-    bias = jnp.broadcast_to(bias, full).astype(jnp.float32)
+    # cuDNN takes the bias in the inputs' dtype; XLA adds it in float32.
+    bias = jnp.broadcast_to(bias, full).astype(
+        jnp.float32 if implementation == "xla" else dtype)
   out = jax.nn.dot_product_attention(
       query, key, value, bias=bias, mask=mask, scale=scale,
       implementation=implementation)
