@@ -107,6 +107,12 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # Modality dropout: the probability that a training example's photo is
   # withheld (image_present = 0), so the model learns to do without one.
   c.model.image_dropout = 0.0
+  # How every attention layer (BERT, ViT, fusion) runs: "einsum" (written
+  # out; the reference), "xla" (jax.nn.dot_product_attention, any backend)
+  # or "cudnn" (its fused kernel, NVIDIA GPUs). The fused ones have no
+  # dropout on attention probabilities: while that is active in training
+  # the einsum path runs (mic_jax/models/attention.py).
+  c.model.attention_impl = "einsum"
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""            # data_prep output (labels.txt, *.tfrecord).

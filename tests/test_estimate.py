@@ -74,3 +74,54 @@ def test_tiny_cross_modal_flops_vs_xla():
   est = estimate.estimate(config, num_devices=1)
   ratio = est.train_flops / estimate.xla_train_step_flops(config)
   assert 0.75 <= ratio <= 1.05, ratio
+
+
+def test_compile_flag_checks_the_real_sharded_step(tmp_path):
+  """``--compile --json`` in its own process: JAX gets 2 fake CPU devices
+  from the flag alone, the trainer's step compiles for an FSDP mesh (1, 2,
+  1), and XLA's whole-mesh FLOPs (per-device count x 2) agree with the
+  analytic step FLOPs as on one device (tiny widths: 0.75-1.05, see
+  test_tiny_cross_modal_flops_vs_xla). FSDP, not data parallelism: with
+  replicated parameters every device repeats the AdamW update, which for
+  this tiny model with a 1M-parameter embedding table is most of a step."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "step.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "mic_jax.tools.estimate",
+       f"--config={repo}/configs/cross_modal.py:demo",
+       "--config.batch_size=8", "--config.mesh.data=1",
+       "--config.mesh.fsdp=-1", "--num_devices=2", "--num_classes=10",
+       "--compile", f"--json={out}", "--stderrthreshold=error"],
+      env=env, cwd=repo, capture_output=True, text=True, timeout=900,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh (1, 2, 1)" in result.stdout
+  record = json.loads(out.read_text())
+  assert {"analytic_flops", "xla_flops", "memory_bytes_per_device",
+          "compile_seconds"} <= set(record)
+  assert record["xla_flops"] == pytest.approx(
+      2 * record["xla_flops_per_device"])
+  assert 0.75 <= record["analytic_flops"] / record["xla_flops"] <= 1.05
+  memory = record["memory_bytes_per_device"]
+  assert memory["arguments"] > 0 and memory["temporaries"] > 0
+  assert record["compile_seconds"] > 0
+
+
+def test_compiled_step_report_states_fit():
+  from mic_jax.tools import compile_check  # pylint: disable=g-import-not-at-top
+  step = compile_check.CompiledStep(
+      mesh=(4, 1, 1), flops_per_device=2.5e12,
+      memory={"arguments": 20 * 2**30, "outputs": 20 * 2**30,
+              "aliased": 19 * 2**30, "temporaries": 14 * 2**30,
+              "generated_code": 0},
+      lower_seconds=1.0, compile_seconds=2.0)
+  assert step.flops == 1e13
+  assert step.peak_bytes_per_device == 35 * 2**30
+  text = compile_check.report(step, 0.9e13, 32 * 2**30, "v4")
+  assert "DOES NOT FIT" in text and "analytic / XLA = 0.900" in text

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mic_jax.models import attention
 from mic_jax.models import partitioning as P
 
 Dtype = Any
@@ -60,6 +61,8 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   pad_token_id: int = 0
+  # How attention runs, not the architecture (mic_jax.models.attention).
+  attention_impl: str = "einsum"
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -69,6 +72,7 @@ class BertConfig:
     if self.hidden_act not in _ACTIVATIONS:
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; "
                        f"supported: {sorted(_ACTIVATIONS)}")
+    attention.check_implementation(self.attention_impl)
 
   @classmethod
   def from_dict(cls, values: dict[str, Any], *, source: str = "config"
@@ -208,13 +212,10 @@ class BertSelfAttention(_BertModule):
       return y.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
 
     q, k, v = project("query"), project("key"), project("value")
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                        preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(cfg.head_dim)) + attention_bias
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(cfg.attention_probs_dropout_prob)(
-        weights, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+    out = attention.dot_product_attention(
+        q, k, v, bias=attention_bias, implementation=cfg.attention_impl,
+        dropout_rate=cfg.attention_probs_dropout_prob,
+        deterministic=not train, dtype=self.dtype)
     return out.reshape(batch, length, cfg.hidden_size)
 
 

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from mic_jax.models import attention as attention_lib
 from mic_jax.models import bert as bert_lib
 from mic_jax.models import fusion as fusion_lib
 
@@ -107,6 +108,9 @@ class MultimodalClassifier(nn.Module):
     head_bias: bias on the output layer; eq. (4) has none, so
       :func:`build_model` turns it off for cross_modal.
     text_repr: "pooler", "cls" or "mean" (see the module docstring).
+    attention_impl: how the fusion's attention runs ("einsum", "xla",
+      "cudnn"; :mod:`mic_jax.models.attention`); the towers carry their own
+      in their configs.
     dtype: compute dtype; parameters keep their own ``param_dtype``.
   """
   kind: str
@@ -121,6 +125,7 @@ class MultimodalClassifier(nn.Module):
   head_dropout: float = 0.0
   head_bias: bool = True
   text_repr: str = "pooler"
+  attention_impl: str = "einsum"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -140,7 +145,7 @@ class MultimodalClassifier(nn.Module):
       self.fusion = fusion_lib.CrossModalAttention(
           heads=self.fusion_heads, gate=self.fusion_gate,
           dropout=self.fusion_dropout, pool=self.fusion_pool,
-          return_stats=True, **kw)
+          return_stats=True, attention_impl=self.attention_impl, **kw)
     elif self.kind == "early":
       self.fusion = fusion_lib.EarlyFusion(
           mlp_dim=self.mlp_dim, dropout=self.fusion_dropout, **kw)
@@ -219,6 +224,13 @@ def compute_dtype(name: str) -> Any:
   return _DTYPES[name]
 
 
+def attention_impl(config: ml_collections.ConfigDict) -> str:
+  """``config.model.attention_impl`` (default "einsum"), checked."""
+  model_cfg = config.get("model") or {}
+  return attention_lib.check_implementation(
+      model_cfg.get("attention_impl", "einsum"))
+
+
 def text_config(config: ml_collections.ConfigDict) -> bert_lib.BertConfig:
   """The BERT architecture of ``config.text``.
 
@@ -237,6 +249,7 @@ def text_config(config: ml_collections.ConfigDict) -> bert_lib.BertConfig:
                      attention_probs_dropout_prob=float(text.dropout))
   if text.get("vocab_size"):
     overrides["vocab_size"] = int(text.vocab_size)
+  overrides["attention_impl"] = attention_impl(config)
   if explicit:
     values = dict(explicit.to_dict() if hasattr(explicit, "to_dict")
                   else explicit)
@@ -286,6 +299,7 @@ def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
   if image.get("remat"):
     overrides["remat"] = True
   if kind == "vit":
+    overrides["attention_impl"] = attention_impl(config)
     from mic_jax.models import vit  # pylint: disable=g-import-not-at-top
     if image.get("dropout"):
       overrides["dropout"] = float(image.dropout)
@@ -312,7 +326,8 @@ def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
   ``config.dtype`` (compute; parameters stay float32), ``config.text`` (see
   :func:`text_config`; plus ``remat``), ``config.image.{kind, variant,
   dropout, remat}`` and ``config.fusion.{heads, gate, dropout, pool,
-  mlp_dim}``. Optional: ``config.model.text_repr`` ("pooler"/"cls"/"mean") and
+  mlp_dim}``. Optional: ``config.model.text_repr`` ("pooler"/"cls"/"mean"),
+  ``config.model.attention_impl`` (every attention layer; "einsum") and
   ``config.fusion.head_bias`` (default: off for cross_modal, as in eq. 4,
   on otherwise).
   """
@@ -356,4 +371,5 @@ def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
       head_dropout=float(head_dropout or 0.0),
       head_bias=bool(head_bias),
       text_repr=model_cfg.get("text_repr", "pooler"),
+      attention_impl=attention_impl(config),
       dtype=dtype, param_dtype=jnp.float32)

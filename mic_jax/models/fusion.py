@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mic_jax.models import attention
 from mic_jax.models import partitioning as P
 
 Dtype = Any
@@ -100,12 +101,15 @@ class Attention(nn.Module):
     use_bias: biases on the Q/K/V projections.
     out_proj: a final ``Dt x Dt`` projection of the concatenated heads.
     dropout: dropout rate on the attention probabilities.
+    attention_impl: "einsum", "xla" or "cudnn" (:mod:`mic_jax.models.
+      attention`); every one returns zeros for a row with no valid key.
   """
   out_features: int
   heads: int = 1
   use_bias: bool = False
   out_proj: bool = False
   dropout: float = 0.0
+  attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -142,12 +146,10 @@ class Attention(nn.Module):
 
     query, key, value = project(q, "query"), project(kv, "key"), project(
         kv, "value")
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                        preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(head_dim))
-    weights = masked_softmax(logits, key_mask[:, None, None, :] > 0)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=not train)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
+    y = attention.dot_product_attention(
+        query, key, value, mask=key_mask[:, None, None, :] > 0,
+        empty_rows_zero=True, implementation=self.attention_impl,
+        dropout_rate=self.dropout, deterministic=not train, dtype=self.dtype)
     # Concatenating the heads is a reshape of the head-major layout.
     y = y.reshape(*y.shape[:2], self.out_features)
     # The head axis is not constrained: with 1 head (eq. 2) it cannot split.
@@ -189,6 +191,7 @@ class CrossModalAttention(nn.Module):
       sum grows with the title length; mean is the option when titles vary
       a lot in length.
     return_stats: also return a dict of monitoring scalars (gate mean).
+    attention_impl: how both SA terms run (:mod:`mic_jax.models.attention`).
   """
   heads: int = 1
   gate: bool = True
@@ -197,6 +200,7 @@ class CrossModalAttention(nn.Module):
   dropout: float = 0.0
   pool: str = "sum"
   return_stats: bool = False
+  attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -232,7 +236,8 @@ class CrossModalAttention(nn.Module):
     present = (image_present > 0)
     image_keys = jnp.broadcast_to(present[:, None], v.shape[:2])
     kw = dict(out_features=width, heads=self.heads, use_bias=self.qkv_bias,
-              out_proj=self.out_proj, dropout=self.dropout, dtype=self.dtype,
+              out_proj=self.out_proj, dropout=self.dropout,
+              attention_impl=self.attention_impl, dtype=self.dtype,
               param_dtype=self.param_dtype)
 
     self_term = Attention(name="self_attn", **kw)(h, h, text_mask, train=train)

@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mic_jax.models import attention
 from mic_jax.models import partitioning as P
 
 Dtype = Any
@@ -92,6 +93,8 @@ class ViTConfig:
       DINOv2). The tower still takes images in [-1, 1] like every tower and
       applies ``((images + 1) / 2 - mean) / std`` itself. None (default)
       feeds the images as they are, which is what mean = std = 0.5 means.
+    attention_impl: how attention runs, not the architecture: "einsum",
+      "xla" or "cudnn" (:mod:`mic_jax.models.attention`).
   """
   patch_size: int = 16
   width: int = 768
@@ -110,6 +113,7 @@ class ViTConfig:
   layer_scale_init: float | None = None
   pixel_mean: tuple[float, float, float] | None = None
   pixel_std: tuple[float, float, float] | None = None
+  attention_impl: str = "einsum"
 
   def __post_init__(self):
     if self.width % self.num_heads:
@@ -121,6 +125,7 @@ class ViTConfig:
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"unknown classifier {self.classifier!r}; known: "
                        f"{CLASSIFIERS}")
+    attention.check_implementation(self.attention_impl)
     if self.representation_size and not self.num_classes:
       raise ValueError("representation_size (pre_logits) is only used by the "
                        "classification head; set num_classes too, or drop it")
@@ -313,12 +318,10 @@ class SelfAttention(_ViTModule):
 
     q, k, v = project("query"), project("key"), project("value")
     q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                        preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(cfg.attention_dropout)(
-        weights, deterministic=not train).astype(self.dtype)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    y = attention.dot_product_attention(
+        q, k, v, scale=1.0, implementation=cfg.attention_impl,
+        dropout_rate=cfg.attention_dropout, deterministic=not train,
+        dtype=self.dtype)
     y = P.constrain(y, (P.BATCH, P.LENGTH, P.ACT_HEADS, None))
     return HeadsDense((cfg.width,), contract=2,
                       kernel_axes=(P.HEADS, None, P.EMBED),

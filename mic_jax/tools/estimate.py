@@ -27,11 +27,18 @@ way the trainer derives them.
 
 ``--compare_xla`` compiles the real train step for one device and prints
 XLA's own FLOP count next to the analytic one.
+
+``--compile`` compiles the trainer's real train step for the config's mesh
+on ``--num_devices`` devices (fake CPU devices, requested before JAX
+starts; abstract inputs only) and prints XLA's FLOPs and per-device memory
+next to the analytic figures, with the compile time; ``--json=FILE`` writes
+them (:mod:`mic_jax.tools.compile_check`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -46,6 +53,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from mic_jax import sharding as shd
+from mic_jax.tools import compile_check
 
 # Dense bf16 peak FLOP/s and memory per device (chip or GPU), from the
 # vendors' published specifications; "cpu" is this project's 2-core
@@ -272,10 +280,20 @@ _CLASSES = flags.DEFINE_integer("num_classes", 1000, "Categories (the "
                                 "trainer takes them from the data).")
 _XLA = flags.DEFINE_bool("compare_xla", False, "Compile the train step on "
                          "this machine and print XLA's FLOP count too.")
+_COMPILE = flags.DEFINE_bool("compile", False, "AOT-compile the real train "
+                             "step for the mesh on --num_devices (fake CPU) "
+                             "devices; print XLA's FLOPs and memory.")
+_JSON = flags.DEFINE_string("json", None, "With --compile: write analytic "
+                            "and XLA figures of the train step to this file.")
 
 
 def main(argv):
   del argv
+  if _JSON.value and not _COMPILE.value:
+    raise app.UsageError("--json needs --compile")
+  if _COMPILE.value and _DEVICES.value:
+    # Before anything starts JAX's backend.
+    compile_check.request_cpu_devices(_DEVICES.value)
   config = _CONFIG.value.copy_and_resolve_references()
   with config.unlocked():
     config.num_classes = _CLASSES.value
@@ -293,6 +311,15 @@ def main(argv):
     est = estimate(config, _DEVICES.value or jax.device_count())
   xla = xla_train_step_flops(config) if _XLA.value else None
   print(report(est, config, _ACCEL.value, _MFU.value, xla))
+  if _COMPILE.value:
+    compiled = compile_check.compile_train_step(
+        config, _DEVICES.value or jax.device_count())
+    analytic = est.train_flops * config.batch_size
+    print(compile_check.report(compiled, analytic,
+                               ACCELERATORS[_ACCEL.value][1], _ACCEL.value))
+    if _JSON.value:
+      with open(_JSON.value, "w", encoding="utf-8") as f:
+        json.dump(compile_check.json_record(compiled, analytic), f, indent=2)
 
 
 if __name__ == "__main__":

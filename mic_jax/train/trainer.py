@@ -126,13 +126,20 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str
 # ------------------------------------------------------- model & state --
 
 
-def build_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Data, mesh, model and the abstract sharded state of a run."""
-  data_dir, info = resolve_data(config, workdir)
+def build_run(config: ml_collections.ConfigDict, workdir: str, *,
+              data: tuple[str, Any] | None = None,
+              devices: list[jax.Device] | None = None) -> Run:
+  """Data, mesh, model and the abstract sharded state of a run.
+
+  ``data`` is ``(data_dir, info)`` when already known (the estimator's
+  ahead-of-time compile passes a stand-in with the label count); ``devices``
+  the devices the mesh is built from (default: all).
+  """
+  data_dir, info = data if data is not None else resolve_data(config, workdir)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.num_classes = info.num_classes
-  mesh = shd.make_mesh(config.mesh)
+  mesh = shd.make_mesh(config.mesh, devices)
   rules = shd.validate_rules(config.mesh.rules or shd.DEFAULT_RULES)
   devices_per_batch = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % (devices_per_batch * config.grad_accum_steps):

@@ -1,0 +1,133 @@
+"""Scaled dot-product attention for every model, with a choice of kernel.
+
+BERT's self-attention, ViT's and the two SA terms of the cross-modal fusion
+(eq. 2) all call :func:`dot_product_attention`; ``implementation`` picks how
+it runs (``config.model.attention_impl``):
+
+* ``"einsum"`` (default): two einsums and a float32 softmax written out here,
+  the path the models were built and checked against Hugging Face with.
+  It is the only one with dropout on the attention probabilities.
+* ``"xla"``: :func:`jax.nn.dot_product_attention` with
+  ``implementation="xla"``; the same arithmetic (float32 logits and
+  softmax), left to XLA to fuse, on every backend.
+* ``"cudnn"``: :func:`jax.nn.dot_product_attention` with cuDNN's fused
+  (flash) kernel; NVIDIA GPUs only, bf16/fp16 inputs.
+
+The fused kernels have no dropout on the attention probabilities. When that
+dropout is active (training with a rate > 0, e.g. BERT's
+``attention_probs_dropout_prob`` 0.1) the einsum path runs instead, so the
+model trained is the one configured; set the rate to 0 to train on the
+fused kernel.
+
+Masks. ``bias`` is added to the scaled logits (BERT's additive padding
+bias). ``mask`` is boolean, True where a key may be attended to; with
+``empty_rows_zero`` a query row with no valid key returns exact zeros (the
+fusion's photo-less products, :func:`mic_jax.models.fusion.masked_softmax`),
+on every path: the fused kernels give such a row a uniform average, which is
+then multiplied by 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+Dtype = Any
+
+
+def check_implementation(implementation: str) -> str:
+  """Returns ``implementation`` or raises naming the config field."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention_impl must be one of "
+                     f"{IMPLEMENTATIONS}, got {implementation!r}")
+  return implementation
+
+
+def _masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+  # Imported here: fusion imports this module.
+  from mic_jax.models import fusion  # pylint: disable=g-import-not-at-top
+  return fusion.masked_softmax(logits, mask)
+
+
+def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
+                          value: jnp.ndarray, *,
+                          bias: jnp.ndarray | None = None,
+                          mask: jnp.ndarray | None = None,
+                          scale: float | None = None,
+                          empty_rows_zero: bool = False,
+                          implementation: str = "einsum",
+                          dropout_rate: float = 0.0,
+                          deterministic: bool = True,
+                          dtype: Dtype = jnp.float32) -> jnp.ndarray:
+  """``softmax(q k^T * scale + bias, masked) v`` per head.
+
+  Call it inside a compact method: the einsum path's dropout is a child
+  ``nn.Dropout`` of the calling module (it holds no parameters).
+
+  Args:
+    query: ``[B, Tq, H, D]``.
+    key, value: ``[B, Tk, H, D]``.
+    bias: float, broadcastable to ``[B, H, Tq, Tk]``, added to the logits.
+    mask: bool, broadcastable to ``[B, H, Tq, Tk]``; True = may attend.
+    scale: logit scale; None divides by ``sqrt(D)``.
+    empty_rows_zero: rows whose ``mask`` is all False give zeros (needs
+      ``mask``); otherwise they follow the plain softmax.
+    implementation: one of :data:`IMPLEMENTATIONS`.
+    dropout_rate, deterministic: dropout on the attention probabilities.
+    dtype: compute dtype of the probabilities-times-values product.
+
+  Returns:
+    ``[B, Tq, H, D]`` in ``dtype``.
+  """
+  check_implementation(implementation)
+  if empty_rows_zero and mask is None:
+    raise ValueError("empty_rows_zero needs a mask")
+  use_dropout = dropout_rate > 0 and not deterministic
+  if implementation != "einsum" and use_dropout:
+    logging.log_first_n(
+        logging.WARNING, "attention_impl=%s has no dropout on attention "
+        "probabilities; the einsum path runs while dropout %.3g is active",
+        1, implementation, dropout_rate)
+    implementation = "einsum"
+  if implementation == "einsum":
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32)
+    if scale is None:
+      logits = logits / jnp.sqrt(jnp.float32(query.shape[-1]))
+    elif scale != 1.0:
+      logits = logits * jnp.float32(scale)
+    if bias is not None:
+      logits = logits + bias
+    if empty_rows_zero:
+      weights = _masked_softmax(logits, mask)
+    else:
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      weights = jax.nn.softmax(logits, axis=-1)
+    weights = nn.Dropout(dropout_rate)(weights, deterministic=not use_dropout)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype),
+                      value.astype(dtype))
+
+  query, key, value = (x.astype(dtype) for x in (query, key, value))
+  batch, q_len, heads, _ = query.shape
+  k_len = key.shape[1]
+  full = (batch, heads, q_len, k_len)
+  if mask is not None:
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), full)
+  if bias is not None:
+    # cuDNN takes the bias in the inputs' dtype; XLA adds it in float32.
+    bias = jnp.broadcast_to(bias, full).astype(
+        jnp.float32 if implementation == "xla" else dtype)
+  out = jax.nn.dot_product_attention(
+      query, key, value, bias=bias, mask=mask, scale=scale,
+      implementation=implementation)
+  if empty_rows_zero:
+    has_key = jnp.any(mask, axis=-1)  # [B, H, Tq]
+    out = out * jnp.swapaxes(has_key, 1, 2)[..., None].astype(out.dtype)
+  return out.astype(dtype)
