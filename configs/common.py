@@ -107,6 +107,11 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # Modality dropout: the probability that a training example's photo is
   # withheld (image_present = 0), so the model learns to do without one.
   c.model.image_dropout = 0.0
+  # Run the BERT and ViT layer stacks under nn.scan: one compiled layer
+  # instead of N (much shorter compiles at the paper's sizes), weights
+  # stacked on a leading "layers" axis. Pretrained and unscanned Orbax
+  # checkpoints convert on load; outputs are the same. BiT ignores it.
+  c.model.scan_layers = False
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""            # data_prep output (labels.txt, *.tfrecord).

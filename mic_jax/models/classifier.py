@@ -286,6 +286,8 @@ def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
   if image.get("remat"):
     overrides["remat"] = True
   if kind == "vit":
+    if (config.get("model") or {}).get("scan_layers"):
+      overrides["scan_layers"] = True
     from mic_jax.models import vit  # pylint: disable=g-import-not-at-top
     if image.get("dropout"):
       overrides["dropout"] = float(image.dropout)
@@ -327,7 +329,9 @@ def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
   if uses_text(kind):
     txt = bert_lib.BertEncoder(text_config(config), dtype=dtype,
                                param_dtype=jnp.float32,
-                               remat=bool(config.text.get("remat", False)))
+                               remat=bool(config.text.get("remat", False)),
+                               scan_layers=bool((config.get("model") or {}).get(
+                                   "scan_layers", False)))
   if uses_image(kind):
     img = build_image_tower(config, dtype)
   fusion_cfg = config.get("fusion") or ml_collections.ConfigDict()
