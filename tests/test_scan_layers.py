@@ -400,3 +400,25 @@ def test_sharded_scanned_run_resumes_unrolled_checkpoint_and_matches(
   _assert_trees_close(_to_unrolled(jax.device_get(got_state.params)),
                       jax.device_get(want_state.params))
   ckpts.close()
+
+
+def test_weight_decay_skips_stacked_norms_and_biases():
+  """AdamW's decay mask ignores the layer axis: one step on the stacked
+  params equals one step on the unrolled params, stacked."""
+  rng = np.random.default_rng(0)
+  layers = {f"layer_{i}": {"norm": {"scale": rng.normal(size=4) + 1},
+                           "dense": {"kernel": rng.normal(size=(4, 4))}}
+            for i in range(2)}
+  unrolled = {"txt": {"encoder": layers}}
+  grads = jax.tree.map(lambda x: np.full_like(x, 0.1), unrolled)
+  config = common.make_config("text_only", "demo")
+  with config.unlocked():
+    config.optim.warmup_steps = 0
+    config.optim.weight_decay = 0.5
+  results = []
+  for params, g in ((unrolled, grads), (_to_scanned(unrolled),
+                                        _to_scanned(grads))):
+    tx, _ = optimizer.make_optimizer(config.optim, params, 100)
+    updates, _ = tx.update(g, tx.init(params), params)
+    results.append(updates)
+  _assert_trees_close(_to_unrolled(results[1]), results[0], atol=1e-7)

@@ -257,7 +257,7 @@ def _restore_in_layout(manager: ocp.CheckpointManager, step: int,
   then placed with ``abstract``'s shardings. ``key``: the restored item's
   entry that holds the tree (for partial restores).
   """
-  saved = layer_stacks.layout(manager.item_metadata(step))
+  saved = layer_stacks.layout(_tree_metadata(manager, step))
   wanted = layer_stacks.layout(abstract)
   differs = any(saved.get(name, form) != form for name, form in wanted.items())
   target = layer_stacks.to_layout(abstract, saved) if differs else abstract
@@ -272,6 +272,20 @@ def _restore_in_layout(manager: ocp.CheckpointManager, step: int,
   return jax.tree.map(
       lambda x, a: x if a.sharding is None else jax.device_put(x, a.sharding),
       converted, abstract)
+
+
+def _tree_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The saved tree's metadata (names, shapes) of ``step``.
+
+  A manager opened only to read knows no item handler yet and gives None;
+  the step's ``default`` item is then read directly.
+  """
+  metadata = manager.item_metadata(step)
+  if metadata is None:
+    path = os.path.join(os.fspath(manager.directory), str(step), "default")
+    metadata = ocp.PyTreeCheckpointer().metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+  return metadata
 
 
 def _restore_arg(x: Any) -> ocp.ArrayRestoreArgs:
