@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,6 @@ from mic_jax.train import evaluation  # noqa: E402
 from mic_jax.train import optimizer  # noqa: E402
 from mic_jax.train import steps  # noqa: E402
 from mic_jax.train import towers  # noqa: E402
-import flax.linen as nn  # noqa: E402
 
 
 def paper_config(preset: str, scan: bool, batch_size: int):
