@@ -113,6 +113,11 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # dropout on attention probabilities: while that is active in training
   # the einsum path runs (mic_jax/models/attention.py).
   c.model.attention_impl = "einsum"
+  # Run the BERT and ViT layer stacks under nn.scan: one compiled layer
+  # instead of N (much shorter compiles at the paper's sizes), weights
+  # stacked on a leading "layers" axis. Pretrained and unscanned Orbax
+  # checkpoints convert on load; outputs are the same. BiT ignores it.
+  c.model.scan_layers = False
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""            # data_prep output (labels.txt, *.tfrecord).

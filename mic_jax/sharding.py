@@ -43,6 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("types", None),
     ("classes", None),
     ("norm", None),
+    ("layers", None),
 )
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mic_jax.checkpoints import common
+from mic_jax.checkpoints import layer_stacks
 from mic_jax.checkpoints.common import CheckpointError
 from mic_jax.checkpoints.hub import resolve_dir
 from mic_jax.checkpoints import tensor_files
@@ -130,7 +131,9 @@ def load_bert_params(directory: pathlib.Path, model: BertEncoder,
                      *, seed: int = 0) -> dict[str, Any]:
   """Reads, renames and checks the weights; returns a numpy param tree.
 
-  Host numpy arrays let the caller place them with any sharding.
+  Host numpy arrays let the caller place them with any sharding. For a
+  model with ``scan_layers`` the layers come stacked on a leading axis
+  (``encoder/layer/...``), as that model wants them.
   """
   tensors, source = read_weights(directory)
   flat, ignored = convert_hf_weights(tensors, source=source)
@@ -147,12 +150,17 @@ def load_bert_params(directory: pathlib.Path, model: BertEncoder,
         jax.random.key(seed), jnp.zeros((1, 1, hidden)))
     flat.update({f"pooler/{k}": np.asarray(v) for k, v in common.flatten(
         nn.meta.unbox(pooler)["params"]).items()})
-  return common.merge_into(abstract_params(model), flat, source=source)
+  unrolled = model.clone(scan_layers=False)
+  params = common.merge_into(abstract_params(unrolled), flat, source=source)
+  if model.scan_layers:
+    params = layer_stacks.to_layout(params, {"layer": layer_stacks.STACKED})
+  return params
 
 
 def load_bert(path_or_hub_id: str | os.PathLike[str], *,
               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-              remat: bool = False, **config_overrides: Any
+              remat: bool = False, scan_layers: bool = False,
+              **config_overrides: Any
               ) -> tuple[BertEncoder, dict[str, Any]]:
   """Loads a Hugging Face BERT checkpoint as ``(model, params)``.
 
@@ -161,6 +169,8 @@ def load_bert(path_or_hub_id: str | os.PathLike[str], *,
     dtype: compute dtype of the returned module.
     param_dtype: dtype the parameters are cast to.
     remat: rematerialise layers in the backward pass.
+    scan_layers: build the model with its layers under ``nn.scan``; the
+      weights are stacked to match.
     **config_overrides: e.g. ``hidden_dropout_prob=0.0``; architecture
       fields that change shapes will fail the shape check.
 
@@ -174,6 +184,6 @@ def load_bert(path_or_hub_id: str | os.PathLike[str], *,
   if config_overrides:
     config = BertConfig(**{**config.__dict__, **config_overrides})
   model = BertEncoder(config, dtype=dtype, param_dtype=param_dtype,
-                      remat=remat)
+                      remat=remat, scan_layers=scan_layers)
   params = load_bert_params(directory, model)
   return model, jax.tree.map(jnp.asarray, params)

@@ -25,6 +25,7 @@ the wrong size; a ``variant`` name, if given, is checked against it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -39,6 +40,7 @@ import numpy as np
 
 from mic_jax.checkpoints import common
 from mic_jax.checkpoints import hf_vit
+from mic_jax.checkpoints import layer_stacks
 from mic_jax.checkpoints import npz
 from mic_jax.checkpoints.common import CheckpointError, FlatParams
 from mic_jax.checkpoints.hub import resolve_dir
@@ -443,10 +445,15 @@ def load_vit(
       representation_size=ckpt_rep if keep_pre_logits else None,
       overrides=overrides)
   model = VisionTransformer(config, dtype=dtype, param_dtype=param_dtype)
+  # Weights are matched in the unrolled layout, then stacked if the model
+  # scans its blocks (``scan_layers``).
+  unrolled = VisionTransformer(
+      dataclasses.replace(config, scan_layers=False), dtype=dtype,
+      param_dtype=param_dtype)
   height, width = config.image_size
   dummy = jnp.zeros((1, height, width, 3), jnp.float32)
   expected = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(seed), dummy))["params"])
+      lambda: unrolled.init(jax.random.key(seed), dummy))["params"])
 
   if directory is not None:
     tensors, source = hf_vit.read_weights(directory)
@@ -489,7 +496,7 @@ def load_vit(
     reinit = r"^head/"
     # Only the head leaves the jitted init; XLA drops the rest unrun.
     init_params = {"head": jax.device_get(jax.jit(
-        lambda: nn.meta.unbox(model.init(jax.random.key(seed), dummy))[
+        lambda: nn.meta.unbox(unrolled.init(jax.random.key(seed), dummy))[
             "params"]["head"])())}
   unexpected = []
   if not num_classes:
@@ -499,4 +506,7 @@ def load_vit(
   params = common.merge_into(
       expected, flat, source=source, reinit=reinit, init_params=init_params,
       allow_unexpected="|".join(unexpected) or None)
+  if config.scan_layers:
+    params = layer_stacks.to_layout(params,
+                                    {"encoderblock": layer_stacks.STACKED})
   return model, params

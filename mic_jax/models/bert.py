@@ -15,6 +15,9 @@ person can check any weight by eye:
   encoder/layer_{i}/output/LayerNorm/{scale,bias}
   pooler/dense/{kernel,bias}
 
+(with ``scan_layers``, ``encoder/layer/...`` holds all layers stacked on a
+leading axis instead of ``encoder/layer_{i}/...``).
+
 Every weight carries logical axis names (see ``partitioning``) so the same
 module runs data-parallel, FSDP or tensor-parallel by configuration.
 """
@@ -254,7 +257,12 @@ class BertIntermediate(_BertModule):
 
 
 class BertLayer(_BertModule):
-  """One post-LayerNorm transformer layer."""
+  """One post-LayerNorm transformer layer.
+
+  ``scan_body``: return ``(x, None)``, the carry/output pair ``nn.scan``
+  wants, instead of ``x``.
+  """
+  scan_body: bool = False
 
   @nn.compact
   def __call__(self, x, attention_bias, train: bool):
@@ -262,18 +270,31 @@ class BertLayer(_BertModule):
         x, attention_bias, train=train)
     h = BertIntermediate(self.config, name="intermediate", **self.kw)(x)
     x = BertOutput(self.config, name="output", **self.kw)(h, x, train=train)
-    return P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
+    x = P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
+    return (x, None) if self.scan_body else x
 
 
 class BertLayerStack(_BertModule):
-  """The ``encoder`` scope holding ``layer_0 ... layer_{N-1}``."""
+  """The ``encoder`` scope holding ``layer_0 ... layer_{N-1}``.
+
+  With ``scan`` it holds one ``layer`` scope instead, whose weights have a
+  leading layer axis (see :func:`partitioning.scan_layers`); stacking the
+  ``layer_{i}`` trees of an unrolled model gives exactly its weights.
+  """
   remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, attention_bias, *, train: bool):
     # static_argnums counts the module as argument 0, so ``train`` is 3.
     layer_cls = (nn.remat(BertLayer, static_argnums=(3,)) if self.remat
                  else BertLayer)
+    if self.scan:
+      stack = P.scan_layers(layer_cls, length=self.config.num_hidden_layers,
+                            num_broadcast=2)
+      x, _ = stack(self.config, scan_body=True, name="layer", **self.kw)(
+          x, attention_bias, train)
+      return x
     for i in range(self.config.num_hidden_layers):
       x = layer_cls(self.config, name=f"layer_{i}", **self.kw)(
           x, attention_bias, train)
@@ -299,8 +320,12 @@ class BertEncoder(_BertModule):
     param_dtype: parameter dtype (keep ``float32`` master weights).
     remat: recompute each layer's activations in the backward pass, trading
       compute for memory on long sequences / large batches.
+    scan_layers: run the layers under ``nn.scan`` (one compiled layer,
+      weights stacked as ``encoder/layer/...`` on a leading layer axis)
+      instead of unrolled ``encoder/layer_{i}``; same numbers.
   """
   remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
@@ -326,7 +351,7 @@ class BertEncoder(_BertModule):
     # Additive mask; float32 min keeps fully padded rows finite after softmax.
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                      jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    seq = BertLayerStack(self.config, remat=self.remat, name="encoder",
-                         **self.kw)(x, bias, train=train)
+    seq = BertLayerStack(self.config, remat=self.remat, scan=self.scan_layers,
+                         name="encoder", **self.kw)(x, bias, train=train)
     pooled = BertPooler(self.config, name="pooler", **self.kw)(seq)
     return seq, pooled

@@ -300,6 +300,8 @@ def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
     overrides["remat"] = True
   if kind == "vit":
     overrides["attention_impl"] = attention_impl(config)
+    if (config.get("model") or {}).get("scan_layers"):
+      overrides["scan_layers"] = True
     from mic_jax.models import vit  # pylint: disable=g-import-not-at-top
     if image.get("dropout"):
       overrides["dropout"] = float(image.dropout)
@@ -342,7 +344,9 @@ def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
   if uses_text(kind):
     txt = bert_lib.BertEncoder(text_config(config), dtype=dtype,
                                param_dtype=jnp.float32,
-                               remat=bool(config.text.get("remat", False)))
+                               remat=bool(config.text.get("remat", False)),
+                               scan_layers=bool((config.get("model") or {}).get(
+                                   "scan_layers", False)))
   if uses_image(kind):
     img = build_image_tower(config, dtype)
   fusion_cfg = config.get("fusion") or ml_collections.ConfigDict()

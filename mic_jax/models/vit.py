@@ -84,6 +84,10 @@ class ViTConfig:
       set, images of another size are rejected with a message saying how to
       resize the embeddings, instead of failing inside flax.
     remat: recompute each block's activations in the backward pass.
+    scan_layers: run the blocks under ``nn.scan`` (one compiled block,
+      weights stacked as ``Transformer/encoderblock/...`` on a leading
+      layer axis, big_vision's scanned layout) instead of unrolled
+      ``encoderblock_{i}``; same numbers.
     layer_scale_init: None (default, the original ViT) or the initial value
       of LayerScale (Touvron et al. 2021, used by DINOv2): a learned
       per-channel scale on the attention output and on the MLP output of
@@ -114,6 +118,7 @@ class ViTConfig:
   pixel_mean: tuple[float, float, float] | None = None
   pixel_std: tuple[float, float, float] | None = None
   attention_impl: str = "einsum"
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.width % self.num_heads:
@@ -341,6 +346,8 @@ class Encoder1DBlock(_ViTModule):
     return LayerScale(self.config.layer_scale_init, name=name,
                       param_dtype=self.param_dtype)(y)
 
+  scan_body: bool = False  # Return (x, None) for nn.scan.
+
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     cfg = self.config
@@ -354,7 +361,8 @@ class Encoder1DBlock(_ViTModule):
     y = MlpBlock(cfg, name="MlpBlock_3", **self.kw)(y, train=train)
     y = self.layer_scale("LayerScale_3", y)
     x = x + y
-    return P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
+    x = P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
+    return (x, None) if self.scan_body else x
 
 
 class Encoder(_ViTModule):
@@ -369,8 +377,13 @@ class Encoder(_ViTModule):
     x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
     block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,)) if cfg.remat
                  else Encoder1DBlock)
-    for i in range(cfg.depth):
-      x = block_cls(cfg, name=f"encoderblock_{i}", **self.kw)(x, train)
+    if cfg.scan_layers:
+      stack = P.scan_layers(block_cls, length=cfg.depth, num_broadcast=1)
+      x, _ = stack(cfg, scan_body=True, name="encoderblock", **self.kw)(
+          x, train)
+    else:
+      for i in range(cfg.depth):
+        x = block_cls(cfg, name=f"encoderblock_{i}", **self.kw)(x, train)
     return self.layer_norm("encoder_norm")(x)
 
 

@@ -21,7 +21,10 @@ restores; otherwise the error stands and nothing is moved.
 
 Restores always go through an abstract target whose leaves carry the
 *current* run's shardings, so a checkpoint written on one mesh restores onto
-another.
+another. Likewise a checkpoint whose layer stacks are unrolled restores into
+a run with ``config.model.scan_layers`` and back: the target is converted to
+the checkpoint's layout (read from its metadata), and the restored tree to
+the run's (:mod:`mic_jax.checkpoints.layer_stacks`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from mic_jax.checkpoints import layer_stacks
 from mic_jax.train import faults
 
 BEST_METRIC = "validation/macro_f1"
@@ -93,15 +97,15 @@ class RunCheckpoints:
     moves (a changed model config must not cost a run its checkpoints).
     """
     if step is not None:
-      return self.latest.restore(step, args=ocp.args.StandardRestore(
-          abstract_state))
+      return _restore_in_layout(self.latest, step, abstract_state,
+                                ocp.args.StandardRestore)
     broken: list[tuple[int, str]] = []
     first_error: Exception | None = None
     for candidate in sorted(self.latest.all_steps(), reverse=True):
       logging.info("restoring train state from step %d", candidate)
       try:
-        state = self.latest.restore(candidate, args=ocp.args.StandardRestore(
-            abstract_state))
+        state = _restore_in_layout(self.latest, candidate, abstract_state,
+                                   ocp.args.StandardRestore)
         problem = validate(state) if validate is not None else None
       except Exception as e:  # pylint: disable=broad-except
         first_error = first_error or e
@@ -174,8 +178,8 @@ class RunCheckpoints:
     step = self.best.best_step()
     if step is None:
       raise FileNotFoundError(f"no best checkpoint in {self.best.directory}")
-    return step, self.best.restore(step, args=ocp.args.StandardRestore(
-        abstract_params))
+    return step, _restore_in_layout(self.best, step, abstract_params,
+                                    ocp.args.StandardRestore)
 
   def reached_preemption(self, step: int) -> bool:
     return self.latest.reached_preemption(step)
@@ -229,15 +233,59 @@ def restore_params_from(directory: str, abstract_params: Any) -> Any:
                                       read_only=True))
   try:
     if os.path.basename(manager_dir) == "checkpoints":  # Full train states.
-      target = {"params": abstract_params}
-      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=jax.tree.map(_restore_arg, target),
-          partial_restore=True))
-      return restored["params"]
-    return manager.restore(step, args=ocp.args.StandardRestore(
-        abstract_params))
+      def params_of_state(target):
+        return ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args={"params": jax.tree.map(_restore_arg, target)},
+            partial_restore=True)
+      return _restore_in_layout(manager, step, abstract_params,
+                                params_of_state, key="params")
+    return _restore_in_layout(manager, step, abstract_params,
+                              ocp.args.StandardRestore)
   finally:
     manager.close()
+
+
+def _restore_in_layout(manager: ocp.CheckpointManager, step: int,
+                       abstract: Any, make_args: Callable[[Any], Any],
+                       key: str | None = None) -> Any:
+  """Restores ``step`` into ``abstract``'s layer layout and shardings.
+
+  The checkpoint's layout (unrolled ``layer_{i}`` or stacked ``layer``) is
+  read from its metadata; when it differs from ``abstract``'s, the restore
+  target is converted to it first and the restored tree back afterwards,
+  then placed with ``abstract``'s shardings. ``key``: the restored item's
+  entry that holds the tree (for partial restores).
+  """
+  saved = layer_stacks.layout(_tree_metadata(manager, step))
+  wanted = layer_stacks.layout(abstract)
+  differs = any(saved.get(name, form) != form for name, form in wanted.items())
+  target = layer_stacks.to_layout(abstract, saved) if differs else abstract
+  restored = manager.restore(step, args=make_args(target))
+  if key is not None:
+    restored = restored[key]
+  if not differs:
+    return restored
+  logging.info("converting checkpoint step %d from layer layout %s to %s",
+               step, saved, wanted)
+  converted = layer_stacks.to_layout(restored, wanted)
+  return jax.tree.map(
+      lambda x, a: x if a.sharding is None else jax.device_put(x, a.sharding),
+      converted, abstract)
+
+
+def _tree_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The saved tree's metadata (names, shapes) of ``step``.
+
+  A manager opened only to read knows no item handler yet and gives None;
+  the step's ``default`` item is then read directly.
+  """
+  metadata = manager.item_metadata(step)
+  if metadata is None:
+    path = os.path.join(os.fspath(manager.directory), str(step), "default")
+    metadata = ocp.PyTreeCheckpointer().metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+  return metadata
 
 
 def _restore_arg(x: Any) -> ocp.ArrayRestoreArgs:

@@ -8,7 +8,12 @@ freeze a tower or give it its own learning rate.
 The chain is: zero the gradients of frozen parameters (so they do not count
 in the global norm) -> clip by global norm -> one AdamW per learning-rate
 group. Weight decay skips norms and biases (every parameter with fewer than
-two dimensions). Frozen parameters get no optimizer state at all.
+two dimensions, not counting the leading layer axis of a scanned layer
+stack). Frozen parameters get no optimizer state at all.
+
+With ``config.model.scan_layers`` the layers of a tower are one parameter
+(``txt/encoder/layer/...``, ``img/Transformer/encoderblock/...``), so a
+pattern can address all layers but not single ones.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import optax
+
+from mic_jax.checkpoints import layer_stacks
 
 FROZEN = "frozen"
 
@@ -94,6 +101,12 @@ def group_labels(params: Any, optim: ml_collections.ConfigDict
   return labels, groups
 
 
+def _layer_axes(path: tuple[Any, ...]) -> int:
+  """1 for a weight of a scanned layer stack (its leading layer axis)."""
+  keys = {getattr(entry, "key", None) for entry in path}
+  return 1 if keys & set(layer_stacks.STACK_NAMES) else 0
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, params: Any,
                    total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -105,7 +118,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: Any,
     raise ValueError(f"optim.freeze={optim.freeze!r} freezes every parameter")
 
   def decay_mask(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x.ndim > 1, tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.ndim - _layer_axes(path) > 1, tree)
 
   def adamw(factor: float) -> optax.GradientTransformation:
     scaled: Callable[[Any], Any] = lambda step: schedule(step) * factor

@@ -20,6 +20,7 @@ import ml_collections
 
 from mic_jax.checkpoints import common
 from mic_jax.checkpoints import hub
+from mic_jax.checkpoints import layer_stacks
 from mic_jax.models import bert as bert_lib
 from mic_jax.models import classifier
 
@@ -85,6 +86,8 @@ def load_pretrained(config: ml_collections.ConfigDict, params: dict[str, Any],
       logging.info("%s: no checkpoint configured, trained from scratch", tower)
       continue
     host_params, source = read(config)
+    # Loaders give unrolled layers; a scan_layers model wants them stacked.
+    host_params = layer_stacks.match_layout(host_params, params[tower])
     checked = common.merge_into(params[tower], common.flatten(host_params),
                                 source=str(source))
     params[tower] = jax.device_put(checked, shardings[tower])
