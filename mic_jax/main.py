@@ -54,9 +54,12 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import late_fusion, trainer  # pylint: disable=g-import-not-at-top
+  # Late fusion is two runs and a mix, above the trainer; the rest is one.
+  train = (late_fusion.run if _CONFIG.value.model.kind == "late"
+           else trainer.train_and_evaluate)
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train(_CONFIG.value, _WORKDIR.value)
   except trainer.TrainingError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

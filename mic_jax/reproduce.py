@@ -37,6 +37,7 @@ from absl import logging
 import tensorflow as tf
 
 from configs import common
+from mic_jax.train import rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +118,10 @@ def system_config(system: System, preset: str, data_dir: str, root: str,
 def run_system(system: System, root: str) -> dict:
   """Trains (unless finished) and returns the system's results.json."""
   # pylint: disable=g-import-not-at-top
-  from mic_jax.train import title_baseline, trainer
+  from mic_jax.train import late_fusion, title_baseline, trainer
   # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
-  results_path = os.path.join(workdir, "results.json")
+  results_path = rundir.path(workdir, rundir.RESULTS)
   if not tf.io.gfile.exists(results_path):
     logging.info("=== %s -> %s", system.name, workdir)
     if system.module == "title_baseline":
@@ -130,8 +131,12 @@ def run_system(system: System, root: str) -> dict:
             SYSTEMS[1], FLAGS.preset, "", root, FLAGS.set), workdir)[0]
       title_baseline.train_and_evaluate(data_dir, workdir)
     else:
-      trainer.train_and_evaluate(system_config(
-          system, FLAGS.preset, FLAGS.data_dir, root, FLAGS.set), workdir)
+      config = system_config(system, FLAGS.preset, FLAGS.data_dir, root,
+                             FLAGS.set)
+      # Late fusion is two runs and a mix, above the trainer.
+      train = (late_fusion.run if config.model.kind == "late"
+               else trainer.train_and_evaluate)
+      train(config, workdir)
   with tf.io.gfile.GFile(results_path) as f:
     return json.load(f)
 
@@ -140,9 +145,9 @@ def photo_ablation(system: System, root: str) -> dict | None:
   """Test figures of a fused run with every photo withheld (cached)."""
   if not (system.fused and FLAGS.ablate_photos):
     return None
-  from mic_jax.tools import photo_ablation as ablation  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import photo_ablation as ablation  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
-  path = os.path.join(workdir, "photo_ablation.json")
+  path = rundir.path(workdir, rundir.PHOTO_ABLATION)
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       return json.load(f)
