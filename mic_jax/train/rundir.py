@@ -25,6 +25,8 @@ from typing import Any
 import ml_collections
 import tensorflow as tf
 
+from mic_jax.data import demo
+
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
@@ -32,8 +34,7 @@ CALIBRATION = "calibration.json"
 PHOTO_ABLATION = "photo_ablation.json"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
-DEMO_DATA = "demo_data"
-DEMO_PREPARED = "prepared"  # Under DEMO_DATA (mic_jax.data.demo writes it).
+DEMO_DATA = "demo_data"  # Its inside is mic_jax.data.demo's (raw/, prepared/).
 
 
 def path(workdir: str | os.PathLike[str], name: str) -> str:
@@ -57,7 +58,7 @@ def data_dir(config: ml_collections.ConfigDict,
              workdir: str | os.PathLike[str]) -> str:
   """The prepared data a run with ``config`` trains on."""
   if config.data.demo:
-    return os.path.join(demo_dir(workdir), DEMO_PREPARED)
+    return os.path.join(demo_dir(workdir), demo.PREPARED)
   return str(config.data.dir)
 
 
