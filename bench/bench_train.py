@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
-from mic_jax.models import vit
 from mic_jax.checkpoints import architecture
 from mic_jax.models import classifier
+from mic_jax.models import vit
 from mic_jax.train import optimizer, steps
 
 NUM_CLASSES = 133  # The fashion catalogue's articleType level.
