@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 
 from absl import app
@@ -121,8 +120,7 @@ def run_system(system: System, root: str) -> dict:
   from mic_jax.train import late_fusion, title_baseline, trainer
   # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
-  results_path = rundir.path(workdir, rundir.RESULTS)
-  if not tf.io.gfile.exists(results_path):
+  if not rundir.has_results(workdir):
     logging.info("=== %s -> %s", system.name, workdir)
     if system.module == "title_baseline":
       data_dir = FLAGS.data_dir
@@ -137,8 +135,7 @@ def run_system(system: System, root: str) -> dict:
       train = (late_fusion.run if config.model.kind == "late"
                else trainer.train_and_evaluate)
       train(config, workdir)
-  with tf.io.gfile.GFile(results_path) as f:
-    return json.load(f)
+  return rundir.read_results(workdir)
 
 
 def photo_ablation(system: System, root: str) -> dict | None:
@@ -147,10 +144,8 @@ def photo_ablation(system: System, root: str) -> dict | None:
     return None
   from mic_jax.train import photo_ablation as ablation  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
-  path = rundir.path(workdir, rundir.PHOTO_ABLATION)
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      return json.load(f)
+  if tf.io.gfile.exists(rundir.path(workdir, rundir.PHOTO_ABLATION)):
+    return rundir.read_json(workdir, rundir.PHOTO_ABLATION)
   if system.module == "late_fusion":
     return None  # Written by the late-fusion run itself.
   return ablation.photo_ablation(workdir)
