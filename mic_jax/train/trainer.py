@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Iterator
