@@ -1,7 +1,7 @@
 """Train-step throughput of every system, and our text model against HF's.
 
 Part 1 builds each system of the ``small`` preset exactly as the trainer
-does (``towers.build_model``, ``optimizer.make_optimizer``,
+does (``classifier.build``, ``optimizer.make_optimizer``,
 ``steps.make_train_step``, jitted with the state donated) and times its
 train step on random batches of the real shapes: examples/s, and achieved
 FLOP/s with the FLOPs counted by XLA for the compiled step.
@@ -42,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
+from mic_jax.checkpoints import architecture
+from mic_jax.models import classifier
 from mic_jax.models import vit
-from mic_jax.train import optimizer, steps, towers
+from mic_jax.train import optimizer, steps
 
 NUM_CLASSES = 133  # The fashion catalogue's articleType level.
 SYSTEMS = {
@@ -83,7 +85,7 @@ def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
     config.num_classes = NUM_CLASSES
     config.batch_size = batch_size
     config.dtype = dtype
-  model = towers.build_model(config)
+  model = classifier.build(architecture.resolve(config)).model
   batch = {k: jnp.asarray(v) for k, v in random_batch(config,
                                                       batch_size).items()}
   params = jax.jit(lambda: nn.meta.unbox(model.init(

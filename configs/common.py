@@ -131,6 +131,7 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.text.max_length = 64
   c.text.dropout = 0.1
   c.text.remat = False
+  c.text.vocab_size = 0      # > 0 overrides the architecture's vocabulary.
 
   c.image = ml_collections.ConfigDict()
   c.image.kind = options.get("image", "vit")
@@ -151,6 +152,9 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.fusion.dropout = 0.1
   c.fusion.pool = "sum"      # Eq. (4) sums h'_i; "mean" is an option.
   c.fusion.mlp_dim = 512     # Early-fusion MLP width.
+  # Bias on the output layer; None: off for cross_modal (eq. 4 has none),
+  # on for the other kinds.
+  c.fusion.head_bias = ml_collections.FieldReference(None, field_type=bool)
 
   c.late = ml_collections.ConfigDict()
   c.late.text_workdir = ""   # Trained runs to fuse; "" = train them here.

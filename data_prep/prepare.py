@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -160,12 +161,70 @@ class _Rejects:
     self._f.close()
 
 
+@dataclasses.dataclass
+class Pass1:
+  """What pass 1 found; kept as ``.work/pass1.json`` so a rerun resumes.
+
+  ``groups``: title-group hash (as a string) -> label counts; ``given``:
+  ``[split, label, count]`` (split empty unless ``--split_column``);
+  ``taxonomy``: label -> parent path -> count.
+  """
+  rows_in: int
+  rejected: dict[str, int]
+  repaired: dict[str, int]
+  parents: list[str]
+  groups: dict[str, dict[str, int]]
+  given: list[list[Any]]
+  taxonomy: dict[str, dict[str, int]]
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, record: dict[str, Any]) -> Pass1:
+    return cls(**record)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The classes and splits chosen from pass 1 (see :func:`plan`)."""
+  labels: list[str]          # Class names in id order.
+  rare: set[str]             # Classes below --min_examples_per_class.
+  assignment: dict[int, str]  # Title-group hash -> split.
+  unknown: set[str]          # Rejected: given splits hold them outside train.
+
+
+@dataclasses.dataclass
+class Pass2:
+  """Shards per split and pass 2's rejections; ``.work/pass2.json``."""
+  num_shards: dict[str, int]
+  rejected: dict[str, int]
+
+  def to_json(self) -> dict[str, Any]:
+    return {**self.num_shards, "rejected": self.rejected}
+
+  @classmethod
+  def from_json(cls, record: dict[str, Any]) -> Pass2:
+    record = dict(record)
+    rejected = record.pop("rejected")
+    return cls(num_shards=record, rejected=rejected)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """One output shard: its task and, once written, its stats."""
+  split: str
+  index: int
+  task: writer.ShardTask
+  stats: dict[str, Any] | None = None
+
+
 def _id_hash(product_id: str) -> bytes:
   return hashlib.blake2b(product_id.encode("utf-8", "replace"),
                          digest_size=8).digest()
 
 
-def pass1(args: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
+def pass1(args: argparse.Namespace, work: pathlib.Path) -> Pass1:
   """Validates rows, writes good ones to rows.jsonl, counts groups/labels.
 
   Memory is one 8-byte id hash and one small label counter per title group
@@ -226,24 +285,18 @@ def pass1(args: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
                             "group": group}, ensure_ascii=False) + "\n")
   rejects.close()
   os.replace(work / "rows.jsonl.tmp", work / "rows.jsonl")
-  return {"rows_in": rows_in, "rejected": dict(rejects.counts),
-          "repaired": dict(repaired), "parents": list(parents),
-          "groups": {str(g): dict(c) for g, c in groups.items()},
-          "given": [[s, l, n] for (s, l), n in given.items()],
-          "taxonomy": {k: dict(v) for k, v in taxonomy.items()}}
+  return Pass1(rows_in=rows_in, rejected=dict(rejects.counts),
+               repaired=dict(repaired), parents=list(parents),
+               groups={str(g): dict(c) for g, c in groups.items()},
+               given=[[s, l, n] for (s, l), n in given.items()],
+               taxonomy={k: dict(v) for k, v in taxonomy.items()})
 
 
-def plan(args: argparse.Namespace, p1: dict[str, Any]
-         ) -> tuple[list[str], set[str], dict[int, str], set[str]]:
-  """Chooses the classes, the group splits, and labels to reject.
-
-  Returns:
-    (labels in id order, rare labels, group hash -> split, labels rejected
-    as unknown because given splits have them outside train).
-  """
+def plan(args: argparse.Namespace, p1: Pass1) -> Plan:
+  """Chooses the classes, the group splits, and labels to reject."""
   label_totals: collections.Counter[str] = collections.Counter()
   train_labels: set[str] = set()
-  for s, label, n in p1["given"]:
+  for s, label, n in p1.given:
     label_totals[label] += n
     if s == "train":
       train_labels.add(label)
@@ -266,17 +319,18 @@ def plan(args: argparse.Namespace, p1: dict[str, Any]
   if not args.split_column:
     fractions = [float(x) for x in args.split_fractions.split(",")]
     groups = {int(g): {l: n for l, n in c.items() if l in keep}
-              for g, c in p1["groups"].items()}
+              for g, c in p1.groups.items()}
     groups = {g: c for g, c in groups.items() if c}
     assignment = split_lib.assign_groups(groups, seed=args.seed,
                                          fractions=fractions)
-  return labels, rare, assignment, unknown
+  return Plan(labels, rare, assignment, unknown)
 
 
-def pass2(args: argparse.Namespace, work: pathlib.Path, labels: list[str],
-          rare: set[str], unknown: set[str], assignment: dict[int, str]
-          ) -> dict[str, int]:
+def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan
+          ) -> Pass2:
   """Deals validated rows to per-shard spill files; returns shard counts."""
+  labels, rare = chosen.labels, chosen.rare
+  unknown, assignment = chosen.unknown, chosen.assignment
   label_id = {l: i for i, l in enumerate(labels)}
   rejects = _Rejects(work / "rejected_pass2.jsonl")
   counts: collections.Counter[str] = collections.Counter()
@@ -317,7 +371,7 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, labels: list[str],
   for h in handles.values():
     h.close()
   rejects.close()
-  return {**num_shards, "rejected": dict(rejects.counts)}
+  return Pass2(num_shards, dict(rejects.counts))
 
 
 def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -355,23 +409,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   p1_file = work / "pass1.json"
   if not p1_file.exists():
-    records.write_json_atomic(p1_file, pass1(args, work))
-  p1 = json.loads(p1_file.read_text(encoding="utf-8"))
-  labels, rare, assignment, unknown = plan(args, p1)
+    records.write_json_atomic(p1_file, pass1(args, work).to_json())
+  p1 = Pass1.from_json(json.loads(p1_file.read_text(encoding="utf-8")))
+  chosen = plan(args, p1)
+  labels = chosen.labels
   if not labels:
     raise SystemExit("no class has enough valid rows; see rejected.jsonl")
   p2_file = work / "pass2.json"
   if not p2_file.exists():
-    records.write_json_atomic(
-        p2_file, pass2(args, work, labels, rare, unknown, assignment))
-  p2 = json.loads(p2_file.read_text(encoding="utf-8"))
+    records.write_json_atomic(p2_file, pass2(args, work, chosen).to_json())
+  p2 = Pass2.from_json(json.loads(p2_file.read_text(encoding="utf-8")))
 
   tasks = []
   for s in split_lib.SPLITS:
-    for i in range(p2.get(s, 0)):
+    for i in range(p2.num_shards.get(s, 0)):
       tasks.append((s, i, writer.ShardTask(
           spill=str(work / f"spill-{s}-{i:05d}.jsonl"),
-          output=str(out / records.shard_name(s, i, p2[s])),
+          output=str(out / records.shard_name(s, i, p2.num_shards[s])),
           rejected=str(work / f"rejected-{s}-{i:05d}.jsonl"),
           tokenizer=str(args.tokenizer), max_length=args.max_length,
           num_classes=len(labels), max_side=args.max_image_side,
@@ -398,8 +452,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       done[(s, i)] = stats
       bar.update(sizes[(s, i)])
   bar.close()
-  return finish(args, out, work, p1, p2, labels, rare, done, tasks,
-                time.time() - start)
+  shards = [Shard(s, i, task, done[(s, i)]) for s, i, task in tasks]
+  return finish(args, p1, chosen, p2, shards, time.time() - start)
 
 
 def _clear(out: pathlib.Path) -> None:
@@ -436,13 +490,17 @@ class _InlinePool:
     return map(fn, items)
 
 
-def finish(args, out, work, p1, p2, labels, rare, done, tasks, seconds):
+def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
+           written: list[Shard], seconds: float) -> dict[str, Any]:
   """Merges shard stats, writes rejected.jsonl, stats.json, info files."""
+  out = pathlib.Path(args.output_dir)
+  work = out / WORK
+  labels, rare = chosen.labels, chosen.rare
   shards: dict[str, list[dict[str, Any]]] = {}
   total: dict[str, Any] = {}
   splits: dict[str, Any] = {}
-  for s, i, task in tasks:
-    st = done[(s, i)]
+  for shard in written:
+    s, task, st = shard.split, shard.task, shard.stats
     _merge(total, st)
     shards.setdefault(s, []).append({
         "file": pathlib.Path(task.output).name, "examples": st["examples"],
@@ -453,20 +511,20 @@ def finish(args, out, work, p1, p2, labels, rare, done, tasks, seconds):
     sp["image_present"] += st["image_present"]
     sp["per_class"].update({labels[c]: n for c, n in
                             enumerate(st["class_counts"]) if n})
-  rejected = collections.Counter(p1["rejected"])
-  rejected.update(p2["rejected"])
+  rejected = collections.Counter(p1.rejected)
+  rejected.update(p2.rejected)
   rejected.update(total.get("rejected", {}))
   with open(out / "rejected.jsonl.tmp", "w", encoding="utf-8") as f:
     for part in [work / "rejected_pass1.jsonl", work / "rejected_pass2.jsonl"
-                 ] + [pathlib.Path(t.rejected) for _, _, t in tasks]:
+                 ] + [pathlib.Path(w.task.rejected) for w in written]:
       if part.exists():
         f.write(part.read_text(encoding="utf-8"))
   os.replace(out / "rejected.jsonl.tmp", out / "rejected.jsonl")
-  repaired = collections.Counter(p1["repaired"])
+  repaired = collections.Counter(p1.repaired)
   repaired.update(total.get("repaired", {}))
   rows_out = sum(sp["examples"] for sp in splits.values())
   stats = {
-      "rows_in": p1["rows_in"], "rows_out": rows_out,
+      "rows_in": p1.rows_in, "rows_out": rows_out,
       "rejected_total": sum(rejected.values()),
       "splits": {s: {**sp, "per_class": dict(sorted(sp["per_class"].items()))}
                  for s, sp in splits.items()},
@@ -478,7 +536,7 @@ def finish(args, out, work, p1, p2, labels, rare, done, tasks, seconds):
           total.get("token_lengths", {}).items(), key=lambda kv: int(kv[0]))),
       "image_size_histogram": dict(total.get("image_sizes", {})),
       "seconds": round(seconds, 1),
-      "products_per_second": round(p1["rows_in"] / max(seconds, 1e-9), 1),
+      "products_per_second": round(p1.rows_in / max(seconds, 1e-9), 1),
   }
   if stats["rows_in"] != rows_out + stats["rejected_total"]:
     raise RuntimeError("internal error: rows in != rows out + rejected")
@@ -486,10 +544,10 @@ def finish(args, out, work, p1, p2, labels, rare, done, tasks, seconds):
   extra = {"tokenizer": str(args.tokenizer), "seed": args.seed,
            photos.INFO_KEY: photos.PhotoPreprocessing(
                args.max_image_side, args.jpeg_quality).to_dict()}
-  if p1["parents"]:
-    taxonomy = {"levels": p1["parents"] + [args.fashion_level
+  if p1.parents:
+    taxonomy = {"levels": p1.parents + [args.fashion_level
                 if not args.parent_columns else args.label_column],
-                "parents": {l: p1["taxonomy"].get(l, {}) for l in labels}}
+                "parents": {l: p1.taxonomy.get(l, {}) for l in labels}}
     records.write_json_atomic(out / "taxonomy.json", taxonomy)
     extra["taxonomy_file"] = "taxonomy.json"
   records.write_json_atomic(out / "stats.json", stats)

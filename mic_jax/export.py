@@ -3,542 +3,74 @@ r"""Exports a trained run as a self-contained serving directory.
   python -m mic_jax.export --workdir=runs/cross_modal --output=exports/v1 \
       [--step=N] [--dtype=float32|bfloat16] [--target_precision=0.95]
 
-The directory holds everything inference needs and nothing of training:
-
-  manifest.json     versions, input shapes, preprocessing (the photo
-                    settings the data was prepared with, as data), the
-                    calibration temperature, metrics, the abstain
-                    threshold, the training config (for the record), and
-                    the size and SHA-256 of every other file
-  model.stablehlo   the inference function serialized with ``jax.export``
-                    (StableHLO), symbolic batch dimension; parameters are
-                    its first argument, so the file stays small and
-                    ``--dtype`` changes only the parameter file
-  params.bin/.json  the parameters: raw little-endian arrays + an index
-  tokenizer/        the tokenizer files the data was prepared with
-  labels.txt        class names, line = class id; taxonomy.json if any
-  saved_model/      with --saved_model: a TF SavedModel for TF Serving
-
-:class:`mic_jax.serving.Predictor` loads it with jax, numpy and the
-tokenizer only: no model code, no flax. Late-fusion runs export both towers
-and the function returns ``alpha * p_text + (1 - alpha) * p_image``.
-
-The function returns *calibrated* probabilities: ``softmax(logits / T)``
-with the temperature of the run's ``calibration.json`` (fitted on the
-validation split; absent means T = 1). A late-fusion run calibrates each
-member before mixing and re-tempers the mix, ``p ∝ p_mix ** (1 / T_mix)``.
-The abstain threshold is chosen on these calibrated probabilities.
-
-The output is written to a temporary directory and renamed when complete
-(an existing one, with ``--overwrite``, is renamed away first and deleted
-after), so a directory named ``--output`` is always whole; the Predictor
-also checks every file against the manifest's sizes and hashes before
-loading. Exporting the same checkpoint again gives byte-identical files.
+A thin program: flags, then one call of :func:`mic_jax.exporter.export_run`
+(the export logic, importable without flags); the bundle's format is owned
+by :mod:`mic_jax.serving.bundle`. The exporter's public names stay
+importable from here. Flags are defined only when this runs as a program,
+so importing it beside other programs (main, the tools) defines none.
 """
+
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import pathlib
-import shutil
 import sys
-import tempfile
-from typing import Any, Callable
+from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
-import flax
-import flax.linen as nn
-import jax
-from jax import export as jax_export
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
 from mic_jax import console
-from mic_jax.checkpoints import common
-from mic_jax.data import photos
-from mic_jax.serving import predictor as predictor_lib
+# pylint: disable=unused-import
+from mic_jax.exporter import abstain_threshold
+from mic_jax.exporter import data_dir_of
+from mic_jax.exporter import export_run
+from mic_jax.exporter import ExportError
+from mic_jax.exporter import file_digests
+from mic_jax.exporter import inference_fn
+from mic_jax.exporter import MANIFEST
+from mic_jax.exporter import read_calibration
+from mic_jax.exporter import restore
+from mic_jax.exporter import tempered
+from mic_jax.exporter import write_params
+from mic_jax.exporter import write_saved_model
+# pylint: enable=unused-import
 
-FORMAT_VERSION = 1
-CALIBRATION_FILE = "calibration.json"
-MANIFEST = "manifest.json"  # Written last; lists every other file.
-PLATFORMS = ("cpu", "cuda", "tpu")
-
-
-class ExportError(RuntimeError):
-  """The run cannot be exported; the message says why."""
-
-
-def _read_json(path: pathlib.Path) -> Any:
-  if not path.exists():
-    raise ExportError(f"{path} not found: is this a finished mic_jax run?")
-  return json.loads(path.read_text(encoding="utf-8"))
+FLAGS = flags.FLAGS
 
 
-def data_dir_of(config: ml_collections.ConfigDict, workdir: pathlib.Path
-                ) -> pathlib.Path:
-  """The prepared data a run trained on."""
-  if config.data.demo:
-    return workdir / "demo_data" / "prepared"
-  return pathlib.Path(config.data.dir)
-
-
-def restore(workdir: pathlib.Path, step: int | None = None
-            ) -> tuple[Any, Any, int, ml_collections.ConfigDict]:
-  """(model, numpy params, step, config) of a run's best or given checkpoint.
-
-  The model is built from the run's ``config.json``; a checkpoint whose
-  parameters do not fit it is refused with both paths named.
-  """
-  from mic_jax.train import checkpointing, evaluation, towers  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(_read_json(workdir / "config.json"))
-
-  class _Info:
-    max_length = config.text.max_length
-
-  model = towers.build_model(config)
-  boxed = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0)}, evaluation.dummy_batch(config, _Info))
-                         )["params"]
-  device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      nn.meta.unbox(boxed))
-  if step is None:
-    results = _read_json(workdir / "results.json")
-    step = int(results["best_step"])
-    path = workdir / "best" / str(step)
-  else:
-    path = workdir / "checkpoints" / str(step)
-  if not path.exists():
-    raise ExportError(f"no checkpoint at {path}")
-  expected = {k: tuple(v.shape) for k, v in common.flatten(abstract).items()}
-  try:
-    params = checkpointing.restore_params_from(str(path), abstract)
-  except Exception as e:  # Orbax reports mismatches with many types.
-    raise ExportError(
-        f"checkpoint {path} does not fit the model {workdir}/config.json "
-        f"builds ({type(e).__name__}: {str(e)[:500]})") from e
-  got = {k: tuple(v.shape) for k, v in common.flatten(params).items()}
-  if got != expected:
-    bad = sorted(k for k in set(got) | set(expected)
-                 if got.get(k) != expected.get(k))
-    raise ExportError(f"checkpoint {path} and {workdir}/config.json "
-                      f"disagree on {', '.join(bad[:5])}")
-  logging.info("restored %s", path)
-  return model, jax.tree.map(np.asarray, params), step, config
-
-
-def write_params(directory: pathlib.Path, params: Any) -> None:
-  """``params.bin`` (arrays back to back, sorted names) + ``params.json``."""
-  index, offset = [], 0
-  with open(directory / "params.bin", "wb") as f:
-    for name, array in sorted(common.flatten(params).items()):
-      raw = np.ascontiguousarray(array).tobytes()  # Little-endian hosts.
-      index.append({"name": name, "dtype": str(array.dtype),
-                    "shape": list(array.shape), "offset": offset})
-      f.write(raw)
-      offset += len(raw)
-  (directory / "params.json").write_text(json.dumps(index, indent=1) + "\n")
-
-
-def _copy_tokenizer(info: dict[str, Any], output: pathlib.Path) -> str:
-  """Copies the tokenizer ``dataset_info.json`` names (a local path or, as
-  ``data_prep --tokenizer`` accepts, a hub id) into ``output/tokenizer``."""
-  from mic_jax.checkpoints import hub  # pylint: disable=g-import-not-at-top
-  recorded = str(info.get("tokenizer") or "")
-  if not recorded:
-    raise ExportError("dataset_info.json names no tokenizer: prepare the "
-                      "data again with data_prep")
-  source = pathlib.Path(recorded).expanduser()
-  target = output / "tokenizer"
-  target.mkdir()
-  if source.is_file():  # A SentencePiece .model or a tokenizer.json.
-    shutil.copyfile(source, target / source.name)
-    return f"tokenizer/{source.name}"
-  try:
-    # Resolves a hub id through the local Hugging Face cache (or a
-    # download), exactly as data_prep and training loaded it.
-    source = hub.resolve_dir(recorded, what="tokenizer")
-  except common.CheckpointError as e:
-    raise ExportError(f"the tokenizer the data was prepared with "
-                      f"({recorded!r}, from dataset_info.json) is not "
-                      f"available: {e}") from e
-  for path in sorted(source.iterdir()):
-    if path.is_file() and path.suffix in (".json", ".txt", ".model"):
-      shutil.copyfile(path, target / path.name)
-  return "tokenizer"
-
-
-def abstain_threshold(probs: np.ndarray, labels: np.ndarray, target: float
-                      ) -> dict[str, Any]:
-  """The lowest top-probability cut whose kept predictions reach ``target``.
-
-  Products below the cut are left to a person; coverage is the share kept.
-  """
-  top = probs.max(-1)
-  correct = probs.argmax(-1) == labels
-  order = np.argsort(-top, kind="stable")
-  precision = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-  ok = np.nonzero(precision >= target)[0]
-  if not len(ok):
-    return {"threshold": 1.0, "target_precision": target,
-            "validation_precision": None, "validation_coverage": 0.0}
-  k = int(ok[-1])
-  return {"threshold": float(top[order[k]]), "target_precision": target,
-          "validation_precision": float(precision[k]),
-          "validation_coverage": float((k + 1) / len(order))}
-
-
-def _temperature(value: Any, where: str) -> float:
-  if (isinstance(value, bool) or not isinstance(value, (int, float)) or
-      not math.isfinite(value) or value <= 0):
-    raise ExportError(f"{where}: a temperature must be a positive finite "
-                      f"number, got {value!r}")
-  return float(value)
-
-
-def read_calibration(workdir: pathlib.Path, late: bool) -> dict[str, Any]:
-  """The run's temperatures: ``{"temperature": T}``, plus ``"members":
-  {"text": T, "image": T}`` for late fusion. No ``calibration.json``
-  (a run from before calibration) means every temperature is 1."""
-  path = workdir / CALIBRATION_FILE
-  if path.exists():
-    try:
-      record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-      raise ExportError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(record, dict) or "temperature" not in record:
-      raise ExportError(f'{path}: expected {{"temperature": T, ...}}, got '
-                        f"{record!r}"[:300])
-  else:
-    logging.warning("%s not found: exporting uncalibrated probabilities "
-                    "(temperature 1)", path)
-    record = {"temperature": 1.0}
-  calibration = {"temperature": _temperature(record["temperature"],
-                                             f"{path}: temperature"),
-                 "fitted_on": record.get("fitted_on")}
-  if late:
-    members = record.get("members", {"text": 1.0, "image": 1.0})
-    if not isinstance(members, dict) or set(members) != {"text", "image"}:
-      raise ExportError(f'{path}: "members" must be {{"text": T, "image": '
-                        f"T}} for a late-fusion run, got {members!r}")
-    calibration["members"] = {
-        k: _temperature(v, f"{path}: members.{k}")
-        for k, v in sorted(members.items())}
-  return calibration
-
-
-def tempered(probs: jax.Array, temperature: float) -> jax.Array:
-  """``p ** (1 / T)`` renormalized (the identity at T = 1)."""
-  if temperature == 1:
-    return probs
-  return jax.nn.softmax(jnp.log(probs) / temperature, axis=-1)
-
-
-def inference_fn(models: dict[str, Any], alpha: float | None,
-                 calibration: dict[str, Any] | None = None) -> Callable:
-  """``f(params, ids, mask, types, image, present) -> probs [B, C]``.
-
-  Probabilities are calibrated with ``calibration`` (see
-  :func:`read_calibration`; ``None`` means temperature 1).
-  """
-  calibration = calibration or {"temperature": 1.0}
-  members = calibration.get("members") or {"text": 1.0, "image": 1.0}
-
-  def probs(model, params, batch, temperature=1.0):
-    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    logits, _ = model.apply({"params": params}, batch, train=False)
-    logits = logits.astype(jnp.float32)
-    if temperature != 1:
-      logits = logits / temperature
-    return jax.nn.softmax(logits, axis=-1)
-
-  def infer(params, input_ids, attention_mask, token_type_ids, image,
-            image_present):
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "token_type_ids": token_type_ids, "image": image,
-             "image_present": image_present}
-    if alpha is None:
-      return probs(models["model"], params["model"], batch,
-                   calibration["temperature"])
-    mix = (alpha * probs(models["text"], params["text"], batch,
-                         members["text"]) +
-           (1 - alpha) * probs(models["image"], params["image"], batch,
-                               members["image"]))
-    return tempered(mix, calibration["temperature"])
-
-  return infer
-
-
-def _serialize(infer: Callable, params: Any, max_length: int,
-               image_size: int) -> tuple[bytes, list[str]]:
-  (b,) = jax_export.symbolic_shape("b")
-  specs = (
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
-      jax.ShapeDtypeStruct((b, max_length), jnp.int32),
-      jax.ShapeDtypeStruct((b, max_length), jnp.int32),
-      jax.ShapeDtypeStruct((b, max_length), jnp.int32),
-      jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.float32),
-      jax.ShapeDtypeStruct((b,), jnp.int32))
-  # Source locations carry the caller's stack: drop them, so the bytes
-  # depend only on the model and its parameters' shapes.
-  limit = jax.config.jax_traceback_in_locations_limit
-  jax.config.update("jax_traceback_in_locations_limit", 0)
-  try:
-    exported = jax_export.export(jax.jit(infer), platforms=PLATFORMS)(*specs)
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("multi-platform export failed (%s); exporting for cpu", e)
-    exported = jax_export.export(jax.jit(infer), platforms=("cpu",))(*specs)
-  finally:
-    jax.config.update("jax_traceback_in_locations_limit", limit)
-  return bytes(exported.serialize()), list(exported.platforms)
-
-
-def write_saved_model(directory: pathlib.Path, infer: Callable, params: Any,
-                      max_length: int, image_size: int) -> None:
-  """A TF SavedModel for TF Serving (jax2tf, native serialization).
-
-  Signature ``serving_default``: int32 ``input_ids``, ``attention_mask``,
-  ``token_type_ids`` ``[b, max_length]``, float32 ``image`` ``[b, S, S, 3]``
-  in [-1, 1], int32 ``image_present`` ``[b]`` -> float32
-  ``probabilities`` ``[b, C]``. Parameters are float32 variables.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  text = f"(b, {max_length})"
-  converted = jax2tf.convert(
-      infer, with_gradient=False,
-      polymorphic_shapes=[None, text, text, text,
-                          f"(b, {image_size}, {image_size}, 3)", "(b,)"])
-  module = tf.Module()
-  module.params = tf.nest.map_structure(
-      lambda x: tf.Variable(np.asarray(x, np.float32), trainable=False),
-      params)
-
-  @tf.function(input_signature=[
-      tf.TensorSpec([None, max_length], tf.int32, name="input_ids"),
-      tf.TensorSpec([None, max_length], tf.int32, name="attention_mask"),
-      tf.TensorSpec([None, max_length], tf.int32, name="token_type_ids"),
-      tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
-                    name="image"),
-      tf.TensorSpec([None], tf.int32, name="image_present")])
-  def serve(input_ids, attention_mask, token_type_ids, image, image_present):
-    return {"probabilities": converted(module.params, input_ids,
-                                       attention_mask, token_type_ids, image,
-                                       image_present)}
-
-  module.serve = serve
-  tf.saved_model.save(module, str(directory / "saved_model"),
-                      signatures={"serving_default": serve})
-
-
-def _validation_probs(serialized: bytes, params: Any, data_dir: pathlib.Path,
-                      image_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The exported function over the validation split (every example once)."""
-  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  call = jax.jit(jax_export.deserialize(bytearray(serialized)).call)
-  probs, labels = [], []
-  for batch in pipeline.eval_batches(str(data_dir), "validation",
-                                     batch_size=64, image_size=image_size,
-                                     process_index=0, process_count=1):
-    p = np.asarray(call(params, batch["input_ids"], batch["attention_mask"],
-                        batch["token_type_ids"], batch["image"],
-                        batch["image_present"]))
-    keep = batch["mask"] > 0
-    probs.append(p[keep])
-    labels.append(batch["label"][keep])
-  return np.concatenate(probs), np.concatenate(labels)
-
-
-def export_run(workdir: str, output: str, *, step: int | None = None,
-               dtype: str = "float32", target_precision: float = 0.95,
-               overwrite: bool = False, saved_model: bool = False
-               ) -> dict[str, Any]:
-  """Exports ``workdir`` to ``output``; returns the manifest."""
-  work = pathlib.Path(workdir)
-  out = pathlib.Path(output)
-  if out.exists() and not overwrite:
-    raise ExportError(f"{out} exists; choose another --output or --overwrite")
-  if dtype not in ("float32", "bfloat16"):
-    raise ExportError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-  if not 0 < target_precision <= 1:
-    raise ExportError(f"--target_precision must be in (0, 1], got "
-                      f"{target_precision}")
-  results = _read_json(work / "results.json")
-  config_dict = _read_json(work / "config.json")
-  alpha = None
-  if config_dict["model"]["kind"] == "late":
-    if step is not None:
-      raise ExportError("--step does not apply to late fusion: the best "
-                        "checkpoints of its two runs are exported")
-    alpha = float(results["alpha"])
-    runs = {"text": pathlib.Path(results["text_run"]["workdir"]),
-            "image": pathlib.Path(results["image_run"]["workdir"])}
-  else:
-    runs = {"model": work}
-  models, params, steps_ = {}, {}, {}
-  for name, run_dir in runs.items():
-    models[name], params[name], steps_[name], config = restore(run_dir, step)
-  data_dir = data_dir_of(config, runs[name])
-  info = _read_json(data_dir / "dataset_info.json")
-  try:
-    photo = photos.PhotoPreprocessing.from_dict(
-        info.get(photos.INFO_KEY), where=str(data_dir / "dataset_info.json"))
-  except ValueError as e:
-    raise ExportError(str(e)) from e
-  calibration = read_calibration(work, late=alpha is not None)
-  max_length, image_size = int(config.text.max_length), int(config.image.size)
-  if dtype == "bfloat16":
-    params = jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params)
-  infer = inference_fn(models, alpha, calibration)
-  serialized, platforms = _serialize(infer, params, max_length, image_size)
-  if info.get("shards", {}).get("validation"):
-    abstain = abstain_threshold(
-        *_validation_probs(serialized, params, data_dir, image_size),
-        target_precision)
-  else:
-    logging.warning("no validation split: the predictor will never abstain")
-    abstain = {"threshold": 0.0, "target_precision": target_precision,
-               "validation_precision": None, "validation_coverage": 1.0}
-
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-",
-                                      dir=out.parent))
-  try:
-    (tmp / "model.stablehlo").write_bytes(serialized)
-    write_params(tmp, params)
-    if saved_model:
-      write_saved_model(tmp, infer, params, max_length, image_size)
-    tokenizer = _copy_tokenizer(info, tmp)
-    shutil.copyfile(data_dir / "labels.txt", tmp / "labels.txt")
-    taxonomy = None
-    if info.get("taxonomy_file"):
-      taxonomy = "taxonomy.json"
-      shutil.copyfile(data_dir / info["taxonomy_file"], tmp / taxonomy)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "model": config_dict["model"]["kind"],
-        "source": {"workdir": str(work.resolve()), "steps": steps_,
-                   "checkpoint": "best" if step is None
-                   else f"checkpoints/{step}"},
-        "versions": {"python": sys.version.split()[0],
-                     "jax": jax.__version__, "flax": flax.__version__,
-                     "numpy": np.__version__},
-        "platforms": platforms,
-        "params_dtype": dtype,
-        "saved_model": "saved_model" if saved_model else None,
-        "num_classes": int(info["num_classes"]),
-        "inputs": {
-            "input_ids": ["b", max_length, "int32"],
-            "attention_mask": ["b", max_length, "int32"],
-            "token_type_ids": ["b", max_length, "int32"],
-            "image": ["b", image_size, image_size, 3, "float32"],
-            "image_present": ["b", "int32"]},
-        "output": ["b", int(info["num_classes"]),
-                   "float32 calibrated probabilities"],
-        "calibration": calibration,
-        "text": {"tokenizer": tokenizer, "max_length": max_length,
-                 "normalization": "Unicode NFKC, whitespace collapsed"},
-        "image": {"size": image_size,
-                  photos.INFO_KEY: photo.to_dict(),
-                  "preprocessing": "decode, RGB, EXIF rotation, long side "
-                                   f"<= {photo.max_side}, JPEG "
-                                   f"q{photo.jpeg_quality} (data_prep, "
-                                   f"{photos.INFO_KEY}); bilinear "
-                                   "antialiased resize of the short side to "
-                                   "size, centre crop, x / 127.5 - 1",
-                  "absent": "zeros with image_present = 0"},
-        "labels": "labels.txt", "taxonomy": taxonomy,
-        "late_fusion_alpha": alpha,
-        "abstain": abstain,
-        "metrics": {k: results[k] for k in ("validation", "test")
-                    if k in results},
-        "training_config": config_dict,
-        "files": file_digests(tmp),
-    }
-    (tmp / MANIFEST).write_text(
-        json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    _fsync_tree(tmp)
-    tmp.chmod(0o755)  # mkdtemp makes it private.
-    _replace_dir(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return manifest
-
-
-def file_digests(directory: pathlib.Path) -> dict[str, dict[str, Any]]:
-  """``{relative path: {"bytes", "sha256"}}`` of every file but the
-  manifest: what a loader checks to know the directory is whole."""
-  return {path.relative_to(directory).as_posix():
-          {"bytes": path.stat().st_size,
-           "sha256": predictor_lib.file_sha256(path)}
-          for path in sorted(directory.rglob("*"))
-          if path.is_file() and path != directory / MANIFEST}
-
-
-def _fsync_tree(directory: pathlib.Path) -> None:
-  """Flushes the files to disk before the rename publishes them."""
-  for path in sorted(directory.rglob("*")):
-    if path.is_file():
-      with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Puts ``tmp`` at ``out`` by renames only, so ``out`` is never a
-  half-deleted old export: an existing one is renamed aside first and
-  deleted after."""
-  old = None
-  if out.exists():
-    old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-    os.rename(out, old)
-  try:
-    os.rename(tmp, out)
-  except BaseException:
-    if old is not None:
-      os.rename(old, out)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "The trained run.")
-_OUTPUT = flags.DEFINE_string("output", None, "The export directory.")
-_STEP = flags.DEFINE_integer("step", None, "A step of checkpoints/ instead "
-                             "of the best checkpoint.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Parameter dtype of the export.")
-_PRECISION = flags.DEFINE_float("target_precision", 0.95, "Precision the "
-                                "abstain threshold aims for on validation.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output.")
-_SAVED_MODEL = flags.DEFINE_bool("saved_model", False, "Also write a TF "
-                                 "SavedModel (jax2tf) for TF Serving.")
-console.define_verbose_flag()
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "The trained run.")
+  flags.DEFINE_string("output", None, "The export directory.")
+  flags.DEFINE_integer("step", None, "A step of checkpoints/ instead of the "
+                       "best checkpoint.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "Parameter dtype of the export.")
+  flags.DEFINE_float("target_precision", 0.95, "Precision the abstain "
+                     "threshold aims for on validation.")
+  flags.DEFINE_bool("overwrite", False, "Replace --output.")
+  flags.DEFINE_bool("saved_model", False, "Also write a TF SavedModel "
+                    "(jax2tf) for TF Serving.")
+  flags.mark_flags_as_required(["workdir", "output"])
+  console.define_verbose_flag()
 
 
 def main(argv):
   del argv
-  out = pathlib.Path(_OUTPUT.value)
+  out = pathlib.Path(FLAGS.output)
   # The export directory holds only what its manifest lists: the log sits
   # beside it (exports/v1 -> exports/v1.log).
   with console.session("export", out.parent, log_name=f"{out.name}.log",
                        verbose=console.verbose_requested()) as session:
-    console.say("export   %s (%s) -> %s (log: %s)", _WORKDIR.value,
-                "best checkpoint" if _STEP.value is None
-                else f"checkpoints/{_STEP.value}", out, session.log_path)
+    console.say("export   %s (%s) -> %s (log: %s)", FLAGS.workdir,
+                "best checkpoint" if FLAGS.step is None
+                else f"checkpoints/{FLAGS.step}", out, session.log_path)
     try:
-      manifest = export_run(_WORKDIR.value, _OUTPUT.value, step=_STEP.value,
-                            dtype=_DTYPE.value,
-                            target_precision=_PRECISION.value,
-                            overwrite=_OVERWRITE.value,
-                            saved_model=_SAVED_MODEL.value)
+      manifest = export_run(FLAGS.workdir, FLAGS.output, step=FLAGS.step,
+                            dtype=FLAGS.dtype,
+                            target_precision=FLAGS.target_precision,
+                            overwrite=FLAGS.overwrite,
+                            saved_model=FLAGS.saved_model)
     except ExportError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
@@ -571,7 +103,7 @@ def report(manifest: dict[str, Any], out: pathlib.Path) -> None:
 
 def run():
   """Console-script entry point (``mic-jax-export``)."""
-  flags.mark_flags_as_required(["workdir", "output"])
+  _define_flags()
   app.run(main)
 
 

@@ -66,10 +66,13 @@ def _train():
               jax.local_device_count(), jax.device_count(),
               jax.devices()[0].platform)
   # pylint: disable=g-import-not-at-top
-  from mic_jax.train import summary, trainer
+  from mic_jax.train import late_fusion, summary, trainer
   # pylint: enable=g-import-not-at-top
+  # Late fusion is two runs and a mix, above the trainer; the rest is one.
+  train = (late_fusion.run if _CONFIG.value.model.kind == "late"
+           else trainer.train_and_evaluate)
   try:
-    results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = train(_CONFIG.value, _WORKDIR.value)
   except trainer.TrainingError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

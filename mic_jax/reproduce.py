@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 
 from absl import app
@@ -36,6 +35,7 @@ from absl import flags
 
 from configs import common
 from mic_jax import console
+from mic_jax.train import rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +117,10 @@ def system_config(system: System, preset: str, data_dir: str, root: str,
 def run_system(system: System, root: str) -> dict:
   """Trains (unless finished) and returns the system's results.json."""
   # pylint: disable=g-import-not-at-top
-  import tensorflow as tf
-  from mic_jax.train import title_baseline, trainer
+  from mic_jax.train import late_fusion, title_baseline, trainer
   # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
-  results_path = os.path.join(workdir, "results.json")
-  if not tf.io.gfile.exists(results_path):
+  if not rundir.has_results(workdir):
     console.say("=== %s -> %s", system.name, workdir)
     if system.module == "title_baseline":
       data_dir = FLAGS.data_dir
@@ -131,10 +129,13 @@ def run_system(system: System, root: str) -> dict:
             SYSTEMS[1], FLAGS.preset, "", root, FLAGS.set), workdir)[0]
       title_baseline.train_and_evaluate(data_dir, workdir)
     else:
-      trainer.train_and_evaluate(system_config(
-          system, FLAGS.preset, FLAGS.data_dir, root, FLAGS.set), workdir)
-  with tf.io.gfile.GFile(results_path) as f:
-    return json.load(f)
+      config = system_config(system, FLAGS.preset, FLAGS.data_dir, root,
+                             FLAGS.set)
+      # Late fusion is two runs and a mix, above the trainer.
+      train = (late_fusion.run if config.model.kind == "late"
+               else trainer.train_and_evaluate)
+      train(config, workdir)
+  return rundir.read_results(workdir)
 
 
 def photo_ablation(system: System, root: str) -> dict | None:
@@ -143,13 +144,11 @@ def photo_ablation(system: System, root: str) -> dict | None:
     return None
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
-  from mic_jax.tools import photo_ablation as ablation
+  from mic_jax.train import photo_ablation as ablation
   # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
-  path = os.path.join(workdir, "photo_ablation.json")
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      return json.load(f)
+  if tf.io.gfile.exists(rundir.path(workdir, rundir.PHOTO_ABLATION)):
+    return rundir.read_json(workdir, rundir.PHOTO_ABLATION)
   if system.module == "late_fusion":
     return None  # Written by the late-fusion run itself.
   return ablation.photo_ablation(workdir)

@@ -116,6 +116,34 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
+def opt_state_shardings(abstract_opt: Any, abstract_params: Any,
+                        param_shardings: Any, replicated: NamedSharding
+                        ) -> Any:
+  """Optimizer moments shard like their parameters; scalars replicate.
+
+  A moment is recognised by its key path: the trailing dictionary keys of an
+  optimizer-state leaf are the path of the parameter it belongs to (optax
+  keeps the params' tree inside every per-param state, with ``MaskedNode``
+  holes for parameters another lr group or the freeze mask owns).
+  """
+  by_path = {
+      tuple(k.key for k in path): (param.shape, sharding)
+      for (path, param), sharding in zip(
+          jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+          jax.tree.leaves(param_shardings))}
+
+  def sharding_of(path, leaf):
+    keys = []
+    for entry in reversed(path):
+      if not isinstance(entry, jax.tree_util.DictKey):
+        break
+      keys.append(entry.key)
+    shape, sharding = by_path.get(tuple(reversed(keys)), (None, replicated))
+    return sharding if shape == leaf.shape else replicated
+
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of a batch's leading axis (``batch`` rule), rest replicated."""
   spec = nn.logical_to_mesh_axes(("batch",), list(rules))

@@ -162,7 +162,8 @@ def test_text_config_from_checkpoint_dir(tmp_path):
     config.text.bert = None  # An explicit architecture would win.
     config.text.checkpoint = str(tmp_path)
     config.text.dropout = 0.0
-  bert = classifier.text_config(config)
+  from mic_jax.checkpoints import architecture  # pylint: disable=g-import-not-at-top
+  bert = classifier.text_config(architecture.resolve(config))
   assert (bert.vocab_size, bert.hidden_size, bert.num_attention_heads) == (
       99, 24, 3)
   assert bert.hidden_dropout_prob == bert.attention_probs_dropout_prob == 0.0

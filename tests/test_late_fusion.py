@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mic_jax.train import trainer
+from mic_jax.train import late_fusion, trainer
 
 
 def _demo_config(kind, **overrides):
@@ -41,7 +41,7 @@ def test_members_are_scored_with_their_own_configs(tmp_path, text_member):
   late_dir = tmp_path / "late"
   config = _demo_config("late", **{"late.text_workdir": str(text_dir)})
   assert config.model.text_repr == "pooler"
-  results = trainer.train_and_evaluate(config, str(late_dir))
+  results = late_fusion.run(config, str(late_dir))
 
   # alpha = 1 is the text member alone; temperature scaling keeps its
   # argmax, so its validation macro-F1 is the member's own.
@@ -92,4 +92,11 @@ def test_member_of_the_wrong_kind_is_refused(tmp_path, text_member):
                                    "late.text_workdir": str(text_dir)})
   with pytest.raises(ValueError, match="is a 'text_only' run, expected "
                      "'image_only'"):
-    trainer.train_and_evaluate(config, str(tmp_path / "late"))
+    late_fusion.run(config, str(tmp_path / "late"))
+
+
+def test_the_trainer_leaves_late_fusion_to_the_entry_point(tmp_path):
+  """Issue 14: late fusion sits above the trainer, which trains one model."""
+  with pytest.raises(trainer.TrainingError, match="late_fusion.run"):
+    trainer.train_and_evaluate(_demo_config("late"), str(tmp_path / "late"))
+  assert not (tmp_path / "late").exists()

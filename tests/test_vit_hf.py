@@ -416,7 +416,8 @@ def test_small_config_builds_the_tower_from_a_dinov2_checkpoint(tmp_path):
   config_lib.override(config, "image.checkpoint", str(path))
   config_lib.override(config, "image.size", 28)
   assert classifier.vit_architecture_from_checkpoint(config.image)
-  model = classifier.build_model(config)
+  from mic_jax.checkpoints import architecture  # pylint: disable=g-import-not-at-top
+  model = classifier.build_model(architecture.resolve(config))
   arch = model.img.config
   assert arch.patch_size == 14 and arch.layer_scale_init is not None
   assert arch.pixel_mean is not None and arch.image_size == (28, 28)

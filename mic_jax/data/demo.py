@@ -24,6 +24,8 @@ import csv
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -44,6 +46,8 @@ GENERIC = ["new arrival item", "best seller product", "limited offer piece",
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 NUM_PRODUCTS = 2400
 SPLITS = (("train", 0.7), ("validation", 0.15), ("test", 0.15))
+RAW = "raw"            # Under the demo directory: the catalogue and photos.
+PREPARED = "prepared"  # Under the demo directory: data_prep's output.
 
 
 def labels() -> list[str]:
@@ -116,25 +120,36 @@ def ensure_demo_dataset(data_dir: str | os.PathLike[str], *, max_length: int,
   """The prepared demo data set under ``data_dir``, made once.
 
   Writes the raw catalogue to ``data_dir/raw`` and runs the real
-  ``data_prep.prepare`` on it (``data_dir/prepared``). A finished
-  preparation (its ``dataset_info.json`` exists) is reused; an interrupted
-  one is resumed by ``prepare`` itself.
+  preparation program, ``python -m data_prep.prepare``, on it
+  (``data_dir/prepared``). It runs as a program, not an import: the
+  library does not depend on ``data_prep``, which sits above it. A
+  finished preparation (its ``dataset_info.json`` exists) is reused; an
+  interrupted one is resumed by ``prepare`` itself.
+
+  Raises:
+    RuntimeError: the preparation failed; the message holds its output.
   """
-  from data_prep import prepare  # pylint: disable=g-import-not-at-top
   from mic_jax.data import records  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(data_dir)
-  prepared = root / "prepared"
+  prepared = root / PREPARED
   if (prepared / records.INFO_FILE).exists():
     return prepared
-  raw = root / "raw"
+  raw = root / RAW
   csv_path = raw / "catalogue.csv"
   if not csv_path.exists():
     write_catalogue(raw, image_size=max(image_size, 32), seed=seed)
-  prepare.main([
+  command = [
+      sys.executable, "-m", "data_prep.prepare",
       f"--input={csv_path}", f"--output_dir={prepared}",
       f"--tokenizer={raw / 'tokenizer'}", f"--max_length={max_length}",
       "--image_column=image", "--split_column=split",
-      f"--max_image_side={max(image_size, 32)}", "--num_workers=1"])
+      f"--max_image_side={max(image_size, 32)}", "--num_workers=1"]
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  if done.returncode or not (prepared / records.INFO_FILE).exists():
+    raise RuntimeError(
+        f"preparing the demo data in {prepared} failed (exit "
+        f"{done.returncode}): {' '.join(command[1:])}\n"
+        f"{(done.stdout + done.stderr)[-3000:]}")
   return prepared
 
 
@@ -155,7 +170,7 @@ def single_modality_ceilings(data_dir: str | os.PathLike[str], split: str
     data_dir: the directory given to :func:`ensure_demo_dataset`.
     split: ``"validation"`` or ``"test"``.
   """
-  with open(pathlib.Path(data_dir) / "raw" / "catalogue.csv",
+  with open(pathlib.Path(data_dir) / RAW / "catalogue.csv",
             encoding="utf-8") as f:
     rows = [r for r in csv.DictReader(f) if r["split"] == split]
   if not rows:

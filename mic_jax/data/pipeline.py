@@ -54,10 +54,7 @@ class DatasetInfo:
   def load(cls, data_dir: str) -> DatasetInfo:
     """Raises FileNotFoundError when ``data_dir`` is not a prepared set."""
     path = pathlib.Path(data_dir)
-    info_file = path / records.INFO_FILE
-    if not info_file.exists():
-      raise FileNotFoundError(f"{info_file} not found")
-    info = json.loads(info_file.read_text(encoding="utf-8"))
+    info = records.read_info(path)
     labels = tuple((path / records.LABELS_FILE).read_text(
         encoding="utf-8").splitlines())
     taxonomy = None

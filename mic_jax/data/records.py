@@ -139,6 +139,15 @@ def write_info(data_dir: str | os.PathLike[str], *, labels: Sequence[str],
   write_json_atomic(data_dir / INFO_FILE, info)
 
 
+def read_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+  """The ``dataset_info.json`` of a prepared directory, as written by
+  :func:`write_info`; raises FileNotFoundError when it is absent."""
+  info_file = pathlib.Path(data_dir) / INFO_FILE
+  if not info_file.exists():
+    raise FileNotFoundError(f"{info_file} not found")
+  return json.loads(info_file.read_text(encoding="utf-8"))
+
+
 def write_examples(data_dir: str | os.PathLike[str],
                    splits: dict[str, Sequence[Example]], *,
                    labels: Sequence[str], max_length: int,

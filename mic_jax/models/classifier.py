@@ -32,6 +32,7 @@ import re
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -234,12 +235,13 @@ def attention_impl(config: ml_collections.ConfigDict) -> str:
 def text_config(config: ml_collections.ConfigDict) -> bert_lib.BertConfig:
   """The BERT architecture of ``config.text``.
 
-  In order: an explicit ``config.text.bert`` dict of :class:`BertConfig`
-  fields; else the ``config.json`` of ``config.text.checkpoint`` (a local
-  directory or a hub id, so the tower matches the weights to be loaded);
-  else the named size ``config.text.size``. ``config.text.dropout`` (when
-  present) sets both BERT dropout rates and ``config.text.vocab_size``
-  (when present and positive) the vocabulary size.
+  In order: an explicit ``config.text.bert`` (a :class:`BertConfig`, or a
+  dict of its fields; :func:`mic_jax.checkpoints.architecture.resolve` puts
+  a checkpoint's own architecture there); else the named size
+  ``config.text.size``. ``config.text.dropout`` (when present) sets both
+  BERT dropout rates and ``config.text.vocab_size`` (when positive) the
+  vocabulary size. This module reads no checkpoint file: a config naming a
+  ``text.checkpoint`` must be resolved first, or it is refused.
   """
   text = config.text
   explicit = text.get("bert")
@@ -250,19 +252,17 @@ def text_config(config: ml_collections.ConfigDict) -> bert_lib.BertConfig:
   if text.get("vocab_size"):
     overrides["vocab_size"] = int(text.vocab_size)
   overrides["attention_impl"] = attention_impl(config)
+  if isinstance(explicit, bert_lib.BertConfig):
+    return dataclasses.replace(explicit, **overrides)
   if explicit:
     values = dict(explicit.to_dict() if hasattr(explicit, "to_dict")
                   else explicit)
     return bert_lib.BertConfig(**{**values, **overrides})
   if text.get("checkpoint"):
-    # Lazy: reading a checkpoint's config may download it from the hub.
-    # pylint: disable=g-import-not-at-top
-    from mic_jax.checkpoints import bert as bert_ckpt
-    from mic_jax.checkpoints import hub
-    # pylint: enable=g-import-not-at-top
-    base = bert_ckpt.read_config(
-        hub.resolve_dir(text.checkpoint, what="BERT checkpoint"))
-    return dataclasses.replace(base, **overrides)
+    raise ValueError(
+        f"config.text.checkpoint={text.checkpoint!r}: the text tower's "
+        "architecture is the checkpoint's own; pass the config through "
+        "mic_jax.checkpoints.architecture.resolve(config) first")
   return bert_lib.get_bert_config(text.get("size", "base"), **overrides)
 
 
@@ -291,7 +291,9 @@ def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
 
   A ViT's architecture is the checkpoint's own when
   :func:`vit_architecture_from_checkpoint` says so (sizes, patch, LayerScale,
-  pixel normalization, activation), otherwise the named ``variant``.
+  pixel normalization, activation; ``config.image.vit``, filled in by
+  :func:`mic_jax.checkpoints.architecture.resolve`), otherwise the named
+  ``variant``.
   """
   image = config.image
   kind = image.get("kind", "vit")
@@ -306,10 +308,12 @@ def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
     if image.get("dropout"):
       overrides["dropout"] = float(image.dropout)
     if vit_architecture_from_checkpoint(image):
-      # Lazy: reading a checkpoint's config may download it from the hub.
-      from mic_jax.checkpoints import vit as vit_ckpt  # pylint: disable=g-import-not-at-top
-      arch = vit_ckpt.vit_config_from_checkpoint(image.checkpoint,
-                                                 int(image.size))
+      arch = image.get("vit")
+      if arch is None:
+        raise ValueError(
+            f"config.image.checkpoint={image.checkpoint!r}: the ViT's "
+            "architecture is the checkpoint's own; pass the config through "
+            "mic_jax.checkpoints.architecture.resolve(config) first")
       return vit.VisionTransformer(dataclasses.replace(arch, **overrides),
                                    dtype=dtype, param_dtype=param_dtype)
     return vit.get_vit(image.variant, dtype=dtype, param_dtype=param_dtype,
@@ -321,10 +325,13 @@ def build_image_tower(config: ml_collections.ConfigDict, dtype: Any,
   raise ValueError(f"config.image.kind must be 'vit' or 'bit', got {kind!r}")
 
 
-def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
+def build_model(config: ml_collections.ConfigDict,
+                num_classes: int | None = None) -> MultimodalClassifier:
   """The classifier of ``config`` (the one place models are constructed).
 
-  Reads ``config.model.kind``, ``config.num_classes`` (must be filled in),
+  :func:`build` adds the input spec and the abstract parameters; callers
+  that need shapes use it. Reads ``config.model.kind``, ``num_classes`` (or,
+  when not given, ``config.num_classes``, which must then be filled in),
   ``config.dtype`` (compute; parameters stay float32), ``config.text`` (see
   :func:`text_config`; plus ``remat``), ``config.image.{kind, variant,
   dropout, remat}`` and ``config.fusion.{heads, gate, dropout, pool,
@@ -335,7 +342,8 @@ def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
   """
   kind = config.model.kind
   _check_kind(kind)
-  num_classes = int(config.num_classes)
+  num_classes = int(config.num_classes if num_classes is None
+                    else num_classes)
   if num_classes < 1:
     raise ValueError(f"config.num_classes must be set (got {num_classes}); "
                      "the trainer fills it in from the data's labels.txt")
@@ -377,3 +385,63 @@ def build_model(config: ml_collections.ConfigDict) -> MultimodalClassifier:
       text_repr=model_cfg.get("text_repr", "pooler"),
       attention_impl=attention_impl(config),
       dtype=dtype, param_dtype=jnp.float32)
+
+
+def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1
+                  ) -> dict[str, jnp.ndarray]:
+  """The model's input spec: a zero batch shaped as the data pipeline's
+  (``config.text.max_length`` tokens, ``config.image.size`` pixels)."""
+  length, size = int(config.text.max_length), int(config.image.size)
+  return {
+      "input_ids": jnp.zeros((batch_size, length), jnp.int32),
+      "attention_mask": jnp.ones((batch_size, length), jnp.int32),
+      "token_type_ids": jnp.zeros((batch_size, length), jnp.int32),
+      "image": jnp.zeros((batch_size, size, size, 3), jnp.float32),
+      "image_present": jnp.ones((batch_size,), jnp.int32),
+      "label": jnp.zeros((batch_size,), jnp.int32),
+      "mask": jnp.ones((batch_size,), jnp.float32),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A built model with its input spec and abstract parameters.
+
+  Attributes:
+    model: the unbound :class:`MultimodalClassifier`.
+    example_batch: a zero batch of the input shapes (what ``init`` takes).
+    boxed_params: ``jax.eval_shape`` of the parameters, still carrying
+      their logical-axis metadata (what shardings are derived from).
+  """
+  model: MultimodalClassifier
+  example_batch: dict[str, jnp.ndarray]
+  boxed_params: Any
+
+  @property
+  def abstract_params(self) -> Any:
+    """The parameters' ``ShapeDtypeStruct`` tree, metadata removed."""
+    return nn.meta.unbox(self.boxed_params)
+
+  def init_params(self, seed: int) -> Any:
+    """Fresh parameters (unboxed) from ``seed``: what ``model.init`` gives
+    with the ``params`` key ``seed`` and the ``dropout`` key ``seed + 1``."""
+    return nn.meta.unbox(self.model.init(
+        {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)},
+        self.example_batch, train=False)["params"])
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int | None = None,
+          *, batch_size: int = 1) -> ModelSpec:
+  """The one way to build a model: ``(model, input spec, abstract params)``.
+
+  ``config`` must be plain (a checkpoint's architecture already resolved
+  into it, see :func:`mic_jax.checkpoints.architecture.resolve`);
+  ``num_classes`` defaults to ``config.num_classes``. Nothing is allocated:
+  the parameters come from ``jax.eval_shape`` of ``init``.
+  """
+  model = build_model(config, num_classes)
+  batch = example_batch(config, batch_size)
+  boxed = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, batch,
+      train=False))["params"]
+  return ModelSpec(model, batch, boxed)

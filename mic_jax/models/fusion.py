@@ -161,7 +161,6 @@ class Attention(nn.Module):
           bias_init=P.logical(nn.initializers.zeros, (P.EMBED,)),
           dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
     return y
-    return y.reshape(*y.shape[:2], self.out_features)
 
 
 class CrossModalAttention(nn.Module):

@@ -9,8 +9,9 @@ settings the data was prepared with, as recorded in the manifest; resize and
 centre crop), and nothing of :mod:`mic_jax.models`, :mod:`mic_jax.train` or
 flax is loaded.
 
-An export directory is checked before use: every file the manifest lists
-must be present with its recorded size and SHA-256, so a half-written,
+The bundle's files are read through :mod:`mic_jax.serving.bundle`, the
+format's one owner. An export directory is checked before use: every file
+the manifest lists must be present with its recorded size and SHA-256, so a half-written,
 truncated or tampered export is refused with the file named instead of
 being served. Exports from before the manifest listed files (or the photo
 settings, or a calibration temperature) still load, with today's defaults.
@@ -18,10 +19,7 @@ settings, or a calibration temperature) still load, with today's defaults.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import logging
 import os
 import pathlib
 import threading
@@ -29,11 +27,10 @@ from typing import Any, Sequence, Union
 
 import jax
 from jax import export as jax_export
-import ml_dtypes
 import numpy as np
 
-from mic_jax.checkpoints import common
 from mic_jax.data import photos
+from mic_jax.serving import bundle
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray, None]
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # Padded batch sizes: few compilations.
@@ -43,83 +40,11 @@ class PredictionError(ValueError):
   """A product cannot be scored; the message names it and says why."""
 
 
-class ExportDirError(RuntimeError):
-  """The export directory is not whole or not an export; names the file."""
-
-
-def file_sha256(path: pathlib.Path) -> str:
-  """Hex SHA-256 of a file (the export manifest's check of every file)."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def read_manifest(export_dir: str | os.PathLike[str], *, verify: bool = True
-                  ) -> dict[str, Any]:
-  """The manifest of a whole export directory.
-
-  Args:
-    export_dir: written by ``python -m mic_jax.export``.
-    verify: check every listed file's size and SHA-256 (reads them all
-      once; a few seconds for a BERT-base export).
-
-  Raises:
-    ExportDirError: no or unreadable manifest (e.g. the temporary
-      directory of an export that did not finish), or a listed file
-      missing, of another size or another hash; the message names it.
-  """
-  directory = pathlib.Path(export_dir)
-  path = directory / "manifest.json"
-  if not path.exists():
-    hint = (" (it looks like the temporary directory of an export that did "
-            "not finish: export again)" if ".tmp-" in directory.name else "")
-    raise ExportDirError(f"{path} not found: not a complete mic_jax export"
-                         f"{hint} (see python -m mic_jax.export)")
-  try:
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ExportDirError(f"{path} is not valid JSON ({e}): the export is "
-                         "damaged; export again") from e
-  if not isinstance(manifest, dict):
-    raise ExportDirError(f"{path}: not a mic_jax export manifest")
-  files = manifest.get("files")
-  if files is None:
-    logging.warning("%s lists no files (an export from before integrity "
-                    "checks): loading it unchecked", path)
-    return manifest
-  for name, entry in sorted(files.items()):
-    file = directory / name
-    if not file.is_file():
-      raise ExportDirError(f"{file} is missing: the export {directory} is "
-                           "incomplete; export again")
-    size = file.stat().st_size
-    if size != entry["bytes"]:
-      raise ExportDirError(f"{file} has {size} bytes, the manifest says "
-                           f"{entry['bytes']}: the export {directory} is "
-                           "truncated or damaged; export again")
-    if verify and file_sha256(file) != entry["sha256"]:
-      raise ExportDirError(f"{file} does not match its SHA-256 in the "
-                           f"manifest: the export {directory} is damaged; "
-                           "export again")
-  return manifest
-
-
-def read_params(directory: str | os.PathLike[str]) -> dict[str, Any]:
-  """The nested parameter dict of ``params.bin`` + ``params.json``."""
-  directory = pathlib.Path(directory)
-  index = json.loads((directory / "params.json").read_text())
-  raw = (directory / "params.bin").read_bytes()
-  flat = {}
-  for entry in index:
-    dtype = (np.dtype(ml_dtypes.bfloat16) if entry["dtype"] == "bfloat16"
-             else np.dtype(entry["dtype"]))
-    count = int(np.prod(entry["shape"], dtype=np.int64))
-    flat[entry["name"]] = np.frombuffer(
-        raw, dtype=dtype, count=count, offset=entry["offset"]).reshape(
-            entry["shape"])
-  return common.unflatten(flat)
+# The bundle's own names, re-exported for existing callers.
+ExportDirError = bundle.ExportDirError
+file_sha256 = bundle.file_sha256
+read_manifest = bundle.read_manifest
+read_params = bundle.read_params
 
 
 class Predictor:
@@ -145,13 +70,9 @@ class Predictor:
     not a whole export."""
     from mic_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
     self.dir = pathlib.Path(export_dir)
-    self.manifest = read_manifest(self.dir, verify=verify)
-    self.labels = (self.dir / self.manifest["labels"]).read_text(
-        encoding="utf-8").splitlines()
-    self.taxonomy = None
-    if self.manifest.get("taxonomy"):
-      self.taxonomy = json.loads((self.dir / self.manifest["taxonomy"])
-                                 .read_text(encoding="utf-8"))
+    self.manifest = bundle.read_manifest(self.dir, verify=verify)
+    self.labels = bundle.read_labels(self.dir, self.manifest)
+    self.taxonomy = bundle.read_taxonomy(self.dir, self.manifest)
     self.max_length = int(self.manifest["text"]["max_length"])
     self.image_size = int(self.manifest["image"]["size"])
     self.threshold = float(self.manifest["abstain"]["threshold"])
@@ -160,7 +81,7 @@ class Predictor:
     try:
       self.photo = photos.PhotoPreprocessing.from_dict(
           self.manifest["image"].get(photos.INFO_KEY),
-          where=str(self.dir / "manifest.json"))
+          where=str(self.dir / bundle.MANIFEST))
     except ValueError as e:
       raise ExportDirError(str(e)) from e
     # Probabilities come out of the exported function calibrated with this
@@ -168,11 +89,10 @@ class Predictor:
     self.temperature = float(
         (self.manifest.get("calibration") or {}).get("temperature", 1.0))
     self._tokenize_lock = threading.Lock()
-    self.tokenizer = load_tokenizer(self.dir / self.manifest["text"][
-        "tokenizer"])
-    exported = jax_export.deserialize(bytearray(
-        (self.dir / "model.stablehlo").read_bytes()))
-    self._params = jax.device_put(read_params(self.dir))
+    self.tokenizer = load_tokenizer(bundle.tokenizer_path(self.dir,
+                                                          self.manifest))
+    exported = jax_export.deserialize(bytearray(bundle.read_model(self.dir)))
+    self._params = jax.device_put(bundle.read_params(self.dir))
     self._call = jax.jit(exported.call)
 
   # ------------------------------------------------------------ inputs --

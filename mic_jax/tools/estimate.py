@@ -100,17 +100,17 @@ class Estimate:
 
 def _abstract_params(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   """(model, boxed abstract params) without allocating anything."""
-  from mic_jax.train import evaluation, towers  # pylint: disable=g-import-not-at-top
+  spec = _model_spec(config)
+  return spec.model, spec.boxed_params
 
-  class _Info:
-    max_length = config.text.max_length
 
-  model = towers.build_model(config)
-  dummy = evaluation.dummy_batch(config, _Info, batch_size=1)
-  boxed = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, dummy,
-      train=False))["params"]
-  return model, boxed
+def _model_spec(config: ml_collections.ConfigDict, batch_size: int = 1):
+  """The model as the trainer builds it (:func:`classifier.build`)."""
+  # pylint: disable=g-import-not-at-top
+  from mic_jax.checkpoints import architecture
+  from mic_jax.models import classifier
+  # pylint: enable=g-import-not-at-top
+  return classifier.build(architecture.resolve(config), batch_size=batch_size)
 
 
 def count_params(tree: Any) -> dict[str, int]:
@@ -211,16 +211,10 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int,
 
 def xla_train_step_flops(config: ml_collections.ConfigDict) -> float:
   """FLOPs XLA counts for one compiled train step on one device, per example."""
-  from mic_jax.train import optimizer, steps, towers  # pylint: disable=g-import-not-at-top
-  from mic_jax.train import evaluation  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import optimizer, steps  # pylint: disable=g-import-not-at-top
 
-  class _Info:
-    max_length = config.text.max_length
-
-  model = towers.build_model(config)
-  batch = evaluation.dummy_batch(config, _Info, batch_size=config.batch_size)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
-  params = nn.meta.unbox(boxed)["params"]
+  spec = _model_spec(config, batch_size=config.batch_size)
+  model, batch, params = spec.model, spec.example_batch, spec.abstract_params
   tx, schedule = optimizer.make_optimizer(config.optim, params, 1000)
   state = steps.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                            jax.eval_shape(tx.init, params))

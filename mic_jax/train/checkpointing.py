@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from mic_jax.checkpoints import layer_stacks
 from mic_jax.train import faults
+from mic_jax.train import rundir
 
 BEST_METRIC = "validation/macro_f1"
 
@@ -53,13 +54,13 @@ class RunCheckpoints:
     """``cleanup_tmp``: delete temporary dirs of killed saves (the trainer
     sets it; readers of a run that may still be training must not)."""
     self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
+        rundir.checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1),
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=cleanup_tmp, create=True))
     self.best = ocp.CheckpointManager(
-        os.path.join(workdir, "best"),
+        rundir.checkpoint_dir(workdir, best=True),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
             keep_checkpoints_without_metrics=False,
@@ -200,15 +201,15 @@ def _locate(directory: str) -> tuple[str, int] | None:
   name = os.path.basename(directory)
   if name.isdigit():  # One step: best/N or checkpoints/N.
     return os.path.dirname(directory), int(name)
-  subs = ("best", "checkpoints") if name not in ("best", "checkpoints") else (
-      "",)
+  managers = (rundir.BEST, rundir.CHECKPOINTS)
+  subs = managers if name not in managers else ("",)
   for sub in subs:
     path = os.path.join(directory, sub) if sub else directory
     if not tf.io.gfile.isdir(path):
       continue
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
         read_only=True))
-    step = (manager.best_step() if os.path.basename(path) == "best"
+    step = (manager.best_step() if os.path.basename(path) == rundir.BEST
             else manager.latest_step())
     manager.close()
     if step is not None:
@@ -232,7 +233,7 @@ def restore_params_from(directory: str, abstract_params: Any) -> Any:
                                   options=ocp.CheckpointManagerOptions(
                                       read_only=True))
   try:
-    if os.path.basename(manager_dir) == "checkpoints":  # Full train states.
+    if os.path.basename(manager_dir) == rundir.CHECKPOINTS:  # Full train states.
       def params_of_state(target):
         return ocp.args.PyTreeRestore(
             item={"params": target},

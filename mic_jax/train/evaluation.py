@@ -14,8 +14,6 @@ from typing import Any
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -23,25 +21,10 @@ from mic_jax import sharding as shd
 from mic_jax.data import pipeline
 from mic_jax.train import calibration
 from mic_jax.train import metrics as metrics_lib
-from mic_jax.train import faults, plots, reporting, steps
+from mic_jax.train import faults, plots, reporting, rundir, steps
 
 # Written at the end of every run; the export reads its "temperature".
-CALIBRATION_FILE = "calibration.json"
-
-
-def dummy_batch(config: ml_collections.ConfigDict, info: Any,
-                batch_size: int = 1) -> dict[str, jnp.ndarray]:
-  """A zero batch with the shapes the pipeline produces, for ``init``."""
-  length, size = int(info.max_length), int(config.image.size)
-  return {
-      "input_ids": jnp.zeros((batch_size, length), jnp.int32),
-      "attention_mask": jnp.ones((batch_size, length), jnp.int32),
-      "token_type_ids": jnp.zeros((batch_size, length), jnp.int32),
-      "image": jnp.zeros((batch_size, size, size, 3), jnp.float32),
-      "image_present": jnp.ones((batch_size,), jnp.int32),
-      "label": jnp.zeros((batch_size,), jnp.int32),
-      "mask": jnp.ones((batch_size,), jnp.float32),
-  }
+CALIBRATION_FILE = rundir.CALIBRATION
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -139,7 +122,7 @@ class Evaluator:
     if reporting.is_writer():
       plots.training_curves(os.path.join(run.workdir, "training_curves.png"),
                             reporting.read_metrics(run.workdir))
-      reporting.write_json(os.path.join(run.workdir, "results.json"), results)
+      reporting.write_json(rundir.path(run.workdir, rundir.RESULTS), results)
     logging.info("results: %s", {k: v for k, v in results.items()})
     return results
 

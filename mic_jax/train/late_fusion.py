@@ -19,11 +19,10 @@ from typing import Any
 from absl import logging
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from configs import common
 from mic_jax.train import calibration, checkpointing, evaluation, metrics
-from mic_jax.train import reporting
+from mic_jax.train import reporting, rundir
 
 
 def _sub_config(config: ml_collections.ConfigDict, kind: str, data_dir: str
@@ -70,7 +69,7 @@ def _trained_run(config: ml_collections.ConfigDict, workdir: str,
   """Trains ``workdir`` unless it already has results; returns its run."""
   from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
   kind = config.model.kind
-  if not tf.io.gfile.exists(os.path.join(workdir, "results.json")):
+  if not rundir.has_results(workdir):
     logging.info("late fusion: training %s in %s", kind, workdir)
     trainer.train_and_evaluate(config, workdir)
   run = trainer.build_run(member_config(config, workdir, kind, data_dir),
@@ -160,9 +159,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ablation = _photo_ablation(image_eval, image_params, log_probs, calibrated,
                              (t_text, t_image), alpha, num_classes)
   if reporting.is_writer():
-    reporting.write_json(os.path.join(workdir, "photo_ablation.json"),
+    reporting.write_json(rundir.path(workdir, rundir.PHOTO_ABLATION),
                          {"model": "late", **ablation})
-    reporting.write_json(os.path.join(workdir, "results.json"), results)
+    reporting.write_json(rundir.path(workdir, rundir.RESULTS), results)
   return results
 
 

@@ -133,10 +133,17 @@ def classification_report(labels: Any, preds: Any, num_classes: int,
       confusion_matrix(labels, preds, num_classes, mask))
 
 
+def late_mix(p_text: Any, p_image: Any, alpha: float) -> Any:
+  """The late-fusion formula (paper 3.3.1), ``alpha p_text + (1 - alpha)
+  p_image``, in the arrays' own type (numpy, or jax inside the exported
+  function): the one place it is written."""
+  return alpha * p_text + (1.0 - alpha) * p_image
+
+
 def fuse(p_text: Any, p_image: Any, alpha: float) -> np.ndarray:
-  """Late fusion: ``alpha * p_text + (1 - alpha) * p_image`` (float64)."""
-  return alpha * np.asarray(p_text, np.float64) + (1.0 - alpha) * np.asarray(
-      p_image, np.float64)
+  """Late fusion of probability arrays, in float64 (:func:`late_mix`)."""
+  return late_mix(np.asarray(p_text, np.float64),
+                  np.asarray(p_image, np.float64), alpha)
 
 
 def choose_alpha(p_text: Any, p_image: Any, labels: Any, mask: Any = None,

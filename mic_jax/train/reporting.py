@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from mic_jax import console
+from mic_jax.train import rundir
 
 
 def is_writer() -> bool:
@@ -69,7 +70,7 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: str, keep_through_step: int | None = None):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = rundir.path(workdir, rundir.METRICS)
     self._lines: list[str] = []
     if is_writer() and tf.io.gfile.exists(self.path):
       with tf.io.gfile.GFile(self.path) as f:
@@ -109,7 +110,7 @@ def _logged_at_or_before(line: str, step: int | None) -> bool:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All records of ``metrics.jsonl`` (the last record wins per step)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = rundir.path(workdir, rundir.METRICS)
   if not tf.io.gfile.exists(path):
     return []
   by_step: dict[int, dict[str, Any]] = {}
@@ -123,11 +124,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run saved as ``config.json`` (gs:// paths work)."""
-  path = os.path.join(workdir, "config.json")
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path} not found: not a mic_jax training run")
-  with tf.io.gfile.GFile(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return rundir.read_config(workdir)
 
 
 class Progress:

@@ -18,6 +18,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from mic_jax.checkpoints import architecture
 from mic_jax.checkpoints import common
 from mic_jax.checkpoints import hub
 from mic_jax.checkpoints import layer_stacks
@@ -25,16 +26,17 @@ from mic_jax.models import bert as bert_lib
 from mic_jax.models import classifier
 
 
-def build_model(config: ml_collections.ConfigDict) -> classifier.MultimodalClassifier:
-  """The run's model; ``config.num_classes`` must be filled in."""
-  return classifier.build_model(config)
+# Re-exported for existing callers; models are built by
+# mic_jax.models.classifier (build_model, or build for shapes as well).
+build_model = classifier.build_model
 
 
 def _text_params(config: ml_collections.ConfigDict) -> tuple[Any, str]:
   from mic_jax.checkpoints import bert as bert_ckpt  # pylint: disable=g-import-not-at-top
   source = config.text.checkpoint
   directory = hub.resolve_dir(source, what="BERT checkpoint")
-  encoder = bert_lib.BertEncoder(classifier.text_config(config))
+  encoder = bert_lib.BertEncoder(
+      classifier.text_config(architecture.resolve(config)))
   return bert_ckpt.load_bert_params(directory, encoder, seed=config.seed), source
 
 

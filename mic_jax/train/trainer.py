@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Iterator
@@ -44,8 +43,10 @@ import ml_collections
 import numpy as np
 
 from mic_jax import sharding as shd
+from mic_jax.checkpoints import architecture
+from mic_jax.models import classifier
 from mic_jax.train import checkpointing, evaluation, optimizer, reporting, steps
-from mic_jax.train import faults, finite, image_features, summary, towers
+from mic_jax.train import faults, finite, image_features, rundir, summary, towers
 from mic_jax.data import pipeline
 
 
@@ -65,6 +66,11 @@ class Run:
   model: nn.Module
   state_shardings: Any
   abstract_state: Any
+  # The model's input spec and abstract params (mic_jax.models.classifier).
+  spec: classifier.ModelSpec | None = None
+  # The optimizer and its learning-rate schedule, made once per run.
+  tx: Any = None
+  schedule: Any = None
   # Cached outputs of a frozen image tower (image_features), once attached.
   features: Any = None
 
@@ -90,13 +96,13 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str
   """
   if config.data.demo:
     from mic_jax.data import demo  # pylint: disable=g-import-not-at-top
-    demo_dir = os.path.join(workdir, "demo_data")
     if jax.process_index() == 0:  # One writer; the others wait for it.
-      demo.ensure_demo_dataset(demo_dir, max_length=config.text.max_length,
+      demo.ensure_demo_dataset(rundir.demo_dir(workdir),
+                               max_length=config.text.max_length,
                                image_size=config.image.size, seed=0)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("mic_jax demo data ready")
-    data_dir = os.path.join(demo_dir, "prepared")
+    data_dir = rundir.data_dir(config, workdir)
   else:
     data_dir = config.data.dir
     if not data_dir:
@@ -147,19 +153,15 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
         f"batch_size {config.batch_size} must be divisible by data*fsdp "
         f"({devices_per_batch}) times grad_accum_steps "
         f"({config.grad_accum_steps})")
-  model = towers.build_model(config)
-  dummy = evaluation.dummy_batch(config, info, batch_size=1)
-  boxed = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, dummy,
-      train=False))["params"]
-  param_shardings = shd.logical_shardings(boxed, mesh, rules)
-  abstract_params = nn.meta.unbox(boxed)
-  tx, _ = optimizer.make_optimizer(config.optim, abstract_params,
-                                   config.total_steps)
+  spec = classifier.build(architecture.resolve(config), info.num_classes)
+  param_shardings = shd.logical_shardings(spec.boxed_params, mesh, rules)
+  abstract_params = spec.abstract_params
+  tx, schedule = optimizer.make_optimizer(config.optim, abstract_params,
+                                          config.total_steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_shardings = _opt_state_shardings(abstract_opt, abstract_params,
-                                       param_shardings, replicated)
+  opt_shardings = shd.opt_state_shardings(abstract_opt, abstract_params,
+                                          param_shardings, replicated)
   state_shardings = steps.TrainState(step=replicated, params=param_shardings,
                                      opt_state=opt_shardings)
   abstract_state = steps.TrainState(
@@ -170,35 +172,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
       abstract_state, state_shardings)
   if jax.process_index() == 0:
     shd.log_param_shardings(param_shardings, abstract_params)
-  return Run(config, workdir, data_dir, info, mesh, rules, model,
-             state_shardings, abstract_state)
-
-
-def _opt_state_shardings(abstract_opt, abstract_params, param_shardings,
-                         replicated):
-  """Optimizer moments shard like their parameters; scalars replicate.
-
-  A moment is recognised by its key path: the trailing dictionary keys of an
-  optimizer-state leaf are the path of the parameter it belongs to (optax
-  keeps the params' tree inside every per-param state, with ``MaskedNode``
-  holes for parameters another lr group or the freeze mask owns).
-  """
-  by_path = {
-      tuple(k.key for k in path): (param.shape, sharding)
-      for (path, param), sharding in zip(
-          jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-          jax.tree.leaves(param_shardings))}
-
-  def sharding_of(path, leaf):
-    keys = []
-    for entry in reversed(path):
-      if not isinstance(entry, jax.tree_util.DictKey):
-        break
-      keys.append(entry.key)
-    shape, sharding = by_path.get(tuple(reversed(keys)), (None, replicated))
-    return sharding if shape == leaf.shape else replicated
-
-  return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt)
+  return Run(config, workdir, data_dir, info, mesh, rules, spec.model,
+             state_shardings, abstract_state, spec=spec, tx=tx,
+             schedule=schedule)
 
 
 def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
@@ -209,18 +185,8 @@ def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
     state = checkpoints.restore_state(run.abstract_state,
                                       validate=_restored_state_problem)
     return state, f"resumed from {run.workdir} step {int(state.step)}"
-  tx, _ = optimizer.make_optimizer(config.optim, run.abstract_state.params,
-                                   config.total_steps)
-  dummy = evaluation.dummy_batch(config, run.info, batch_size=1)
-
-  def fresh():
-    params = nn.meta.unbox(run.model.init(
-        {"params": jax.random.key(config.seed),
-         "dropout": jax.random.key(config.seed + 1)}, dummy,
-        train=False)["params"])
-    return params
-
-  params = jax.jit(fresh, out_shardings=run.state_shardings.params)()
+  params = jax.jit(lambda: run.spec.init_params(config.seed),
+                   out_shardings=run.state_shardings.params)()
   if config.init_checkpoint:
     params = checkpointing.restore_params_from(
         config.init_checkpoint, run.abstract_state.params)
@@ -229,8 +195,8 @@ def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
     params, loaded = towers.load_pretrained(config, params,
                                             run.state_shardings.params)
     how = ("pretrained " + ", ".join(loaded)) if loaded else "from scratch"
-  opt_state = jax.jit(tx.init, out_shardings=run.state_shardings.opt_state)(
-      params)
+  opt_state = jax.jit(run.tx.init,
+                      out_shardings=run.state_shardings.opt_state)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings.step)
   return steps.TrainState(step, params, opt_state), how
 
@@ -254,13 +220,10 @@ def jit_train_step(run: Run, *, donate: bool = True):
   run.rules)`` so the models' activation constraints apply.
   """
   config = run.config
-  tx, schedule = optimizer.make_optimizer(config.optim,
-                                          run.abstract_state.params,
-                                          config.total_steps)
   weights = steps.class_weights(run.info.class_counts("train"),
                                 config.loss.class_weighting)
   train_step = steps.make_train_step(
-      run.model, tx, schedule, seed=config.seed,
+      run.model, run.tx, run.schedule, seed=config.seed,
       grad_accum_steps=config.grad_accum_steps,
       label_smoothing=config.loss.label_smoothing,
       loss_class_weights=weights, loss_kind=config.loss.kind,
@@ -393,15 +356,21 @@ def _check_finite(step: int, pending: list[tuple[int, Any, Any]],
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict[str, Any]:
-  """Trains, evaluates and writes every output of one run; returns results."""
+  """Trains, evaluates and writes every output of one run; returns results.
+
+  One model: late fusion (two runs and a mix) sits above the trainer, in
+  :func:`mic_jax.train.late_fusion.run`, which the entry points choose.
+  """
   if config.model.kind == "late":
-    from mic_jax.train import late_fusion  # pylint: disable=g-import-not-at-top
-    return late_fusion.run(config, workdir)
+    raise TrainingError(
+        "late fusion is two runs and a mix, not one model: run it with "
+        "mic_jax.train.late_fusion.run(config, workdir) (python -m "
+        "mic_jax.main chooses it for a 'late' config)")
   reporting.ensure_dir(workdir)
   run = build_run(config, workdir)
   config = run.config
   if reporting.is_writer():
-    reporting.write_json(os.path.join(workdir, "config.json"),
+    reporting.write_json(rundir.path(workdir, rundir.CONFIG),
                          json.loads(config.to_json_best_effort()))
   checkpoints = checkpointing.RunCheckpoints(workdir,
                                              keep=config.keep_checkpoints,
