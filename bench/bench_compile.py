@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +31,10 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import common  # noqa: E402
-from mic_jax.train import evaluation  # noqa: E402
+from mic_jax.checkpoints import architecture  # noqa: E402
+from mic_jax.models import classifier  # noqa: E402
 from mic_jax.train import optimizer  # noqa: E402
 from mic_jax.train import steps  # noqa: E402
-from mic_jax.train import towers  # noqa: E402
 
 
 def paper_config(preset: str, scan: bool, batch_size: int):
@@ -55,15 +54,10 @@ def paper_config(preset: str, scan: bool, batch_size: int):
 
 def compile_seconds(config) -> dict[str, float]:
   """Seconds to trace+lower and to compile the train step (abstract args)."""
-
-  class _Info:
-    max_length = config.text.max_length
-
-  model = towers.build_model(config)
-  batch = jax.eval_shape(lambda: evaluation.dummy_batch(
-      config, _Info, batch_size=config.batch_size))
-  params = nn.meta.unbox(jax.eval_shape(lambda: model.init(
-      jax.random.key(0), evaluation.dummy_batch(config, _Info, 1)))["params"])
+  spec = classifier.build(architecture.resolve(config))
+  model, params = spec.model, spec.abstract_params
+  batch = jax.eval_shape(lambda: classifier.example_batch(
+      config, batch_size=config.batch_size))
   tx, schedule = optimizer.make_optimizer(config.optim, params, 1000)
   state = steps.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
                            jax.eval_shape(tx.init, params))

@@ -120,7 +120,8 @@ def compile_train_step(config: ml_collections.ConfigDict, num_devices: int
     ValueError: fewer devices than asked for, or a batch the mesh cannot
       split (the trainer's own check).
   """
-  from mic_jax.train import evaluation, trainer  # pylint: disable=g-import-not-at-top
+  from mic_jax.models import classifier  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   if len(devices) < num_devices:
     raise ValueError(f"compiling for {num_devices} devices, but JAX has only "
@@ -130,8 +131,8 @@ def compile_train_step(config: ml_collections.ConfigDict, num_devices: int
                           devices=devices[:num_devices])
   step = trainer.jit_train_step(run)
   batch_sharding = shd.batch_sharding(run.mesh, run.rules)
-  shapes = jax.eval_shape(lambda: evaluation.dummy_batch(
-      run.config, info, batch_size=int(run.config.batch_size)))
+  shapes = jax.eval_shape(lambda: classifier.example_batch(
+      run.config, batch_size=int(run.config.batch_size)))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
            for k, v in shapes.items()}
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
