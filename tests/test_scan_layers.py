@@ -17,6 +17,7 @@ import transformers
 
 from configs import common
 from mic_jax import sharding as shd
+from mic_jax.checkpoints import architecture
 from mic_jax.checkpoints import bert as bert_ckpt
 from mic_jax.checkpoints import common as ckpt_common
 from mic_jax.checkpoints import layer_stacks
@@ -277,6 +278,7 @@ def test_run_loads_pretrained_towers_into_scanned_model(tmp_path):
     with config.unlocked():
       config.text.checkpoint = str(bert_dir)
       config.image.checkpoint = npz
+    config = architecture.resolve(config)  # The checkpoints' architecture.
     model = classifier.build_model(config)
     params = _init(model, _batch(config))
     shardings = jax.tree.map(lambda x: x.sharding, params)
