@@ -25,16 +25,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import common  # noqa: E402
-from mic_jax.checkpoints import architecture  # noqa: E402
-from mic_jax.models import classifier  # noqa: E402
-from mic_jax.train import optimizer  # noqa: E402
-from mic_jax.train import steps  # noqa: E402
+from mic_jax.tools import compile_check  # noqa: E402
 
 
 def paper_config(preset: str, scan: bool, batch_size: int):
@@ -54,18 +49,9 @@ def paper_config(preset: str, scan: bool, batch_size: int):
 
 def compile_seconds(config) -> dict[str, float]:
   """Seconds to trace+lower and to compile the train step (abstract args)."""
-  spec = classifier.build(architecture.resolve(config))
-  model, params = spec.model, spec.abstract_params
-  batch = jax.eval_shape(lambda: classifier.example_batch(
-      config, batch_size=config.batch_size))
-  tx, schedule = optimizer.make_optimizer(config.optim, params, 1000)
-  state = steps.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                           jax.eval_shape(tx.init, params))
-  step = steps.make_train_step(
-      model, tx, schedule, seed=0, grad_accum_steps=1, label_smoothing=0.0,
-      loss_class_weights=np.ones(config.num_classes, np.float32))
+  step, state, batch = compile_check.single_device_train_step(config)
   start, cpu_start = time.perf_counter(), time.process_time()
-  lowered = jax.jit(step).lower(state, batch)
+  lowered = step.lower(state, batch)
   lowered_at = time.perf_counter()
   lowered.compile()
   done, cpu_done = time.perf_counter(), time.process_time()

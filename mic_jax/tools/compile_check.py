@@ -107,6 +107,37 @@ def _stand_in_data(config: ml_collections.ConfigDict) -> Any:
       max_length=int(config.text.max_length), shards={})
 
 
+def single_device_train_step(config: ml_collections.ConfigDict
+                             ) -> tuple[Any, Any, Any]:
+  """``(jitted step, abstract state, abstract batch)`` for one device, no mesh.
+
+  The train step as the trainer makes it (AdamW, the loss, batch
+  ``config.batch_size``), on ``ShapeDtypeStruct`` inputs, for lowering only:
+  what the estimator's ``--compare_xla`` and ``bench/bench_compile.py``
+  compile. A config naming checkpoints reads their architecture.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import numpy as np
+  from mic_jax.checkpoints import architecture
+  from mic_jax.models import classifier
+  from mic_jax.train import optimizer, steps
+  # pylint: enable=g-import-not-at-top
+  spec = classifier.build(architecture.resolve(config),
+                          batch_size=int(config.batch_size))
+  params = spec.abstract_params
+  tx, schedule = optimizer.make_optimizer(config.optim, params, 1000)
+  state = steps.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                           jax.eval_shape(tx.init, params))
+  step = steps.make_train_step(
+      spec.model, tx, schedule, seed=0, grad_accum_steps=1,
+      label_smoothing=0.0,
+      loss_class_weights=np.ones(config.num_classes, np.float32))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       spec.example_batch)
+  return jax.jit(step), state, batch
+
+
 def compile_train_step(config: ml_collections.ConfigDict, num_devices: int
                        ) -> CompiledStep:
   """Lowers and compiles the trainer's step for ``num_devices`` devices.

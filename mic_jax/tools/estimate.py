@@ -47,10 +47,8 @@ from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
 from mic_jax import sharding as shd
 from mic_jax.tools import compile_check
@@ -211,18 +209,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int,
 
 def xla_train_step_flops(config: ml_collections.ConfigDict) -> float:
   """FLOPs XLA counts for one compiled train step on one device, per example."""
-  from mic_jax.train import optimizer, steps  # pylint: disable=g-import-not-at-top
-
-  spec = _model_spec(config, batch_size=config.batch_size)
-  model, batch, params = spec.model, spec.example_batch, spec.abstract_params
-  tx, schedule = optimizer.make_optimizer(config.optim, params, 1000)
-  state = steps.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                           jax.eval_shape(tx.init, params))
-  step = steps.make_train_step(
-      model, tx, schedule, seed=0, grad_accum_steps=1, label_smoothing=0.0,
-      loss_class_weights=np.ones(config.num_classes, np.float32))
-  compiled = jax.jit(step).lower(state, batch).compile()
-  cost = compiled.cost_analysis()
+  step, state, batch = compile_check.single_device_train_step(config)
+  cost = step.lower(state, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) / config.batch_size
 
