@@ -17,30 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
+from mic_jax import hostmem
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SYSTEMS = (("text_only", "small"), ("cross_modal", "small"))
-
-
-def cpu_model() -> str:
-  """``lscpu``'s model name (or ``unknown``)."""
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=True).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  for line in out.splitlines():
-    if line.startswith("Model name:"):
-      return line.split(":", 1)[1].strip()
-  return "unknown"
 
 
 def matmul_flops_per_second(n: int, repeats: int) -> float:
@@ -63,17 +51,22 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--matmul", type=int, default=2048)
+  parser.add_argument("--host_malloc", default="auto", choices=hostmem.MODES,
+                      help="This process's allocator (mic_jax/hostmem.py).")
   args = parser.parse_args()
-  print(f"CPU: {cpu_model()}; {os.cpu_count()} cores; load average at "
-        f"start {os.getloadavg()[0]:.1f}; jax {jax.__version__}")
+  allocator = hostmem.configure(args.host_malloc)
+  print(f"CPU: {bench_train.cpu_description()}; load average at "
+        f"start {os.getloadavg()[0]:.1f}; jax {jax.__version__}; host "
+        f"allocator {allocator}")
   peak = matmul_flops_per_second(args.matmul, 2 * args.steps)
   print(f"f32 matmul {args.matmul}^3: {peak / 1e9:.1f} GFLOP/s")
   print("\n| system | step ms | GFLOP/step (XLA) | achieved GFLOP/s | "
         "achieved / matmul |")
   print("|---|---:|---:|---:|---:|")
   for kind, arg in SYSTEMS:
-    run, _, flops, _ = bench_train.our_step(kind, arg, args.batch_size)
-    seconds = bench_train.timed(run, args.steps)
+    step = bench_train.our_step(kind, arg, args.batch_size)
+    seconds = bench_train.timed(step.run, args.steps)
+    flops = step.flops
     achieved = flops / seconds
     print(f"| {kind}:{arg} | {seconds * 1e3:.0f} | {flops / 1e9:.1f} | "
           f"{achieved / 1e9:.1f} | {achieved / peak:.2f} |")

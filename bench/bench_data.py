@@ -4,7 +4,8 @@ r"""Throughput of data_prep (products/s) and of the tf.data pipeline.
     --tokenizer=TOKENIZER_DIR --prepared=/tmp/bench_prepared
 
 Prepares the fashion catalogue (articleType, max_length 32) with all cores,
-then times train and eval batches at 224x224. The pipeline figure is reported
+then times train and eval batches at 224x224 under the host allocator the
+trainer would use (``--host_malloc``, mic_jax/hostmem.py). The pipeline figure is reported
 per core because tf.data scales with the cores a host gives it: multiply by a
 host's cores for a first estimate of whether input will keep up with the
 accelerators.
@@ -23,8 +24,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from data_prep import prepare  # noqa: E402
-from mic_jax.data import pipeline  # noqa: E402
+from mic_jax import hostmem  # noqa: E402
 
 
 def _time_batches(batches, batch_size: int, warmup: int, steps: int
@@ -46,7 +46,16 @@ def main() -> None:
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--steps", type=int, default=60)
+  p.add_argument("--host_malloc", default="auto", choices=hostmem.MODES,
+                 help="This process's allocator, as the trainer sets it "
+                 "(mic_jax/hostmem.py): the pipeline runs under it.")
   args = p.parse_args()
+  allocator = hostmem.configure(args.host_malloc)
+  # After the allocator: TensorFlow starts its threads when imported.
+  # pylint: disable=g-import-not-at-top
+  from data_prep import prepare
+  from mic_jax.data import pipeline
+  # pylint: enable=g-import-not-at-top
   cores = len(os.sched_getaffinity(0))
 
   shutil.rmtree(args.prepared, ignore_errors=True)
@@ -69,6 +78,7 @@ def main() -> None:
   evaluation = count / (time.perf_counter() - start)
   result = {
       "cores": cores,
+      "host_allocator": allocator,
       "data_prep_products": stats["rows_in"],
       "data_prep_seconds": round(prep_seconds, 1),
       "data_prep_products_per_s": round(stats["rows_in"] / prep_seconds, 1),

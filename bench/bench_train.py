@@ -34,7 +34,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
+from mic_jax import hostmem
 from mic_jax.checkpoints import architecture
 from mic_jax.models import classifier
 from mic_jax.models import vit
@@ -77,9 +78,18 @@ def random_batch(config: Any, batch_size: int, seed: int = 0
   }
 
 
+class OurStep(NamedTuple):
+  """One of our train steps, compiled and ready to time."""
+  run: Callable[[], None]  # One step on the fixed batch, blocking.
+  num_params: int
+  flops: float             # XLA's count for the compiled step.
+  config: Any
+  compiled: Any            # The jax.stages.Compiled step (its HLO, costs).
+
+
 def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
-             ) -> tuple[Callable[[], None], int, float, Any]:
-  """(run one step, parameter count, XLA FLOPs per step, config)."""
+             ) -> OurStep:
+  """Our ``kind`` model's train step as the trainer builds it."""
   config = common.make_config(kind, arg)
   with config.unlocked():
     config.num_classes = NUM_CLASSES
@@ -105,7 +115,7 @@ def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics["train/loss"])
 
-  return run, vit.count_params(params), flops, config
+  return OurStep(run, vit.count_params(params), flops, config, compiled)
 
 
 def _cost(compiled) -> dict[str, float]:
@@ -200,9 +210,14 @@ def cpu_description() -> str:
           f"{', '.join(bf16) or 'none'}")
 
 
-def timed(run: Callable[[], None], steps_: int) -> float:
-  """Median seconds per step over ``steps_`` steps (after one warm-up)."""
-  run()
+def timed(run: Callable[[], None], steps_: int, warmup: int = 3) -> float:
+  """Median seconds per step over ``steps_`` steps, after ``warmup`` steps.
+
+  Several warm-up steps, not one: with the tuned host allocator
+  (mic_jax/hostmem.py) the heap takes a few steps to settle.
+  """
+  for _ in range(warmup):
+    run()
   times = []
   for _ in range(steps_):
     start = time.perf_counter()
@@ -214,11 +229,11 @@ def timed(run: Callable[[], None], steps_: int) -> float:
 def compare(kind: str, dtype: str, batch_size: int, steps_: int,
             repeats: int) -> tuple[float, float]:
   """Median step seconds of ours and the PyTorch reference, interleaved."""
-  ours, _, _, config = our_step(kind, "small", batch_size, dtype)
-  theirs = torch_step(kind, config, batch_size, dtype)
+  ours = our_step(kind, "small", batch_size, dtype)
+  theirs = torch_step(kind, ours.config, batch_size, dtype)
   ours_times, their_times = [], []
   for _ in range(repeats):  # Interleaved: both see the same machine.
-    ours_times.append(timed(ours, steps_))
+    ours_times.append(timed(ours.run, steps_))
     their_times.append(timed(theirs, steps_))
   return statistics.median(ours_times), statistics.median(their_times)
 
@@ -233,7 +248,12 @@ def main() -> None:
   parser.add_argument("--compare", default="text_only,cross_modal",
                       help="Part 2: models timed against PyTorch.")
   parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--host_malloc", default="auto", choices=hostmem.MODES,
+                      help="This process's allocator, which both sides share "
+                      "(mic_jax/hostmem.py); applied before any thread "
+                      "starts.")
   args = parser.parse_args()
+  allocator = hostmem.configure(args.host_malloc)
   import torch  # pylint: disable=g-import-not-at-top
   # XLA's CPU client uses every core; give PyTorch the same.
   torch.set_num_threads(os.cpu_count() or 1)
@@ -242,17 +262,18 @@ def main() -> None:
   print(f"batch {args.batch_size}, {args.steps} timed steps x "
         f"{args.repeats} repeats, median; jax {jax.__version__} "
         f"({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)")
+        f"({torch.get_num_threads()} threads); host allocator {allocator}")
   if args.systems:
     print("\n| system | params | step ms | examples/s | GFLOP/step (XLA) | "
           "achieved GFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|")
   for name in filter(None, args.systems.split(",")):
     kind, arg = SYSTEMS[name]
-    run, count, flops, _ = our_step(kind, arg, args.batch_size)
-    seconds = statistics.median(timed(run, args.steps)
+    step = our_step(kind, arg, args.batch_size)
+    seconds = statistics.median(timed(step.run, args.steps)
                                 for _ in range(args.repeats))
-    print(f"| {name} | {count / 1e6:.1f}M | {seconds * 1e3:.0f} | "
+    flops = step.flops
+    print(f"| {name} | {step.num_params / 1e6:.1f}M | {seconds * 1e3:.0f} | "
           f"{args.batch_size / seconds:.0f} | {flops / 1e9:.1f} | "
           f"{flops / seconds / 1e9:.0f} |", flush=True)
 

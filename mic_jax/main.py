@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mic_jax import console
+from mic_jax import hostmem
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally with ':argument'.",
@@ -39,6 +40,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (non-TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
 console.define_verbose_flag()
+hostmem.define_flag()
 
 
 def main(argv):
@@ -52,6 +54,8 @@ def main(argv):
 
 
 def _train():
+  # Before TensorFlow and JAX start their threads (see mic_jax/hostmem.py).
+  allocator = hostmem.configure(hostmem.flag_value())
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   # tf.data must not grab the accelerators JAX is about to use.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -65,6 +69,7 @@ def _train():
               jax.process_index(), jax.process_count(),
               jax.local_device_count(), jax.device_count(),
               jax.devices()[0].platform)
+  logging.info("host allocator: %s", allocator)
   # pylint: disable=g-import-not-at-top
   from mic_jax.train import late_fusion, summary, trainer
   # pylint: enable=g-import-not-at-top

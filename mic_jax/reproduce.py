@@ -32,9 +32,11 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from configs import common
 from mic_jax import console
+from mic_jax import hostmem
 from mic_jax.train import rundir
 
 
@@ -84,6 +86,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool("ablate_photos", True, "Score every fused system with its "
                     "photos withheld too.")
   console.define_verbose_flag()
+  hostmem.define_flag()
 
 
 def parse_value(old: object, text: str) -> object:
@@ -179,6 +182,8 @@ def main(argv):
 
 
 def _reproduce():
+  # Before TensorFlow and JAX start their threads (see mic_jax/hostmem.py).
+  logging.info("host allocator: %s", hostmem.configure(hostmem.flag_value()))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   root = FLAGS.workdir
   tf.io.gfile.makedirs(root)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from mic_jax.models import attention
 from mic_jax.models import partitioning as P
+from mic_jax.models import precision
 
 Dtype = Any
 
@@ -145,6 +146,7 @@ def _dense(features: int, names: tuple[str | None, str | None],
       kernel_init=P.logical(
           nn.initializers.normal(cfg.initializer_range), names),
       bias_init=P.logical(nn.initializers.zeros, (names[1],)),
+      dot_general=precision.dense_dot_general(dtype),
       name=name)
 
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from mic_jax.models import attention
 from mic_jax.models import partitioning as P
+from mic_jax.models import precision
 
 Dtype = Any
 POOLS = ("sum", "mean")
@@ -140,6 +141,7 @@ class Attention(nn.Module):
           self.out_features, use_bias=self.use_bias,
           kernel_init=P.logical(_dense_init(), (P.EMBED, P.HEADS)),
           bias_init=P.logical(nn.initializers.zeros, (P.HEADS,)),
+          dot_general=precision.dense_dot_general(self.dtype),
           dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
               x.astype(self.dtype))
       return y.reshape(*y.shape[:2], self.heads, head_dim)
@@ -159,6 +161,7 @@ class Attention(nn.Module):
           self.out_features,
           kernel_init=P.logical(_dense_init(), (P.HEADS, P.EMBED)),
           bias_init=P.logical(nn.initializers.zeros, (P.EMBED,)),
+          dot_general=precision.dense_dot_general(self.dtype),
           dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
     return y
 
@@ -248,11 +251,13 @@ class CrossModalAttention(nn.Module):
           width, use_bias=True,
           kernel_init=P.logical(_dense_init(), (P.EMBED, None)),
           bias_init=P.logical(nn.initializers.zeros, (None,)),
+          dot_general=precision.dense_dot_general(self.dtype),
           dtype=self.dtype, param_dtype=self.param_dtype, name="gate_text")(
               h.astype(self.dtype))
       gate_v = nn.Dense(
           width, use_bias=False,
           kernel_init=P.logical(_dense_init(), (P.EMBED, None)),
+          dot_general=precision.dense_dot_general(self.dtype),
           dtype=self.dtype, param_dtype=self.param_dtype, name="gate_image")(
               v[:, 0].astype(self.dtype))
       gate = jax.nn.sigmoid(gate_h + gate_v[:, None, :]) * flag
@@ -322,6 +327,7 @@ def _gelu_hidden(module: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
       module.mlp_dim,
       kernel_init=P.logical(_dense_init(), (None, P.MLP)),
       bias_init=P.logical(nn.initializers.zeros, (P.MLP,)),
+      dot_general=precision.dense_dot_general(module.dtype),
       dtype=module.dtype, param_dtype=module.param_dtype, name="hidden")(x)
   x = jax.nn.gelu(x, approximate=False)
   return P.constrain(x, (P.BATCH, P.ACT_MLP))
@@ -365,5 +371,6 @@ class ClassifierHead(nn.Module):
         kernel_init=P.logical(nn.initializers.normal(stddev=HEAD_INIT_STD),
                               (None, P.CLASSES)),
         bias_init=P.logical(nn.initializers.zeros, (P.CLASSES,)),
+        dot_general=precision.dense_dot_general(self.dtype),
         dtype=self.dtype, param_dtype=self.param_dtype, name="output")(x)
     return logits.astype(jnp.float32)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from mic_jax.models import attention
 from mic_jax.models import partitioning as P
+from mic_jax.models import precision
 
 Dtype = Any
 
@@ -252,6 +253,7 @@ class MlpBlock(_ViTModule):
         kernel_init=P.logical(nn.initializers.xavier_uniform(),
                               (P.EMBED, P.MLP)),
         bias_init=P.logical(bias_init, (P.MLP,)),
+        dot_general=precision.dense_dot_general(self.dtype),
         name="Dense_0", **self.kw)(x)
     x = ACTIVATIONS[cfg.activation](x)
     x = P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_MLP))
@@ -261,6 +263,7 @@ class MlpBlock(_ViTModule):
         kernel_init=P.logical(nn.initializers.xavier_uniform(),
                               (P.MLP, P.EMBED)),
         bias_init=P.logical(bias_init, (P.EMBED,)),
+        dot_general=precision.dense_dot_general(self.dtype),
         name="Dense_1", **self.kw)(x)
     return nn.Dropout(cfg.dropout)(x, deterministic=not train)
 
@@ -298,9 +301,16 @@ class HeadsDense(nn.Module):
                       tuple(self.features), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    contracted = tuple(range(x.ndim - self.contract, x.ndim))
-    y = jax.lax.dot_general(
-        x, kernel, ((contracted, tuple(range(self.contract))), ((), ())))
+    f32_accumulating = precision.dense_dot_general(self.dtype)
+    if f32_accumulating is None:
+      contracted = tuple(range(x.ndim - self.contract, x.ndim))
+      y = jax.lax.dot_general(
+          x, kernel, ((contracted, tuple(range(self.contract))), ((), ())))
+    else:  # The same product as one flat matmul, accumulated in float32.
+      batch = x.shape[:x.ndim - self.contract]
+      y = f32_accumulating(x.reshape(*batch, flat[0]), kernel.reshape(flat),
+                           (((len(batch),), (0,)), ((), ())))
+      y = y.reshape(*batch, *self.features)
     return y + bias
 
 
