@@ -23,6 +23,7 @@ ratio measured on one CPU does not carry to another.
 
   python bench/bench_train.py [--steps=5] [--repeats=3] [--batch_size=64]
       [--systems=...] [--compare=text_only,cross_modal] [--dtypes=float32,bfloat16]
+      [--host_malloc=auto|tuned|system]
 """
 
 from __future__ import annotations
