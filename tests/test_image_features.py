@@ -19,24 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+import demo_configs
 from mic_jax.train import checkpointing, evaluation, image_features, steps
 from mic_jax.train import trainer
 
 
 def _config(tmp_path, kind="cross_modal", **overrides):
-  config = common.make_config(kind, "demo")
-  with config.unlocked():
-    config.total_steps = 4
-    config.log_every_steps = 2
-    config.eval_every_steps = 4
-    config.checkpoint_every_steps = 4
-    config.batch_size = 16
-    config.optim.freeze = "img"
-    config.image.feature_cache_dir = str(tmp_path / "cache")
-    for key, value in overrides.items():
-      common.override(config, key, value)
-  return config
+  overrides = {"optim.freeze": "img",
+               "image.feature_cache_dir": str(tmp_path / "cache"), **overrides}
+  return demo_configs.short_demo(
+      kind, **{"total_steps": 4, "log_every": 2, "eval_every": 4, **overrides})
 
 
 @pytest.fixture(scope="module")

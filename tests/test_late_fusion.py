@@ -8,21 +8,14 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs import common
+import demo_configs
 from mic_jax.train import late_fusion, trainer
 
 
 def _demo_config(kind, **overrides):
-  config = common.make_config(kind, "demo")
-  with config.unlocked():
-    config.total_steps = 30
-    config.log_every_steps = 10
-    config.eval_every_steps = 15
-    config.checkpoint_every_steps = 15
-    config.batch_size = 16
-    for key, value in overrides.items():
-      common.override(config, key, value)
-  return config
+  return demo_configs.short_demo(
+      kind, **{"total_steps": 30, "log_every": 10, "eval_every": 15,
+               **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -22,22 +22,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import common
+import demo_configs
 from mic_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _demo_config(kind="cross_modal", **overrides):
-  config = common.make_config(kind, "demo")
-  with config.unlocked():
-    config.total_steps = 6
-    config.log_every_steps = 2
-    config.eval_every_steps = 3
-    config.checkpoint_every_steps = 3
-    config.batch_size = 16
-    for key, value in overrides.items():
-      common.override(config, key, value)
-  return config
+  return demo_configs.short_demo(
+      kind, **{"total_steps": 6, "log_every": 2, "eval_every": 3, **overrides})
 
 
 def _final_params(workdir):
