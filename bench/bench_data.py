@@ -5,10 +5,10 @@ r"""Throughput of data_prep (products/s) and of the tf.data pipeline.
 
 Prepares the fashion catalogue (articleType, max_length 32) with all cores,
 then times train and eval batches at 224x224 under the host allocator the
-trainer would use (``--host_malloc``, mic_jax/hostmem.py). The pipeline figure is reported
-per core because tf.data scales with the cores a host gives it: multiply by a
-host's cores for a first estimate of whether input will keep up with the
-accelerators.
+trainer would use (``--host_malloc``, mic_jax/hostmem.py). The pipeline
+figure is reported per core because tf.data scales with the cores a host
+gives it: multiply by a host's cores for a first estimate of whether input
+will keep up with the accelerators.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ measures it, ``bench/README.md`` has the figures).
 
 :func:`configure` asks glibc (``mallopt``) to serve every thread from the
 main heap (``M_ARENA_MAX`` 1), never to ``mmap`` (``M_MMAP_MAX`` 0) and
-never to give freed memory back to the system (``M_TRIM_THRESHOLD`` -1). The block is then reused from step to step: no page
-faults after the first step. The price: the process keeps its peak heap
+never to give freed memory back to the system (``M_TRIM_THRESHOLD`` -1).
+The block is then reused from step to step: no page faults once the heap
+has settled, after the first few steps. The price: the process keeps its peak heap
 (the memory the step needed anyway) instead of returning it between steps,
 and all threads share one arena lock.
 

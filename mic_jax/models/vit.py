@@ -301,17 +301,13 @@ class HeadsDense(nn.Module):
                       tuple(self.features), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    f32_accumulating = precision.dense_dot_general(self.dtype)
-    if f32_accumulating is None:
-      contracted = tuple(range(x.ndim - self.contract, x.ndim))
-      y = jax.lax.dot_general(
-          x, kernel, ((contracted, tuple(range(self.contract))), ((), ())))
-    else:  # The same product as one flat matmul, accumulated in float32.
-      batch = x.shape[:x.ndim - self.contract]
-      y = f32_accumulating(x.reshape(*batch, flat[0]), kernel.reshape(flat),
-                           (((len(batch),), (0,)), ((), ())))
-      y = y.reshape(*batch, *self.features)
-    return y + bias
+    # The product as one flat [in, out] matmul: a Dense contraction, which
+    # below float32 accumulates in float32 (models/precision.py).
+    dot = precision.dense_dot_general(self.dtype) or jax.lax.dot_general
+    batch = x.shape[:x.ndim - self.contract]
+    y = dot(x.reshape(*batch, flat[0]), kernel.reshape(flat),
+            (((len(batch),), (0,)), ((), ())))
+    return y.reshape(*batch, *self.features) + bias
 
 
 class SelfAttention(_ViTModule):
