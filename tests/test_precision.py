@@ -96,3 +96,64 @@ def test_bf16_per_head_projections_match_float32():
     want_grads = jax.grad(loss)(params, vit.HeadsDense(**kw))
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
       np.testing.assert_allclose(g, w, rtol=0.1, atol=0.05 * np.abs(w).max())
+
+
+
+def _eqns(jaxpr):
+  """Every equation of ``jaxpr``, those of nested jaxprs included."""
+  from jax.extend import core  # pylint: disable=g-import-not-at-top
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, core.ClosedJaxpr):
+          yield from _eqns(sub.jaxpr)
+        elif isinstance(sub, core.Jaxpr):
+          yield from _eqns(sub)
+
+
+def _traced_train_step(dtype: str):
+  """(jaxpr of the demo cross-modal model's gradient, its parameters)."""
+  # pylint: disable=g-import-not-at-top
+  from configs import common
+  from mic_jax.checkpoints import architecture
+  from mic_jax.models import classifier
+  # pylint: enable=g-import-not-at-top
+  config = common.make_config("cross_modal", "demo")
+  with config.unlocked():
+    config.num_classes = 5
+    config.dtype = dtype
+  spec = classifier.build(architecture.resolve(config))
+
+  def loss(params):
+    logits, _ = spec.model.apply({"params": params}, spec.example_batch,
+                                 train=True,
+                                 rngs={"dropout": jax.random.key(0)})
+    return logits.sum()
+
+  params = spec.abstract_params
+  return jax.make_jaxpr(jax.grad(loss))(params).jaxpr, params
+
+
+def test_bf16_models_accumulate_every_dense_matmul_in_float32():
+  """BERT, ViT, fusion and head: each dense kernel's forward matmul and its
+  two gradient matmuls take bf16 operands and accumulate in float32."""
+  jaxpr, params = _traced_train_step("bfloat16")
+  dots = [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
+  accumulated = [e for e in dots
+                 if e.params.get("preferred_element_type") == jnp.float32
+                 and all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+  dense_kernels = [
+      leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+      if jax.tree_util.keystr(path).endswith("['kernel']")
+      and leaf.ndim in (2, 3)]  # Not the 4-D patch convolution.
+  assert len(dense_kernels) > 20
+  assert len(accumulated) >= 3 * len(dense_kernels), (
+      len(accumulated), len(dense_kernels))
+
+
+def test_float32_models_keep_plain_dots():
+  jaxpr, _ = _traced_train_step("float32")
+  dots = [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
+  assert dots and all(v.aval.dtype == jnp.float32
+                      for e in dots for v in e.invars)
