@@ -2,9 +2,13 @@
 
 Each case runs in a fresh Python process, because the settings must be made
 before JAX starts its threads: a jitted function whose temporary buffer is
-~64 MiB is called repeatedly, and the process's minor page faults per call
-are counted (``getrusage``). With glibc's defaults every call maps the buffer
-afresh and faults on each of its pages; tuned, the buffer is reused.
+~64 MiB is called repeatedly, and the process's minor page faults in each
+call are counted (``getrusage``). With glibc's defaults every call maps the
+buffer afresh and faults on each of its pages; tuned, the buffer is reused.
+The typical (median) call is compared: on a loaded host the previous call's
+buffer is sometimes freed after the next call has allocated, so the tuned heap
+grows by another block now and then (64 MiB faulted in, in 1-2 calls of 21,
+with two busy loops beside it); the heap never shrinks, so that cost stops.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ def step(x):
 x = jnp.ones((1024, 1024), jnp.float32)
 for _ in range(10):  # The heap settles in a few calls.
   step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(21):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x).block_until_ready()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-print(json.dumps({"done": done, "faults_per_call": (after - before) / 10}))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"done": done, "faults": faults,
+                  "median_faults": sorted(faults)[len(faults) // 2]}))
 """
 
 
@@ -55,10 +61,11 @@ def test_tuned_allocator_stops_per_step_page_faults():
   system, tuned = _run("system"), _run("tuned")
   assert system["done"].startswith("system")
   assert tuned["done"].startswith("tuned"), tuned
-  # glibc's defaults: the ~64 MiB of temporaries fault in page by page.
-  assert system["faults_per_call"] > 5_000, system
-  assert tuned["faults_per_call"] < system["faults_per_call"] / 20, (system,
-                                                                    tuned)
+  # glibc's defaults: the ~64 MiB of temporaries fault in page by page,
+  # in every call.
+  assert min(system["faults"]) > 5_000, system
+  assert tuned["median_faults"] < system["median_faults"] / 20, (system,
+                                                                tuned)
 
 
 def test_auto_leaves_accelerator_runs_alone(monkeypatch):
