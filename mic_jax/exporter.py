@@ -43,7 +43,6 @@ loading. Exporting the same checkpoint again gives byte-identical files.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
 from typing import Any, Callable
@@ -62,6 +61,7 @@ from mic_jax.data import photos
 from mic_jax.data import records
 from mic_jax.models import classifier
 from mic_jax.serving import bundle
+from mic_jax.train import calibration as calibration_lib
 from mic_jax.train import metrics
 from mic_jax.train import rundir
 
@@ -176,43 +176,24 @@ def abstain_threshold(probs: np.ndarray, labels: np.ndarray, target: float
           "validation_coverage": float((k + 1) / len(order))}
 
 
-def _temperature(value: Any, where: str) -> float:
-  if (isinstance(value, bool) or not isinstance(value, (int, float)) or
-      not math.isfinite(value) or value <= 0):
-    raise ExportError(f"{where}: a temperature must be a positive finite "
-                      f"number, got {value!r}")
-  return float(value)
-
-
 def read_calibration(workdir: pathlib.Path, late: bool) -> dict[str, Any]:
-  """The run's temperatures: ``{"temperature": T}``, plus ``"members":
-  {"text": T, "image": T}`` for late fusion. No ``calibration.json``
-  (a run from before calibration) means every temperature is 1."""
+  """The run's temperatures (:func:`mic_jax.train.calibration.parse_record`
+  owns the file's format). No ``calibration.json`` (a run from before
+  calibration) means every temperature is 1."""
   path = workdir / CALIBRATION_FILE
+  record = None
   if path.exists():
     try:
       record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
       raise ExportError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(record, dict) or "temperature" not in record:
-      raise ExportError(f'{path}: expected {{"temperature": T, ...}}, got '
-                        f"{record!r}"[:300])
   else:
     logging.warning("%s not found: exporting uncalibrated probabilities "
                     "(temperature 1)", path)
-    record = {"temperature": 1.0}
-  calibration = {"temperature": _temperature(record["temperature"],
-                                             f"{path}: temperature"),
-                 "fitted_on": record.get("fitted_on")}
-  if late:
-    members = record.get("members", {"text": 1.0, "image": 1.0})
-    if not isinstance(members, dict) or set(members) != {"text", "image"}:
-      raise ExportError(f'{path}: "members" must be {{"text": T, "image": '
-                        f"T}} for a late-fusion run, got {members!r}")
-    calibration["members"] = {
-        k: _temperature(v, f"{path}: members.{k}")
-        for k, v in sorted(members.items())}
-  return calibration
+  try:
+    return calibration_lib.parse_record(record, str(path), late)
+  except ValueError as e:
+    raise ExportError(str(e)) from e
 
 
 def tempered(probs: jax.Array, temperature: float) -> jax.Array:

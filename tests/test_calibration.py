@@ -192,3 +192,35 @@ def test_unknown_loss_kind_and_bad_gamma_raise():
                           label_smoothing=0.0,
                           loss_class_weights=np.ones(2), loss_kind="focal",
                           focal_gamma=-1.0)
+
+
+def test_calibration_file_round_trips_through_its_reader():
+  """What training writes to calibration.json is what the export reads."""
+  record = calibration.calibration_record(
+      1.7, members={"text": 0.9, "image": 2.5})
+  assert calibration.parse_record(record, "c.json", late=True) == {
+      "temperature": 1.7, "fitted_on": "validation",
+      "members": {"image": 2.5, "text": 0.9}}
+  single = calibration.parse_record(calibration.calibration_record(0.8),
+                                    "c.json", late=False)
+  assert single == {"temperature": 0.8, "fitted_on": "validation"}
+  # No file: every temperature is 1.
+  assert calibration.parse_record(None, "c.json", late=True)["members"] == {
+      "image": 1.0, "text": 1.0}
+
+
+@pytest.mark.parametrize("record, late, match", [
+    ({"temperature": 0}, False, "c.json: temperature: .*positive finite"),
+    ({"temperature": float("nan")}, False, "positive finite"),
+    ({"temperature": True}, False, "positive finite"),
+    ([1.0], False, "expected .*temperature"),
+    ({"fitted_on": "validation"}, False, "expected .*temperature"),
+    ({"temperature": 1.0, "members": {"text": 1.0}}, True,
+     "members.* must be"),
+    ({"temperature": 1.0, "members": {"text": 1.0, "image": -2}}, True,
+     "members.image: a temperature must be"),
+])
+def test_a_bad_calibration_record_names_the_file_and_field(record, late,
+                                                           match):
+  with pytest.raises(ValueError, match=match):
+    calibration.parse_record(record, "c.json", late=late)

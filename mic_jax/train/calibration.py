@@ -171,6 +171,48 @@ def summary(logits: Any, labels: Any, temperature: float) -> dict[str, float]:
 
 
 def calibration_record(temperature: float, **extra: Any) -> dict[str, Any]:
-  """What ``calibration.json`` holds: the export reads ``temperature``."""
+  """What ``calibration.json`` holds (:func:`parse_record` reads it back).
+
+  ``extra`` is late fusion's ``members={"text": T, "image": T}``.
+  """
   return {"temperature": float(temperature), "fitted_on": "validation",
           **extra}
+
+
+def _temperature(value: Any, where: str) -> float:
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or
+      not math.isfinite(value) or value <= 0):
+    raise ValueError(f"{where}: a temperature must be a positive finite "
+                     f"number, got {value!r}")
+  return float(value)
+
+
+def parse_record(record: Any, where: str, late: bool) -> dict[str, Any]:
+  """Checks a loaded ``calibration.json`` and returns its temperatures.
+
+  The reader of what :func:`calibration_record` writes, so the file's keys
+  are known in one module. ``record`` is the parsed JSON (``None``: no file,
+  a run from before calibration, so every temperature is 1); ``where`` names
+  the file in errors. Returns ``{"temperature": T, "fitted_on": ...}`` plus
+  ``"members": {"image": T, "text": T}`` when ``late``.
+
+  Raises:
+    ValueError: not an object with a positive finite ``temperature``, or a
+      late-fusion record whose ``members`` are not the two towers'.
+  """
+  if record is None:
+    record = {"temperature": 1.0}
+  if not isinstance(record, dict) or "temperature" not in record:
+    raise ValueError(f'{where}: expected {{"temperature": T, ...}}, got '
+                     f"{record!r}"[:300])
+  parsed = {"temperature": _temperature(record["temperature"],
+                                        f"{where}: temperature"),
+            "fitted_on": record.get("fitted_on")}
+  if late:
+    members = record.get("members", {"text": 1.0, "image": 1.0})
+    if not isinstance(members, dict) or set(members) != {"text", "image"}:
+      raise ValueError(f'{where}: "members" must be {{"text": T, "image": '
+                       f"T}} for a late-fusion run, got {members!r}")
+    parsed["members"] = {k: _temperature(v, f"{where}: members.{k}")
+                         for k, v in sorted(members.items())}
+  return parsed
