@@ -22,33 +22,38 @@ from ml_collections import config_flags
 from mic_jax import console
 from mic_jax import hostmem
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A configs/*.py file, optionally with ':argument'.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, logs and results "
-    "(local or gs://).")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() before anything "
-    "else (Cloud TPU pods detect their peers; GPU/CPU clusters also need "
-    "--coordinator_address, --num_processes, --process_id).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (non-TPU clusters).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Number of processes (non-TPU).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "This process's index (non-TPU).")
-flags.mark_flags_as_required(["config", "workdir"])
-console.define_verbose_flag()
-hostmem.define_flag()
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines this program's flags (when it runs, never on import)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "A configs/*.py file, optionally with ':argument'.",
+      lock_config=True)
+  flags.DEFINE_string(
+      "workdir", None, "Directory for checkpoints, logs and results "
+      "(local or gs://).")
+  flags.DEFINE_bool(
+      "multihost", False, "Call jax.distributed.initialize() before anything "
+      "else (Cloud TPU pods detect their peers; GPU/CPU clusters also need "
+      "--coordinator_address, --num_processes, --process_id).")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 (non-TPU clusters).")
+  flags.DEFINE_integer("num_processes", None,
+                       "Number of processes (non-TPU).")
+  flags.DEFINE_integer("process_id", None,
+                       "This process's index (non-TPU).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  console.define_verbose_flag()
+  hostmem.define_flag()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  process = _PROCESS_ID.value
+  process = FLAGS.process_id
   log_name = "train.log" if not process else f"train.process{process}.log"
-  with console.session("train", _WORKDIR.value, log_name=log_name,
+  with console.session("train", FLAGS.workdir, log_name=log_name,
                        verbose=console.verbose_requested()):
     _train()
 
@@ -61,10 +66,10 @@ def _train():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   import jax  # pylint: disable=g-import-not-at-top
-  if _MULTIHOST.value or _COORDINATOR.value:
+  if FLAGS.multihost or FLAGS.coordinator_address:
     jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   console.say("JAX process %d/%d, %d local / %d global devices (%s)",
               jax.process_index(), jax.process_count(),
               jax.local_device_count(), jax.device_count(),
@@ -74,19 +79,20 @@ def _train():
   from mic_jax.train import late_fusion, summary, trainer
   # pylint: enable=g-import-not-at-top
   # Late fusion is two runs and a mix, above the trainer; the rest is one.
-  train = (late_fusion.run if _CONFIG.value.model.kind == "late"
+  train = (late_fusion.run if FLAGS.config.model.kind == "late"
            else trainer.train_and_evaluate)
   try:
-    results = train(_CONFIG.value, _WORKDIR.value)
+    results = train(FLAGS.config, FLAGS.workdir)
   except trainer.TrainingError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  summary.end(results, _WORKDIR.value)
+  summary.end(results, FLAGS.workdir)
 
 
 def run():
   """Console-script entry point (``mic-jax-train``, ``mic-jax``)."""
+  _define_flags()
   app.run(main)
 
 

@@ -28,18 +28,23 @@ from absl import flags
 
 from mic_jax import console
 
-_MODEL = flags.DEFINE_string("model", None, "Export directory.")
-_TITLE = flags.DEFINE_string("title", None, "One product's title.")
-_IMAGE = flags.DEFINE_string("image", None, "Its photo (path), if any.")
-_INPUT = flags.DEFINE_string("input", None, "Batch mode: .csv or .jsonl.")
-_OUTPUT = flags.DEFINE_string("output", None, "Batch mode: .jsonl output.")
-_TITLE_COLUMN = flags.DEFINE_string("title_column", "title", "Batch mode.")
-_IMAGE_COLUMN = flags.DEFINE_string("image_column", "image", "Batch mode.")
-_ID_COLUMN = flags.DEFINE_string("id_column", "id", "Batch mode: copied to "
-                                 "the output when present.")
-_TOP_K = flags.DEFINE_integer("top_k", 5, "Labels per product.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Products per model call.")
-console.define_verbose_flag()
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines this program's flags (when it runs, never on import)."""
+  flags.DEFINE_string("model", None, "Export directory.")
+  flags.DEFINE_string("title", None, "One product's title.")
+  flags.DEFINE_string("image", None, "Its photo (path), if any.")
+  flags.DEFINE_string("input", None, "Batch mode: .csv or .jsonl.")
+  flags.DEFINE_string("output", None, "Batch mode: .jsonl output.")
+  flags.DEFINE_string("title_column", "title", "Batch mode.")
+  flags.DEFINE_string("image_column", "image", "Batch mode.")
+  flags.DEFINE_string("id_column", "id", "Batch mode: copied to "
+                      "the output when present.")
+  flags.DEFINE_integer("top_k", 5, "Labels per product.")
+  flags.DEFINE_integer("batch_size", 64, "Products per model call.")
+  console.define_verbose_flag()
 
 
 def read_rows(path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -133,8 +138,8 @@ def main(argv):
   del argv
   # Stdout carries the predictions: the console lines go to stderr. The log
   # sits beside the batch output, or in the user's log folder (see console).
-  output_dir = os.path.dirname(os.path.abspath(_OUTPUT.value)) \
-      if _INPUT.value and _OUTPUT.value else None
+  output_dir = os.path.dirname(os.path.abspath(FLAGS.output)) \
+      if FLAGS.input and FLAGS.output else None
   with console.session("predict", output_dir, stream=sys.stderr,
                        verbose=console.verbose_requested()):
     _predict()
@@ -145,28 +150,28 @@ def _predict():
   from mic_jax.serving import ExportDirError, Predictor, PredictionError
   # pylint: enable=g-import-not-at-top
   try:
-    predictor = Predictor(_MODEL.value)
+    predictor = Predictor(FLAGS.model)
   except ExportDirError as e:  # Not whole: refuse to use it.
     raise SystemExit(f"error: {e}") from e
-  if _INPUT.value:
-    if not _OUTPUT.value:
+  if FLAGS.input:
+    if not FLAGS.output:
       raise app.UsageError("--input needs --output")
     console.say("predict  %s with %s (%s, %d labels) -> %s (log: %s)",
-                _INPUT.value, _MODEL.value, predictor.manifest["model"],
-                len(predictor.labels), _OUTPUT.value,
+                FLAGS.input, FLAGS.model, predictor.manifest["model"],
+                len(predictor.labels), FLAGS.output,
                 console.active().log_path)
     counts = predict_file(
-        predictor, _INPUT.value, _OUTPUT.value,
-        title_column=_TITLE_COLUMN.value, image_column=_IMAGE_COLUMN.value,
-        id_column=_ID_COLUMN.value, top_k=_TOP_K.value,
-        batch_size=_BATCH.value)
-    print(json.dumps({"output": _OUTPUT.value, **counts}), file=sys.stderr)
+        predictor, FLAGS.input, FLAGS.output,
+        title_column=FLAGS.title_column, image_column=FLAGS.image_column,
+        id_column=FLAGS.id_column, top_k=FLAGS.top_k,
+        batch_size=FLAGS.batch_size)
+    print(json.dumps({"output": FLAGS.output, **counts}), file=sys.stderr)
     return
-  if _TITLE.value is None:
+  if FLAGS.title is None:
     raise app.UsageError("give --title (and --image), or --input/--output")
   try:
-    result = predictor.predict([_TITLE.value], [_IMAGE.value],
-                               top_k=_TOP_K.value)[0]
+    result = predictor.predict([FLAGS.title], [FLAGS.image],
+                               top_k=FLAGS.top_k)[0]
   except PredictionError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -175,6 +180,7 @@ def _predict():
 
 def run():
   """Console-script entry point (``mic-jax-predict``)."""
+  _define_flags()
   flags.mark_flag_as_required("model")
   app.run(main)
 

@@ -37,22 +37,27 @@ from aiohttp import web
 
 from mic_jax import console
 
-_MODEL = flags.DEFINE_string("model", None, "Export directory.")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
-_PORT = flags.DEFINE_integer("port", 8080, "Port.")
-_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 8 * 2**20,
-                                 "Largest request body accepted.")
-_MAX_INSTANCES = flags.DEFINE_integer("max_instances", 64,
-                                      "Most products per request.")
-_MAX_BATCH = flags.DEFINE_integer(
-    "max_batch_size", 64, "Most products scored in one call of the model "
-    "(requests are merged up to this; 1 turns batching off).")
-_BATCH_DELAY = flags.DEFINE_float(
-    "batch_delay_ms", 2.0, "How long a request waits for others to share "
-    "its batch. 0 still merges whatever queued while the model was busy.")
-_ENCODE_THREADS = flags.DEFINE_integer(
-    "encode_threads", 2, "Threads tokenizing titles and decoding photos.")
-console.define_verbose_flag()
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines this program's flags (when it runs, never on import)."""
+  flags.DEFINE_string("model", None, "Export directory.")
+  flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
+  flags.DEFINE_integer("port", 8080, "Port.")
+  flags.DEFINE_integer("max_body_bytes", 8 * 2**20,
+                       "Largest request body accepted.")
+  flags.DEFINE_integer("max_instances", 64,
+                       "Most products per request.")
+  flags.DEFINE_integer(
+      "max_batch_size", 64, "Most products scored in one call of the model "
+      "(requests are merged up to this; 1 turns batching off).")
+  flags.DEFINE_float(
+      "batch_delay_ms", 2.0, "How long a request waits for others to share "
+      "its batch. 0 still merges whatever queued while the model was busy.")
+  flags.DEFINE_integer(
+      "encode_threads", 2, "Threads tokenizing titles and decoding photos.")
+  console.define_verbose_flag()
 
 
 class BadRequest(Exception):
@@ -174,26 +179,27 @@ def main(argv):
 def _serve():
   from mic_jax.serving import ExportDirError, Predictor  # pylint: disable=g-import-not-at-top
   try:
-    predictor = Predictor(_MODEL.value)
+    predictor = Predictor(FLAGS.model)
   except ExportDirError as e:  # Not whole: refuse to serve it.
     raise SystemExit(f"error: {e}") from e
-  console.say("model    %s (%s, %d labels); warming up", _MODEL.value,
+  console.say("model    %s (%s, %d labels); warming up", FLAGS.model,
               predictor.manifest["model"], len(predictor.labels))
   predictor.predict(["warm-up"], [None])  # Load the tokenizer and TF ops.
   # Compile every batch size a call can have before the first client.
-  predictor.warm_up(max(_MAX_BATCH.value, _MAX_INSTANCES.value))
+  predictor.warm_up(max(FLAGS.max_batch_size, FLAGS.max_instances))
   console.say("serving  http://%s:%d (POST /v1/predict, GET /healthz; log: "
-              "%s)", _HOST.value, _PORT.value, console.active().log_path)
-  web.run_app(make_app(predictor, max_body_bytes=_MAX_BODY.value,
-                       max_instances=_MAX_INSTANCES.value,
-                       max_batch_size=_MAX_BATCH.value,
-                       batch_delay_ms=_BATCH_DELAY.value,
-                       encode_threads=_ENCODE_THREADS.value),
-              host=_HOST.value, port=_PORT.value, print=None)
+              "%s)", FLAGS.host, FLAGS.port, console.active().log_path)
+  web.run_app(make_app(predictor, max_body_bytes=FLAGS.max_body_bytes,
+                       max_instances=FLAGS.max_instances,
+                       max_batch_size=FLAGS.max_batch_size,
+                       batch_delay_ms=FLAGS.batch_delay_ms,
+                       encode_threads=FLAGS.encode_threads),
+              host=FLAGS.host, port=FLAGS.port, print=None)
 
 
 def run():
   """Console-script entry point (``mic-jax-serve``)."""
+  _define_flags()
   flags.mark_flag_as_required("model")
   app.run(main)
 

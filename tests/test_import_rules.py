@@ -10,14 +10,19 @@ imports are collected, the lazy ones inside functions included. The rules:
 * ``mic_jax/serving`` reaches no training, export, preparation or flax
   code, directly or through the mic_jax modules it imports;
 * the module-level imports among mic_jax modules form no cycle;
-* library modules define no command-line flags, and import no program (a
-  program's flags would then be defined by whoever imports the library).
+* library modules import no program;
+* no module defines command-line flags on import: programs define theirs
+  when they run, so importing two programs (``main`` and ``estimate`` both
+  have ``--config``) never defines a flag twice. One test imports every
+  program in one process to prove it.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -142,12 +147,15 @@ def test_no_import_cycle_among_module_level_imports():
 
 
 def _import_time_nodes(tree: ast.AST):
-  """Every node that runs when the module is imported (function bodies are
-  left out: a helper such as ``console.define_verbose_flag`` defines a flag
-  only when a program calls it)."""
+  """Every node that runs when the module is imported (function bodies and
+  the ``if __name__ == "__main__"`` block are left out: a helper such as
+  ``console.define_verbose_flag`` defines a flag only when a program calls
+  it)."""
   for child in ast.iter_child_nodes(tree):
     if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
       continue
+    if isinstance(child, ast.If) and "__main__" in ast.unparse(child.test):
+      continue  # Runs only as ``python -m``.
     yield child
     yield from _import_time_nodes(child)
 
@@ -161,16 +169,36 @@ def _flag_definitions(tree: ast.Module, at_import: bool = False) -> list[int]:
           ast.unparse(node.func.value) in FLAG_MODULES]
 
 
-def test_library_modules_define_no_flags_and_import_no_program():
-  bad = [f"{name}:{line} defines a flag" for name, tree in MODULES.items()
-         if not is_program(name)
-         for line in _flag_definitions(tree, at_import=True)]
-  bad += [f"{name} imports the program {m}"
-          for name, tree in MODULES.items() if not is_program(name)
-          for m in imports(name, tree) if m in MODULES and is_program(m)]
+def test_library_modules_import_no_program():
+  bad = [f"{name} imports the program {m}"
+         for name, tree in MODULES.items() if not is_program(name)
+         for m in imports(name, tree) if m in MODULES and is_program(m)]
   assert not bad, bad
-  # The rule sees flags where they are (the programs define some).
-  assert _flag_definitions(MODULES["mic_jax.main"])
+
+
+def test_no_module_defines_flags_on_import():
+  """Programs define their flags when they run (``run()``), so any of them
+  can be imported beside any other (a notebook, a test, another program)
+  without two ``--config`` or ``--workdir`` flags colliding."""
+  bad = [f"{name}:{line} defines a flag on import"
+         for name, tree in MODULES.items()
+         for line in _flag_definitions(tree, at_import=True)]
+  assert not bad, bad
+  # The rule sees flags where they are: every program defines some.
+  assert all(_flag_definitions(MODULES[name]) for name in PROGRAMS
+             if name in MODULES)
+
+
+def test_every_program_imports_beside_the_others():
+  names = sorted(n for n in MODULES if is_program(n))
+  assert {"mic_jax.main", "mic_jax.tools.estimate"} <= set(names)
+  program = (f"import {', '.join(names)}\n"
+             "from absl import flags\n"
+             "print(sorted(n for n in flags.FLAGS if n in ('config', "
+             "'workdir', 'model', 'verbose', 'host_malloc')))")
+  out = subprocess.run([sys.executable, "-c", program], check=True,
+                       capture_output=True, text=True, timeout=300)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("kind", ["text_only", "cross_modal"])
@@ -194,31 +222,3 @@ def test_config_fields_the_classifier_reads_are_in_the_schema(kind):
   assert ("head/output/bias" in changed) == (kind == "cross_modal")
   (words,) = [v for k, v in changed.items() if "word_embeddings" in k]
   assert words[0] == 77
-
-
-# Programs whose names are also imported (by tests, notebooks or another
-# program): they define their flags only when run, so importing them beside
-# any other program defines no flag twice.
-IMPORTED_PROGRAMS = ("mic_jax.export", "mic_jax.reproduce",
-                     "mic_jax.tools.photo_ablation")
-
-
-def _flags_defined_at_import(tree: ast.Module) -> list[int]:
-  """Flag definitions that run on import: module-level statements other
-  than function and class bodies and the ``if __name__ == "__main__"``
-  block."""
-  lines = []
-  for node in tree.body:
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
-                         ast.ClassDef)):
-      continue
-    if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
-      continue
-    lines += _flag_definitions(ast.Module(body=[node], type_ignores=[]))
-  return lines
-
-
-@pytest.mark.parametrize("name", IMPORTED_PROGRAMS)
-def test_imported_programs_define_flags_only_when_run(name):
-  assert not _flags_defined_at_import(MODULES[name]), name
-  assert _flag_definitions(MODULES[name]), f"{name} defines no flag at all"

@@ -250,37 +250,42 @@ def report(est: Estimate, config: ml_collections.ConfigDict, accelerator: str,
   return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py "
-                                          "file, optionally with ':arg'.",
-                                          lock_config=True)
-_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices (chips) the "
-                                "mesh spans; default: this machine's.")
-_ACCEL = flags.DEFINE_enum("accelerator", "v4", list(ACCELERATORS),
-                           "Peak FLOP/s and memory per device.")
-_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed.")
-_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Categories (the "
-                                "trainer takes them from the data).")
-_XLA = flags.DEFINE_bool("compare_xla", False, "Compile the train step on "
-                         "this machine and print XLA's FLOP count too.")
-_COMPILE = flags.DEFINE_bool("compile", False, "AOT-compile the real train "
-                             "step for the mesh on --num_devices (fake CPU) "
-                             "devices; print XLA's FLOPs and memory.")
-_JSON = flags.DEFINE_string("json", None, "With --compile: write analytic "
-                            "and XLA figures of the train step to this file.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines this program's flags (when it runs, never on import)."""
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py "
+                                  "file, optionally with ':arg'.",
+                                  lock_config=True)
+  flags.DEFINE_integer("num_devices", None, "Devices (chips) the "
+                       "mesh spans; default: this machine's.")
+  flags.DEFINE_enum("accelerator", "v4", list(ACCELERATORS),
+                    "Peak FLOP/s and memory per device.")
+  flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed.")
+  flags.DEFINE_integer("num_classes", 1000, "Categories (the "
+                       "trainer takes them from the data).")
+  flags.DEFINE_bool("compare_xla", False, "Compile the train step on "
+                    "this machine and print XLA's FLOP count too.")
+  flags.DEFINE_bool("compile", False, "AOT-compile the real train "
+                    "step for the mesh on --num_devices (fake CPU) "
+                    "devices; print XLA's FLOPs and memory.")
+  flags.DEFINE_string("json", None, "With --compile: write analytic "
+                      "and XLA figures of the train step to this file.")
 
 
 def main(argv):
   del argv
-  if _JSON.value and not _COMPILE.value:
+  if FLAGS.json and not FLAGS.compile:
     raise app.UsageError("--json needs --compile")
-  if _COMPILE.value and _DEVICES.value:
+  if FLAGS.compile and FLAGS.num_devices:
     # Before anything starts JAX's backend.
-    compile_check.request_cpu_devices(_DEVICES.value)
-  config = _CONFIG.value.copy_and_resolve_references()
+    compile_check.request_cpu_devices(FLAGS.num_devices)
+  config = FLAGS.config.copy_and_resolve_references()
   with config.unlocked():
-    config.num_classes = _CLASSES.value
+    config.num_classes = FLAGS.num_classes
   try:
-    est = estimate(config, _DEVICES.value or jax.device_count())
+    est = estimate(config, FLAGS.num_devices or jax.device_count())
   except Exception as e:  # pylint: disable=broad-except
     if not config.text.checkpoint:
       raise
@@ -290,20 +295,26 @@ def main(argv):
                     config.text.size)
     with config.unlocked():
       config.text.checkpoint = ""
-    est = estimate(config, _DEVICES.value or jax.device_count())
-  xla = xla_train_step_flops(config) if _XLA.value else None
-  print(report(est, config, _ACCEL.value, _MFU.value, xla))
-  if _COMPILE.value:
+    est = estimate(config, FLAGS.num_devices or jax.device_count())
+  xla = xla_train_step_flops(config) if FLAGS.compare_xla else None
+  print(report(est, config, FLAGS.accelerator, FLAGS.mfu, xla))
+  if FLAGS.compile:
     compiled = compile_check.compile_train_step(
-        config, _DEVICES.value or jax.device_count())
+        config, FLAGS.num_devices or jax.device_count())
     analytic = est.train_flops * config.batch_size
     print(compile_check.report(compiled, analytic,
-                               ACCELERATORS[_ACCEL.value][1], _ACCEL.value))
-    if _JSON.value:
-      with open(_JSON.value, "w", encoding="utf-8") as f:
+                               ACCELERATORS[FLAGS.accelerator][1], FLAGS.accelerator))
+    if FLAGS.json:
+      with open(FLAGS.json, "w", encoding="utf-8") as f:
         json.dump(compile_check.json_record(compiled, analytic), f, indent=2)
 
 
-if __name__ == "__main__":
+def run():
+  """Runs the estimator as a program (``python -m mic_jax.tools.estimate``)."""
+  _define_flags()
   flags.mark_flag_as_required("config")
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
