@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common
+import demo_configs
 from mic_jax import export
 from mic_jax.train import trainer
 
@@ -27,13 +27,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("export") / "run"
-  config = common.make_config("cross_modal", "demo")
-  with config.unlocked():
-    config.total_steps = 6
-    config.eval_every_steps = 3
-    config.checkpoint_every_steps = 3
-    config.batch_size = 16
-  trainer.train_and_evaluate(config, str(workdir))
+  trainer.train_and_evaluate(
+      demo_configs.short_demo("cross_modal", total_steps=6, log_every=3,
+                              eval_every=3), str(workdir))
   return workdir
 
 

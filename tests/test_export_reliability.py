@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import common
+import demo_configs
 from data_prep import prepare
 from mic_jax import export
 from mic_jax.data import demo
@@ -56,14 +56,9 @@ def prepared(raw):
 @pytest.fixture(scope="module")
 def run_dir(prepared):
   workdir = prepared.parent / "run"
-  config = common.make_config("cross_modal", "demo")
-  with config.unlocked():
-    config.data.demo = False
-    config.data.dir = str(prepared)
-    config.total_steps = 6
-    config.eval_every_steps = 3
-    config.checkpoint_every_steps = 3
-    config.batch_size = 16
+  config = demo_configs.short_demo(
+      "cross_modal", total_steps=6, log_every=3, eval_every=3,
+      **{"data.demo": False, "data.dir": str(prepared)})
   trainer.train_and_evaluate(config, str(workdir))
   # What the calibration step of a finished run leaves (the contract).
   (workdir / "calibration.json").write_text(json.dumps(

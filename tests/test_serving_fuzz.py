@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import common
+import demo_configs
 from data_prep import prepare
 from mic_jax import export
 from mic_jax.data import demo
@@ -225,14 +225,9 @@ def export_dir(tmp_path_factory):
       f"--tokenizer={root / 'raw' / 'tokenizer'}", "--max_length=16",
       "--image_column=image", "--split_column=split", "--num_workers=1",
       "--max_image_side=64"])
-  config = common.make_config("cross_modal", "demo")
-  with config.unlocked():
-    config.data.demo = False
-    config.data.dir = str(root / "prepared")
-    config.total_steps = 2
-    config.eval_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.batch_size = 16
+  config = demo_configs.short_demo(
+      "cross_modal", total_steps=2, log_every=2, eval_every=2,
+      **{"data.demo": False, "data.dir": str(root / "prepared")})
   trainer.train_and_evaluate(config, str(root / "run"))
   export.export_run(str(root / "run"), str(root / "export"))
   return root / "export"
