@@ -80,3 +80,13 @@ def test_auto_leaves_accelerator_runs_alone(monkeypatch):
 def test_unknown_mode_is_an_error_naming_the_choices():
   with pytest.raises(ValueError, match="auto.*tuned.*system.*'fast'"):
     hostmem.configure("fast")
+
+
+def test_a_cpu_run_that_never_chose_an_allocator_is_warned(monkeypatch):
+  monkeypatch.setattr(hostmem, "_configured", None)
+  assert hostmem.configured() is None
+  assert "hostmem.configure('auto')" in hostmem.untuned_warning("cpu")
+  assert hostmem.untuned_warning("tpu") is None
+  # Any choice, even glibc's defaults on purpose, silences it.
+  assert hostmem.configure("system") == hostmem.configured()
+  assert hostmem.untuned_warning("cpu") is None

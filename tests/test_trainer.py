@@ -23,6 +23,7 @@ import pytest
 
 from configs import common
 import demo_configs
+from mic_jax import hostmem
 from mic_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -197,12 +198,15 @@ def test_rerun_after_kill_between_best_and_state_save_finishes(
   assert [l["step"] for l in lines if "validation/macro_f1" in l] == [0, 2, 4]
 
 
-def test_nan_loss_stops_with_clear_message(tmp_path):
+def test_nan_loss_stops_with_clear_message(tmp_path, caplog, monkeypatch):
+  # This process never chose a host allocator: the trainer says so.
+  monkeypatch.setattr(hostmem, "_configured", None)
   config = _demo_config(**{"optim.lr": float("nan"), "total_steps": 4})
   with pytest.raises(trainer.TrainingError,
                      match="update of step 1 made the train state non-finite "
                      r"\(NaN/Inf at step 2 in params"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
+  assert "hostmem.configure('auto') before importing JAX" in caplog.text
 
 
 @pytest.mark.realdata

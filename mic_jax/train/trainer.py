@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mic_jax import hostmem
 from mic_jax import sharding as shd
 from mic_jax.checkpoints import architecture
 from mic_jax.models import classifier
@@ -367,6 +368,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         "mic_jax.train.late_fusion.run(config, workdir) (python -m "
         "mic_jax.main chooses it for a 'late' config)")
   reporting.ensure_dir(workdir)
+  untuned = hostmem.untuned_warning(jax.default_backend())
+  if untuned:
+    logging.warning("%s", untuned)
   run = build_run(config, workdir)
   config = run.config
   if reporting.is_writer():
