@@ -97,6 +97,44 @@ def fake_export(directory: pathlib.Path, labels: list[str],
   return directory
 
 
+def sample_review(tmp_path: pathlib.Path, labels: list[str],
+                  taxonomy: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+  """Five scored products as ``mic-jax-predict`` writes them, over a
+  :func:`fake_export`: p1 with a catalogue photo file, p2 with a photo in a
+  prepared shard, the others without; p1, p2, p4 abstained."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from mic_jax.data import records  # pylint: disable=g-import-not-at-top
+  export = fake_export(tmp_path / "export", labels, taxonomy)
+  identity = bundle.identity(export)
+  photos = {}
+  for name, colour in (("p1", (200, 30, 30)), ("p2", (30, 30, 200))):
+    Image.fromarray(np.full((80, 60, 3), colour, np.uint8)).save(
+        tmp_path / f"{name}.jpg")
+    photos[name] = (tmp_path / f"{name}.jpg").read_bytes()
+  shard = tmp_path / "validation.tfrecord-00000-of-00001"
+  records.write_shard(shard, [
+      records.Example("p0", "t", [2, 3], [1, 1], 0),
+      records.Example("p2", "t", [2, 3], [1, 1], 1, image_jpeg=photos["p2"])])
+  rows = []
+  for i, (top, prob, abstain) in enumerate([
+      (0, 0.9, False), (1, 0.4, True), (2, 0.3, True), (3, 0.95, False),
+      (0, 0.5, True)]):
+    order = [top] + [j for j in range(len(labels)) if j != top][:4]
+    rows.append({
+        "id": f"p{i}", "title": f"product number {i}", "label": labels[0],
+        "top_k": [{"label": labels[j], "prob": prob if j == top else
+                   (1 - prob) / 4} for j in order],
+        "abstain": abstain, "export": identity,
+        "photo": ({"file": str(tmp_path / "p1.jpg")} if i == 1 else
+                  {"tfrecord": str(shard), "index": 1} if i == 2 else None)})
+  scores = tmp_path / "scores.jsonl"
+  scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return {"export": export, "scores": scores, "rows": rows,
+          "photos": photos, "db": tmp_path / "review.sqlite"}
+
+
 def sign_in(page: Any, url: str, token: str) -> None:
   """Signs in through the page's form and waits for the queue."""
   page.goto(url + "/")
@@ -115,9 +153,9 @@ def screenshot(url: str, token: str, path: pathlib.Path, *,
     try:
       page = browser.new_page(viewport={"width": width, "height": height})
       sign_in(page, url, token)
-      page.wait_for_function(
-          "() => { const i = document.querySelector('#photo img'); "
-          "return !i || i.complete; }")
+      image = page.locator("#photo img")
+      if image.count():
+        sync_api.expect(image).to_have_js_property("complete", True)
       path.parent.mkdir(parents=True, exist_ok=True)
       page.screenshot(path=str(path))
     finally:

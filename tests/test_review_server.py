@@ -10,13 +10,10 @@ import hashlib
 import json
 import sqlite3
 
-import numpy as np
-from PIL import Image
 import pytest
 import requests
 
 import review_helpers
-from mic_jax.data import records
 from mic_jax.reviewing import queue as queue_lib
 from mic_jax.reviewing import store as store_lib
 from mic_jax.serving import bundle
@@ -27,44 +24,15 @@ TAXONOMY = {"levels": ["group", "type"],
                         "shirt": {"apparel": 4}, "shoe": {"footwear": 5}}}
 
 
-def _jpeg(path, colour):
-  Image.fromarray(np.full((20, 16, 3), colour, np.uint8)).save(path)
-  return path.read_bytes()
-
-
 @pytest.fixture()
 def setup(tmp_path):
-  export = review_helpers.fake_export(tmp_path / "export", LABELS, TAXONOMY)
-  identity = bundle.identity(export)
-  photo_file = _jpeg(tmp_path / "p1.jpg", (200, 30, 30))
-  _jpeg(tmp_path / "stored.jpg", (30, 30, 200))
-  stored = (tmp_path / "stored.jpg").read_bytes()
-  shard = tmp_path / "validation.tfrecord-00000-of-00001"
-  records.write_shard(shard, [
-      records.Example("p0", "t", [2, 3], [1, 1], 0),
-      records.Example("p2", "t", [2, 3], [1, 1], 1, image_jpeg=stored)])
-  rows = []
-  for i, (label, prob, abstain) in enumerate([
-      ("bag", 0.9, False), ("shirt", 0.4, True), ("shoe", 0.3, True),
-      ("watch", 0.95, False), ("bag", 0.5, True)]):
-    others = [l for l in LABELS if l != label]
-    rows.append({
-        "id": f"p{i}", "title": f"product number {i}", "label": "bag",
-        "top_k": [{"label": label, "prob": prob}] + [
-            {"label": l, "prob": (1 - prob) / 3} for l in others],
-        "abstain": abstain, "export": identity,
-        "photo": ({"file": str(tmp_path / "p1.jpg")} if i == 1 else
-                  {"tfrecord": str(shard), "index": 1} if i == 2 else None)})
-  scores = tmp_path / "scores.jsonl"
-  scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  db = tmp_path / "review.sqlite"
-  store = store_lib.Store(db)
+  sample = review_helpers.sample_review(tmp_path, LABELS, TAXONOMY)
+  store = store_lib.Store(sample["db"])
   tokens = {name: store.add_reviewer(name) for name in ("alice", "bob")}
-  with review_helpers.review_server(scores, export, db,
-                                    max_body_bytes=4096) as (url, store):
-    yield {"url": url, "store": store, "tokens": tokens, "db": db,
-           "photos": {"p1": photo_file, "p2": stored}, "scores": scores,
-           "export": export, "rows": rows}
+  with review_helpers.review_server(sample["scores"], sample["export"],
+                                    sample["db"], max_body_bytes=4096
+                                    ) as (url, store):
+    yield {**sample, "url": url, "store": store, "tokens": tokens}
 
 
 def _auth(token):
