@@ -135,6 +135,20 @@ def sample_review(tmp_path: pathlib.Path, labels: list[str],
           "photos": photos, "db": tmp_path / "review.sqlite"}
 
 
+@contextlib.contextmanager
+def sample_site(tmp_path: pathlib.Path, labels: list[str],
+                taxonomy: dict[str, Any] | None, reviewers: tuple[str, ...],
+                **kwargs: Any) -> Iterator[dict[str, Any]]:
+  """:func:`sample_review` served, with reviewers: yields its dict plus
+  ``url``, ``store`` and ``tokens`` (name -> token)."""
+  sample = sample_review(tmp_path, labels, taxonomy)
+  store = store_lib.Store(sample["db"])
+  tokens = {name: store.add_reviewer(name) for name in reviewers}
+  with review_server(sample["scores"], sample["export"], sample["db"],
+                     **kwargs) as (url, store):
+    yield {**sample, "url": url, "store": store, "tokens": tokens}
+
+
 def sign_in(page: Any, url: str, token: str) -> None:
   """Signs in through the page's form and waits for the queue."""
   page.goto(url + "/")
@@ -155,7 +169,8 @@ def screenshot(url: str, token: str, path: pathlib.Path, *,
       sign_in(page, url, token)
       image = page.locator("#photo img")
       if image.count():
-        sync_api.expect(image).to_have_js_property("complete", True)
+        sync_api.expect(image).to_have_js_property("complete", True,
+                                                   timeout=120_000)
       path.parent.mkdir(parents=True, exist_ok=True)
       page.screenshot(path=str(path))
     finally:

@@ -14,7 +14,6 @@ import pytest
 import requests
 
 import review_helpers
-from mic_jax.reviewing import store as store_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LABELS = ["bag", "belt", "hat", "scarf", "shirt", "shoe", "sock", "watch"]
@@ -44,12 +43,9 @@ def browser():
 
 @pytest.fixture()
 def site(tmp_path):
-  sample = review_helpers.sample_review(tmp_path, LABELS, TAXONOMY)
-  store = store_lib.Store(sample["db"])
-  tokens = {n: store.add_reviewer(n) for n in ("ann", "ben")}
-  with review_helpers.review_server(sample["scores"], sample["export"],
-                                    sample["db"]) as (url, store):
-    yield {**sample, "url": url, "store": store, "tokens": tokens}
+  with review_helpers.sample_site(tmp_path, LABELS, TAXONOMY,
+                                  ("ann", "ben")) as s:
+    yield s
 
 
 def expect(locator):
@@ -71,7 +67,8 @@ def test_review_three_by_keyboard_one_by_search_and_reload(browser, site):
   # Abstained products first, the least confident first: p2, p1, p4.
   assert _current_title(page) == "product number 2"
   assert page.get_attribute("#photo img", "src") == "/api/photo/p2"
-  expect(page.locator("#photo img")).to_have_js_property("complete", True)
+  expect(page.locator("#photo img")).to_have_js_property("complete", True,
+                                                         timeout=60_000)
   assert page.locator("#photo img").evaluate("i => i.naturalWidth") == 60
   top = page.inner_text("#topk li:first-child")
   assert top.split("\n")[1:] == ["hat", "accessories > hat", "30.0%"]

@@ -26,13 +26,9 @@ TAXONOMY = {"levels": ["group", "type"],
 
 @pytest.fixture()
 def setup(tmp_path):
-  sample = review_helpers.sample_review(tmp_path, LABELS, TAXONOMY)
-  store = store_lib.Store(sample["db"])
-  tokens = {name: store.add_reviewer(name) for name in ("alice", "bob")}
-  with review_helpers.review_server(sample["scores"], sample["export"],
-                                    sample["db"], max_body_bytes=4096
-                                    ) as (url, store):
-    yield {**sample, "url": url, "store": store, "tokens": tokens}
+  with review_helpers.sample_site(tmp_path, LABELS, TAXONOMY,
+                                  ("alice", "bob"), max_body_bytes=4096) as s:
+    yield s
 
 
 def _auth(token):
@@ -248,3 +244,52 @@ def test_the_database_is_in_wal_mode(setup):
   db = sqlite3.connect(setup["db"])
   assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
   db.close()
+
+
+def test_the_program_adds_reviewers_serves_and_exports(setup, tmp_path):
+  """mic-jax-review as a user runs it: --add-reviewer prints a token once,
+  the server answers with it, --decisions_csv writes the decisions."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  db = tmp_path / "cli.sqlite"
+  program = [sys.executable, "-m", "mic_jax.review", f"--db={db}"]
+  added = subprocess.run(program + ["--add-reviewer", "carla"], check=True,
+                         capture_output=True, text=True, timeout=120)
+  token = added.stdout.splitlines()[-1]
+  assert "shown only now" in added.stdout and len(token) >= 40
+  assert store_lib.Store(db).reviewer_of(token) == "carla"
+  again = subprocess.run(program + ["--add-reviewer=carla"],
+                         capture_output=True, text=True, timeout=120)
+  assert again.returncode != 0 and "exists already" in again.stderr
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen(
+      program + [f"--scores={setup['scores']}",
+                 f"--export={setup['export']}", f"--port={port}"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+      try:
+        requests.get(url + "/", timeout=5)
+        break
+      except requests.ConnectionError:
+        assert server.poll() is None, server.stdout.read()
+        time.sleep(0.2)
+    assert requests.get(url + "/api/queue", timeout=30).status_code == 401
+    r = requests.post(url + "/api/decisions", headers=_auth(token),
+                      timeout=30, json={"product": "p3", "status":
+                                        "accepted", "label": "watch"})
+    assert r.status_code == 200, r.text
+  finally:
+    server.terminate()
+    server.wait(30)
+  csv_out = tmp_path / "d.csv"
+  done = subprocess.run(program + [f"--decisions_csv={csv_out}"], check=True,
+                        capture_output=True, text=True, timeout=120)
+  assert "wrote 1 decisions" in done.stdout
+  assert csv_out.read_text().splitlines()[1].startswith(
+      "p3,accepted,watch,carla,")
