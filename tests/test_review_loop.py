@@ -28,6 +28,14 @@ from mic_jax.train import trainer
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _program(command):
+  """Runs a program as a user would; its output is the failure message."""
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                        timeout=1800, check=False)
+  assert done.returncode == 0, (command, done.stdout[-2000:],
+                                done.stderr[-4000:])
+
+
 def _train_records(data_dir):
   """product id -> (label id, label name) of the train split the trainer
   reads (the files its pipeline opens)."""
@@ -51,11 +59,9 @@ def test_a_corrected_product_is_trained_on_with_its_new_label(tmp_path):
 
   # 1. Score the train split (the program a user runs).
   scores = tmp_path / "scores.jsonl"
-  subprocess.run([sys.executable, "-m", "mic_jax.predict",
-                  f"--model={tmp_path / 'export'}", f"--data_dir={data}",
-                  "--split=train", "--max_products=40",
-                  f"--output={scores}"], check=True, cwd=REPO,
-                 capture_output=True, timeout=300)
+  _program([sys.executable, "-m", "mic_jax.predict",
+            f"--model={tmp_path / 'export'}", f"--data_dir={data}",
+            "--split=train", "--max_products=40", f"--output={scores}"])
   rows = [json.loads(l) for l in scores.read_text().splitlines()]
   identity = bundle.identity(tmp_path / "export")
   assert len(rows) == 40 and {r["export"] for r in rows} == {identity}
@@ -81,20 +87,17 @@ def test_a_corrected_product_is_trained_on_with_its_new_label(tmp_path):
 
   # 3. Prepare again with the decisions, 4. train with mic_jax.main.
   fixed = tmp_path / "fixed"
-  subprocess.run(demo.prepare_command(run / "demo_data", fixed,
-                                      max_length=config.text.max_length,
-                                      image_size=config.image.size) +
-                 [f"--corrections={tmp_path / 'review.sqlite'}"],
-                 check=True, cwd=REPO, capture_output=True, timeout=300)
+  _program(demo.prepare_command(run / "demo_data", fixed,
+                                max_length=config.text.max_length,
+                                image_size=config.image.size) +
+           [f"--corrections={tmp_path / 'review.sqlite'}"])
   retrain = tmp_path / "retrain"
-  subprocess.run([sys.executable, "-m", "mic_jax.main",
-                  "--config=configs/cross_modal.py:demo",
-                  f"--workdir={retrain}", "--config.data.demo=False",
-                  f"--config.data.dir={fixed}", "--config.total_steps=2",
-                  "--config.eval_every_steps=2",
-                  "--config.checkpoint_every_steps=2",
-                  "--config.log_every_steps=1", "--config.batch_size=16"],
-                 check=True, cwd=REPO, capture_output=True, timeout=300)
+  _program([sys.executable, "-m", "mic_jax.main",
+            "--config=configs/cross_modal.py:demo", f"--workdir={retrain}",
+            "--config.data.demo=False", f"--config.data.dir={fixed}",
+            "--config.total_steps=2", "--config.eval_every_steps=2",
+            "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+            "--config.batch_size=16"])
   assert json.loads((retrain / "config.json").read_text())["data"][
       "dir"] == str(fixed)
   assert (retrain / "results.json").exists()
