@@ -32,8 +32,9 @@ batch the same catalogue, each over the same number of steps:
 * PyTorch with dynamic padding: random batches padded to their longest
   title (what ``transformers.DataCollatorWithPadding`` does);
 * PyTorch with length-grouped sampling (``group_by_length``): mega-batches
-  of 50 batches sorted by length, cut into batches in random order, each
-  padded to its longest title (what ``LengthGroupedSampler`` does).
+  of 50 batches sorted by length and cut into batches, each padded to its
+  longest title (what ``LengthGroupedSampler`` does; the order of the
+  batches does not change the mean step time).
 
 Times are the mean step time over the same sequence of batches (lengths
 vary, so the mean, not the median, is what a run pays).
@@ -111,9 +112,9 @@ class OurStep(NamedTuple):
   compiled: Any            # The jax.stages.Compiled step (its HLO, costs).
 
 
-def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
-             ) -> OurStep:
-  """Our ``kind`` model's train step as the trainer builds it."""
+def _jitted_step(kind: str, arg: str, batch_size: int, dtype: str):
+  """``(jitted step, state, random batch, config)`` of our ``kind`` model
+  as the trainer builds it (state donated)."""
   config = common.make_config(kind, arg)
   with config.unlocked():
     config.num_classes = NUM_CLASSES
@@ -131,6 +132,14 @@ def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
       label_smoothing=0.0, loss_class_weights=np.ones(NUM_CLASSES,
                                                       np.float32)),
                  donate_argnums=(0,))
+  return step, state, batch, config
+
+
+def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
+             ) -> OurStep:
+  """Our ``kind`` model's train step as the trainer builds it."""
+  step, state, batch, config = _jitted_step(kind, arg, batch_size, dtype)
+  params = state.params
   compiled = step.lower(state, batch).compile()
   flops = float(_cost(compiled).get("flops", float("nan")))
   holder = {"state": state}
@@ -204,26 +213,30 @@ class _Logits:
     return getattr(self.model, name)
 
 
-def torch_step(kind: str, config: Any, batch_size: int, dtype: str
-               ) -> Callable[[], None]:
-  """The PyTorch user's version of our ``kind`` model, one train step."""
+def torch_model(kind: str, config: Any) -> Any:
+  """The PyTorch user's version of our ``kind`` model (logits out)."""
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.logging.set_verbosity_error()  # The new head's load report.
   if kind == "text_only":
-    model = _Logits(transformers.BertForSequenceClassification.from_pretrained(
+    return _Logits(transformers.BertForSequenceClassification.from_pretrained(
         config.text.checkpoint, num_labels=NUM_CLASSES))
-    inputs, labels = _torch_batch(config, batch_size, pixels=False)
-  elif kind == "cross_modal":
+  if kind == "cross_modal":
     import torch_cross_modal  # pylint: disable=g-import-not-at-top
     size = dataclasses.asdict(vit.vit_config(config.image.variant))
     size["size"] = config.image.size
-    model = torch_cross_modal.CrossModalClassifier(
+    return torch_cross_modal.CrossModalClassifier(
         config.text.checkpoint, size, NUM_CLASSES,
         fusion_dropout=config.fusion.dropout,
         head_dropout=config.fusion.dropout)
-    inputs, labels = _torch_batch(config, batch_size, pixels=True)
-  else:
-    raise ValueError(f"no PyTorch reference for {kind!r}")
+  raise ValueError(f"no PyTorch reference for {kind!r}")
+
+
+def torch_step(kind: str, config: Any, batch_size: int, dtype: str
+               ) -> Callable[[], None]:
+  """The PyTorch user's version of our ``kind`` model, one train step."""
+  model = torch_model(kind, config)
+  inputs, labels = _torch_batch(config, batch_size,
+                                pixels=kind != "text_only")
   return _torch_train_step(model, config, inputs, labels, dtype)
 
 
@@ -355,24 +368,8 @@ def our_shaped_step(kind: str, batch_size: int, dtype: str
                     ) -> tuple[Callable[[dict[str, Any]], None], Any]:
   """Our train step (jitted, state donated) taking any batch shape: one
   compile per token length, cached by jit."""
-  config = common.make_config(kind, "small")
-  with config.unlocked():
-    config.num_classes = NUM_CLASSES
-    config.batch_size = batch_size
-    config.dtype = dtype
-  model = classifier.build(architecture.resolve(config)).model
-  batch = {k: jnp.asarray(v) for k, v in random_batch(config,
-                                                      batch_size).items()}
-  params = jax.jit(lambda: nn.meta.unbox(model.init(
-      {"params": jax.random.key(0)}, batch)["params"]))()
-  tx, schedule = optimizer.make_optimizer(config.optim, params, 10_000)
-  holder = {"state": steps.TrainState(jnp.zeros((), jnp.int32), params,
-                                      tx.init(params))}
-  step = jax.jit(steps.make_train_step(
-      model, tx, schedule, seed=0, grad_accum_steps=1,
-      label_smoothing=0.0, loss_class_weights=np.ones(NUM_CLASSES,
-                                                      np.float32)),
-                 donate_argnums=(0,))
+  step, state, _, config = _jitted_step(kind, "small", batch_size, dtype)
+  holder = {"state": state}
 
   def run(batch):
     holder["state"], metrics = step(holder["state"], batch)
@@ -385,19 +382,7 @@ def torch_shaped_step(kind: str, config: Any, dtype: str
                       ) -> Callable[[dict[str, Any]], None]:
   """The PyTorch user's model, one train step on any batch."""
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  transformers.logging.set_verbosity_error()
-  if kind == "text_only":
-    model = _Logits(transformers.BertForSequenceClassification.from_pretrained(
-        config.text.checkpoint, num_labels=NUM_CLASSES))
-  else:
-    import torch_cross_modal  # pylint: disable=g-import-not-at-top
-    size = dataclasses.asdict(vit.vit_config(config.image.variant))
-    size["size"] = config.image.size
-    model = torch_cross_modal.CrossModalClassifier(
-        config.text.checkpoint, size, NUM_CLASSES,
-        fusion_dropout=config.fusion.dropout,
-        head_dropout=config.fusion.dropout)
+  model = torch_model(kind, config)
   step = _torch_trainer(model, config, dtype)
 
   def run(batch):
@@ -426,12 +411,11 @@ def mean_time(run: Callable[[dict[str, Any]], None],
 WAYS = ("padded", "buckets", "dynamic", "grouped")
 
 
-def compare_real_lengths(catalogue: str, kind: str, dtype: str,
-                         batch_size: int, steps_: int, repeats: int,
-                         lengths: np.ndarray) -> dict[str, float]:
+def compare_real_lengths(kind: str, dtype: str, batch_size: int,
+                         steps_: int, repeats: int, lengths: np.ndarray
+                         ) -> dict[str, float]:
   """Mean step seconds of ours (padded, buckets) and PyTorch (dynamic,
   grouped padding) on batches of real title lengths, interleaved."""
-  del catalogue
   ours, config = our_shaped_step(kind, batch_size, dtype)
   theirs = torch_shaped_step(kind, config, dtype)
   max_length = int(config.text.max_length)
@@ -534,8 +518,8 @@ def real_lengths(args: argparse.Namespace) -> None:
           f", buckets {chosen} -->", flush=True)
     for kind in args.compare.split(","):
       for dtype in args.dtypes.split(","):
-        t = compare_real_lengths(catalogue, kind, dtype, args.batch_size,
-                                 args.steps, args.repeats, lengths)
+        t = compare_real_lengths(kind, dtype, args.batch_size, args.steps,
+                                 args.repeats, lengths)
         ms = {k: v * 1e3 for k, v in t.items()}
         print(f"| {catalogue} | {kind} | {dtype} | {ms['padded']:.0f} | "
               f"{ms['buckets']:.0f} | {ms['dynamic']:.0f} | "
