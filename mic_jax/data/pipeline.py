@@ -339,6 +339,11 @@ def resolve_buckets(info: DatasetInfo, spec: str, *, global_batch_size: int
   if merged != lengths:
     logging.info("length buckets %s: merged buckets with fewer than %d "
                  "training titles -> %s", lengths, global_batch_size, merged)
+  sizes = buckets_lib.per_bucket(counts, merged)
+  logging.info("length buckets %s (training titles per bucket %s; padded "
+               "tokens %.0f%% of max_length padding)", merged, sizes.tolist(),
+               100 * buckets_lib.padded_tokens(counts, merged)
+               / max(1, buckets_lib.padded_tokens(counts, (info.max_length,))))
   return merged
 
 
