@@ -18,19 +18,42 @@ process; it reports the ratio of median step times.
   an HF ``ViTModel`` of the ``small-scratch`` size, eqs. (1)-(4) as a
   ``torch.nn.Module``).
 
-The CPU model and its bf16 support (``lscpu``) head the output, since a
-ratio measured on one CPU does not carry to another.
+Part 3 (``--real_lengths``) does the same on batches of *real* title
+lengths, against PyTorch as users run it: titles of the fashion catalogue
+(``productDisplayName``) and of H&M (``title``) from ``../shared/data``,
+tokenized with the MiniLM tokenizer at ``max_length`` 32. Four ways to
+batch the same catalogue, each over the same number of steps:
+
+* ours padded: every batch padded to ``max_length`` (one compile);
+* ours in length buckets: ``data.length_buckets='auto'`` chosen from the
+  catalogue's histogram; each batch is drawn from one bucket with the
+  bucket's share of the titles and cut to its length (one compile per
+  bucket, compiled before timing), as :mod:`mic_jax.data.pipeline` does;
+* PyTorch with dynamic padding: random batches padded to their longest
+  title (what ``transformers.DataCollatorWithPadding`` does);
+* PyTorch with length-grouped sampling (``group_by_length``): mega-batches
+  of 50 batches sorted by length and cut into batches, each padded to its
+  longest title (what ``LengthGroupedSampler`` does; the order of the
+  batches does not change the mean step time).
+
+Times are the mean step time over the same sequence of batches (lengths
+vary, so the mean, not the median, is what a run pays).
+
+The CPU model and its bf16 support (``lscpu``) head the output and end
+every row, since a ratio measured on one CPU does not carry to another.
 
   python bench/bench_train.py [--steps=5] [--repeats=3] [--batch_size=64]
       [--systems=...] [--compare=text_only,cross_modal] [--dtypes=float32,bfloat16]
-      [--host_malloc=auto|tuned|system]
+      [--real_lengths=fashion,hm] [--host_malloc=auto|tuned|system]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import os
+import pathlib
 import platform
 import statistics
 import subprocess
@@ -45,6 +68,7 @@ import numpy as np
 from configs import common
 from mic_jax import hostmem
 from mic_jax.checkpoints import architecture
+from mic_jax.data import buckets as buckets_lib
 from mic_jax.models import classifier
 from mic_jax.models import vit
 from mic_jax.train import optimizer, steps
@@ -88,9 +112,9 @@ class OurStep(NamedTuple):
   compiled: Any            # The jax.stages.Compiled step (its HLO, costs).
 
 
-def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
-             ) -> OurStep:
-  """Our ``kind`` model's train step as the trainer builds it."""
+def _jitted_step(kind: str, arg: str, batch_size: int, dtype: str):
+  """``(jitted step, state, random batch, config)`` of our ``kind`` model
+  as the trainer builds it (state donated)."""
   config = common.make_config(kind, arg)
   with config.unlocked():
     config.num_classes = NUM_CLASSES
@@ -108,6 +132,14 @@ def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
       label_smoothing=0.0, loss_class_weights=np.ones(NUM_CLASSES,
                                                       np.float32)),
                  donate_argnums=(0,))
+  return step, state, batch, config
+
+
+def our_step(kind: str, arg: str, batch_size: int, dtype: str = "float32"
+             ) -> OurStep:
+  """Our ``kind`` model's train step as the trainer builds it."""
+  step, state, batch, config = _jitted_step(kind, arg, batch_size, dtype)
+  params = state.params
   compiled = step.lower(state, batch).compile()
   flops = float(_cost(compiled).get("flops", float("nan")))
   holder = {"state": state}
@@ -124,9 +156,10 @@ def _cost(compiled) -> dict[str, float]:
   return cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
 
 
-def _torch_train_step(model: Any, config: Any, inputs: dict[str, Any],
-                      labels: Any, dtype: str) -> Callable[[], None]:
-  """One AdamW step of a torch model, with our optimizer settings."""
+def _torch_trainer(model: Any, config: Any, dtype: str
+                   ) -> Callable[[dict[str, Any], Any], None]:
+  """``step(inputs, labels)``: one AdamW step of a torch model, with our
+  optimizer settings (one optimizer, made here, for every step)."""
   import torch  # pylint: disable=g-import-not-at-top
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
@@ -136,7 +169,7 @@ def _torch_train_step(model: Any, config: Any, inputs: dict[str, Any],
   autocast = torch.autocast("cpu", dtype=torch.bfloat16,
                             enabled=dtype == "bfloat16")
 
-  def run():
+  def step(inputs, labels):
     opt.zero_grad()
     with autocast:
       logits = model(**inputs)
@@ -145,7 +178,14 @@ def _torch_train_step(model: Any, config: Any, inputs: dict[str, Any],
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_norm)
     opt.step()
 
-  return run
+  return step
+
+
+def _torch_train_step(model: Any, config: Any, inputs: dict[str, Any],
+                      labels: Any, dtype: str) -> Callable[[], None]:
+  """One AdamW step of a torch model on fixed inputs."""
+  step = _torch_trainer(model, config, dtype)
+  return lambda: step(inputs, labels)
 
 
 def _torch_batch(config: Any, batch_size: int, pixels: bool
@@ -173,26 +213,30 @@ class _Logits:
     return getattr(self.model, name)
 
 
-def torch_step(kind: str, config: Any, batch_size: int, dtype: str
-               ) -> Callable[[], None]:
-  """The PyTorch user's version of our ``kind`` model, one train step."""
+def torch_model(kind: str, config: Any) -> Any:
+  """The PyTorch user's version of our ``kind`` model (logits out)."""
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.logging.set_verbosity_error()  # The new head's load report.
   if kind == "text_only":
-    model = _Logits(transformers.BertForSequenceClassification.from_pretrained(
+    return _Logits(transformers.BertForSequenceClassification.from_pretrained(
         config.text.checkpoint, num_labels=NUM_CLASSES))
-    inputs, labels = _torch_batch(config, batch_size, pixels=False)
-  elif kind == "cross_modal":
+  if kind == "cross_modal":
     import torch_cross_modal  # pylint: disable=g-import-not-at-top
     size = dataclasses.asdict(vit.vit_config(config.image.variant))
     size["size"] = config.image.size
-    model = torch_cross_modal.CrossModalClassifier(
+    return torch_cross_modal.CrossModalClassifier(
         config.text.checkpoint, size, NUM_CLASSES,
         fusion_dropout=config.fusion.dropout,
         head_dropout=config.fusion.dropout)
-    inputs, labels = _torch_batch(config, batch_size, pixels=True)
-  else:
-    raise ValueError(f"no PyTorch reference for {kind!r}")
+  raise ValueError(f"no PyTorch reference for {kind!r}")
+
+
+def torch_step(kind: str, config: Any, batch_size: int, dtype: str
+               ) -> Callable[[], None]:
+  """The PyTorch user's version of our ``kind`` model, one train step."""
+  model = torch_model(kind, config)
+  inputs, labels = _torch_batch(config, batch_size,
+                                pixels=kind != "text_only")
   return _torch_train_step(model, config, inputs, labels, dtype)
 
 
@@ -239,6 +283,161 @@ def compare(kind: str, dtype: str, batch_size: int, steps_: int,
   return statistics.median(ours_times), statistics.median(their_times)
 
 
+# ------------------------------------------------- part 3: real lengths --
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+CATALOGUES = {
+    "fashion": ("fashion-products/styles.csv", "productDisplayName"),
+    "hm": ("hm-products/products.csv", "title"),
+}
+GROUP_MEGABATCH = 50  # transformers' LengthGroupedSampler default.
+
+
+def title_lengths(name: str, tokenizer_dir: str, max_length: int
+                  ) -> np.ndarray:
+  """Token counts ([CLS]/[SEP] included, cut at ``max_length``) of every
+  title of catalogue ``name``."""
+  from mic_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
+  path, column = CATALOGUES[name]
+  with open(DATA / path, encoding="utf-8", newline="") as f:
+    titles = [r[column] for r in csv.DictReader(f) if (r.get(column) or
+                                                       "").strip()]
+  tok = load_tokenizer(tokenizer_dir)
+  lengths = []
+  for i in range(0, len(titles), 4096):
+    enc = tok.encode_batch(titles[i:i + 4096], max_length=max_length)
+    lengths.append(enc["attention_mask"].sum(axis=1))
+  return np.concatenate(lengths).astype(np.int64)
+
+
+def batch_lengths(lengths: np.ndarray, how: str, batch_size: int,
+                  num_batches: int, max_length: int, seed: int = 0
+                  ) -> list[tuple[np.ndarray, int]]:
+  """``num_batches`` of (title lengths, padded width) as ``how`` batches.
+
+  ``padded``: random batches, width ``max_length``; ``buckets``: a bucket
+  drawn by its share of the titles, then random titles of it, width the
+  bucket's length; ``dynamic``: random batches, width their longest title;
+  ``grouped``: length-grouped mega-batches, width their longest title.
+  """
+  rng = np.random.default_rng(seed)
+  out = []
+  if how in ("padded", "dynamic"):
+    for _ in range(num_batches):
+      b = rng.choice(lengths, batch_size)
+      out.append((b, max_length if how == "padded" else int(b.max())))
+  elif how == "buckets":
+    counts = np.bincount(lengths, minlength=max_length + 1)
+    chosen = buckets_lib.choose(counts, max_length)
+    which = buckets_lib.bucket_of(lengths, chosen)
+    share = np.bincount(which, minlength=len(chosen)) / len(lengths)
+    for _ in range(num_batches):
+      k = rng.choice(len(chosen), p=share)
+      out.append((rng.choice(lengths[which == k], batch_size), chosen[k]))
+  elif how == "grouped":
+    while len(out) < num_batches:
+      mega = np.sort(rng.choice(lengths, batch_size * GROUP_MEGABATCH))[::-1]
+      groups = [mega[i:i + batch_size] for i in range(0, len(mega),
+                                                      batch_size)]
+      for i in rng.permutation(len(groups)):
+        out.append((groups[i], int(groups[i].max())))
+  else:
+    raise ValueError(how)
+  return out[:num_batches]
+
+
+def _length_batch(config: Any, lengths: np.ndarray, width: int,
+                  seed: int) -> dict[str, np.ndarray]:
+  """A pipeline-shaped batch whose titles have ``lengths``, cut to width."""
+  rng = np.random.default_rng(seed)
+  b, size = len(lengths), config.image.size
+  mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+  return {
+      "input_ids": (rng.integers(1000, 20000, (b, width)) * mask).astype(
+          np.int32),
+      "attention_mask": mask,
+      "token_type_ids": np.zeros((b, width), np.int32),
+      "image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
+      "image_present": np.ones((b,), np.int32),
+      "label": rng.integers(0, NUM_CLASSES, (b,)).astype(np.int32),
+      "mask": np.ones((b,), np.float32),
+  }
+
+
+def our_shaped_step(kind: str, batch_size: int, dtype: str
+                    ) -> tuple[Callable[[dict[str, Any]], None], Any]:
+  """Our train step (jitted, state donated) taking any batch shape: one
+  compile per token length, cached by jit."""
+  step, state, _, config = _jitted_step(kind, "small", batch_size, dtype)
+  holder = {"state": state}
+
+  def run(batch):
+    holder["state"], metrics = step(holder["state"], batch)
+    jax.block_until_ready(metrics["train/loss"])
+
+  return run, config
+
+
+def torch_shaped_step(kind: str, config: Any, dtype: str
+                      ) -> Callable[[dict[str, Any]], None]:
+  """The PyTorch user's model, one train step on any batch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = torch_model(kind, config)
+  step = _torch_trainer(model, config, dtype)
+
+  def run(batch):
+    inputs = {k: torch.tensor(batch[k], dtype=torch.long)
+              for k in ("input_ids", "attention_mask", "token_type_ids")}
+    if kind != "text_only":
+      inputs["pixel_values"] = torch.tensor(batch["image"]).permute(0, 3, 1, 2)
+    step(inputs, torch.tensor(batch["label"], dtype=torch.long))
+
+  return run
+
+
+def mean_time(run: Callable[[dict[str, Any]], None],
+              batches: list[dict[str, Any]], warmup: list[dict[str, Any]]
+              ) -> float:
+  """Mean seconds per step over ``batches``, after ``warmup`` (which
+  compiles every shape the timed batches have, for ours)."""
+  for batch in warmup:
+    run(batch)
+  start = time.perf_counter()
+  for batch in batches:
+    run(batch)
+  return (time.perf_counter() - start) / len(batches)
+
+
+WAYS = ("padded", "buckets", "dynamic", "grouped")
+
+
+def compare_real_lengths(kind: str, dtype: str, batch_size: int,
+                         steps_: int, repeats: int, lengths: np.ndarray
+                         ) -> dict[str, float]:
+  """Mean step seconds of ours (padded, buckets) and PyTorch (dynamic,
+  grouped padding) on batches of real title lengths, interleaved."""
+  ours, config = our_shaped_step(kind, batch_size, dtype)
+  theirs = torch_shaped_step(kind, config, dtype)
+  max_length = int(config.text.max_length)
+  plans = {how: batch_lengths(lengths, how, batch_size, steps_ * repeats,
+                              max_length, seed=1) for how in WAYS}
+  made = {how: [_length_batch(config, l, w, seed=i)
+                for i, (l, w) in enumerate(plan)]
+          for how, plan in plans.items()}
+  # Warm-up: every width ours will see (one compile each), two steps.
+  widths = sorted({b["input_ids"].shape[1] for how in ("padded", "buckets")
+                   for b in made[how]})
+  warm = [_length_batch(config, np.full(batch_size, w), w, 0) for w in widths]
+  times: dict[str, list[float]] = {how: [] for how in WAYS}
+  for r in range(repeats):
+    part = slice(r * steps_, (r + 1) * steps_)
+    for how in WAYS:
+      run = ours if how in ("padded", "buckets") else theirs
+      times[how].append(mean_time(run, made[how][part],
+                                  warm * 2 if r == 0 else warm[:1]))
+  return {how: statistics.median(t) for how, t in times.items()}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=5)
@@ -249,6 +448,11 @@ def main() -> None:
   parser.add_argument("--compare", default="text_only,cross_modal",
                       help="Part 2: models timed against PyTorch.")
   parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--real_lengths", default="",
+                      help="Part 3: catalogues (fashion,hm) whose real title "
+                      "lengths batch the models of --compare, ours padded "
+                      "and in length buckets against PyTorch with dynamic "
+                      "and length-grouped padding.")
   parser.add_argument("--host_malloc", default="auto", choices=hostmem.MODES,
                       help="This process's allocator, which both sides share "
                       "(mic_jax/hostmem.py); applied before any thread "
@@ -278,7 +482,9 @@ def main() -> None:
           f"{args.batch_size / seconds:.0f} | {flops / 1e9:.1f} | "
           f"{flops / seconds / 1e9:.0f} |", flush=True)
 
-  if not args.compare:
+  if args.real_lengths:
+    real_lengths(args)
+  if not args.compare or args.real_lengths:
     return
   print("\nAgainst PyTorch (:small sizes, AdamW, dropout on, clip 1.0; "
         "ratio = PyTorch ms / mic_jax ms):\n")
@@ -290,6 +496,35 @@ def main() -> None:
                                  args.repeats)
       print(f"| {kind} | {dtype} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} "
             f"| {theirs_s / ours_s:.2f}x |", flush=True)
+
+
+def real_lengths(args: argparse.Namespace) -> None:
+  """Part 3's table (see the module docstring)."""
+  cpu = cpu_description().split(",")[0]
+  print("\nReal title lengths (MiniLM tokens, max_length 32), batch "
+        f"{args.batch_size}; mean step ms over {args.steps} steps x "
+        f"{args.repeats} repeats (median of repeats); ratio = PyTorch ms / "
+        "ours in buckets:\n")
+  print("| titles | model | dtype | ours padded | ours buckets | PyTorch "
+        "dynamic | PyTorch grouped | vs dynamic | vs grouped | CPU |")
+  print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+  config = common.make_config("text_only", "small")
+  for catalogue in args.real_lengths.split(","):
+    lengths = title_lengths(catalogue, config.text.checkpoint,
+                            int(config.text.max_length))
+    chosen = buckets_lib.choose(np.bincount(lengths), 32)
+    print(f"<!-- {catalogue}: {len(lengths)} titles, mean "
+          f"{lengths.mean():.1f} tokens, p95 {np.percentile(lengths, 95):.0f}"
+          f", buckets {chosen} -->", flush=True)
+    for kind in args.compare.split(","):
+      for dtype in args.dtypes.split(","):
+        t = compare_real_lengths(kind, dtype, args.batch_size, args.steps,
+                                 args.repeats, lengths)
+        ms = {k: v * 1e3 for k, v in t.items()}
+        print(f"| {catalogue} | {kind} | {dtype} | {ms['padded']:.0f} | "
+              f"{ms['buckets']:.0f} | {ms['dynamic']:.0f} | "
+              f"{ms['grouped']:.0f} | {ms['dynamic'] / ms['buckets']:.2f}x | "
+              f"{ms['grouped'] / ms['buckets']:.2f}x | {cpu} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,15 @@ optimizer and jitted step, batch 64, float32, dropout on):
    not exactly. The trace directory opens in TensorBoard's profile plugin or
    Perfetto (``perfetto_trace.json.gz``).
 
+3. **Where each dot runs** (``--dots=float32,bfloat16``, compile only, no
+   timing): every ``dot`` of the compiled step by operand dtypes, kind
+   (dense layer or attention; forward or backward) and where XLA:CPU runs
+   it: inside a YNNPACK fusion (``__ynn_fusion``), a oneDNN custom call, or
+   as a plain dot (XLA's own dot thunk, Eigen).
+
   python bench/profile_step.py [--kind=text_only] [--steps=3]
       [--host_malloc=auto|tuned|system] [--trace_dir=DIR] [--top=12]
+  python bench/profile_step.py --kind=text_only --dots=float32,bfloat16
 """
 
 from __future__ import annotations
@@ -85,6 +92,55 @@ def hlo_lines(hlo_text: str) -> dict[str, str]:
     if match:
       lines.setdefault(match.group(1), line)
   return lines
+
+
+def dot_census(hlo_text: str) -> collections.Counter:
+  """``(lhs dtype, rhs dtype, dense|attention, fwd|bwd, where) -> count``
+  over every ``dot`` of a compiled module's HLO text."""
+  ynn = set(re.findall(r"calls=%([\w.\-]+)[^\n]*__ynn_fusion", hlo_text))
+  onednn = set(re.findall(r"calls=%([\w.\-]+)[^\n]*onednn", hlo_text))
+  census: collections.Counter = collections.Counter()
+  for computation in re.split(r"\n(?=\S)", hlo_text):
+    lines = computation.splitlines()
+    if not lines:
+      continue
+    name = lines[0].split()[0].lstrip("%") if lines[0].split() else ""
+    dtypes = dict(re.findall(r"%?([\w.\-]+): (\w+)\[", lines[0]))
+    for line in lines:
+      match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[", line)
+      if match:
+        dtypes[match.group(1)] = match.group(2)
+    for line in lines:
+      match = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
+      if not match:
+        continue
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      op_name = op_name.group(1) if op_name else ""
+      kind = ("attention" if re.search(r"->|bqhd|bhqk|bkhd", op_name)
+              else "dense")
+      where = ("YNNPACK fusion" if name in ynn else
+               "oneDNN" if name in onednn else "plain dot (Eigen)")
+      census[(dtypes.get(match.group(1), "?"), dtypes.get(match.group(2), "?"),
+              kind, "bwd" if "transpose(" in op_name else "fwd", where)] += 1
+  census.update({("?", "?", "oneDNN call", "", "oneDNN"): len(re.findall(
+      r'custom_call_target="__onednn', hlo_text))} if "__onednn" in hlo_text
+                else {})
+  return census
+
+
+def print_dots(kind: str, batch_size: int, dtypes: list[str]) -> None:
+  """Part 3's table for each compute dtype."""
+  import bench_train  # pylint: disable=g-import-not-at-top
+  print(f"CPU: {bench_train.cpu_description()}")
+  print(f"\nDots of the {kind}:small train step, batch {batch_size}:\n")
+  print("| compute dtype | lhs x rhs | kind | pass | where | dots |")
+  print("|---|---|---|---|---|---:|")
+  for dtype in dtypes:
+    step = bench_train.our_step(kind, "small", batch_size, dtype)
+    for (lhs, rhs, what, when, where), n in sorted(
+        dot_census(step.compiled.as_text()).items()):
+      print(f"| {dtype} | {lhs} x {rhs} | {what} | {when} | {where} | {n} |",
+            flush=True)
 
 
 def trace_events(trace_dir: str) -> list[dict[str, Any]]:
@@ -163,8 +219,14 @@ def main() -> None:
   parser.add_argument("--trace_dir", default="",
                       help="Keep the trace here (default: a temporary dir).")
   parser.add_argument("--top", type=int, default=12)
+  parser.add_argument("--dots", default="",
+                      help="Only list where each dot of the compiled step "
+                      "runs, for these compute dtypes (no timing).")
   args = parser.parse_args()
   allocator = hostmem.configure(args.host_malloc)
+  if args.dots:
+    print_dots(args.kind, args.batch_size, args.dots.split(","))
+    return
   # Per-op trace events; read by XLA when JAX creates its CPU client.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_enable_xprof_traceme=true").strip()

@@ -124,6 +124,12 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.demo = False        # Generate and use the built-in demo data.
   c.data.shuffle_buffer = 10_000
   c.data.eval_batch_size = 0  # 0: same as batch_size.
+  # Static title lengths batches are cut to (mic_jax/data/buckets.py): ""
+  # pads every batch to text.max_length; "auto" picks up to 4 multiples of 8
+  # from the training split's length histogram; "8,16,32" gives them. One
+  # compiled train/eval step per bucket. The run records the lengths it used
+  # here (config.json), and the export serves the same buckets.
+  c.data.length_buckets = ""
 
   c.text = ml_collections.ConfigDict()
   c.text.checkpoint = PAPER_TEXT  # HF directory or hub id; "" = scratch.

@@ -524,7 +524,9 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
     _merge(total, st)
     shards.setdefault(s, []).append({
         "file": pathlib.Path(task.output).name, "examples": st["examples"],
-        "class_counts": st["class_counts"]})
+        "class_counts": st["class_counts"],
+        records.LENGTH_COUNTS: records.length_counts(st["token_lengths"],
+                                                     args.max_length)})
     sp = splits.setdefault(s, {"examples": 0, "image_present": 0,
                                "per_class": collections.Counter()})
     sp["examples"] += st["examples"]

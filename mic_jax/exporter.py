@@ -15,7 +15,9 @@ The directory holds everything inference needs and nothing of training:
                     threshold, the training config (for the record), and
                     the size and SHA-256 of every other file
   model.stablehlo   the inference function serialized with ``jax.export``
-                    (StableHLO), symbolic batch dimension; parameters are
+                    (StableHLO), symbolic batch dimension (and title
+                    length ``l <= max_length`` for a run trained in length
+                    buckets, served in the same buckets); parameters are
                     its first argument, so the file stays small and
                     ``--dtype`` changes only the parameter file
   params.bin/.json  the parameters: raw little-endian arrays + an index
@@ -196,6 +198,13 @@ def read_calibration(workdir: pathlib.Path, late: bool) -> dict[str, Any]:
     raise ExportError(str(e)) from e
 
 
+def length_buckets_of(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The length buckets a run trained in, as its config.json records them
+  (resolved: explicit lengths; runs from before buckets: none)."""
+  spec = str(config.data.get("length_buckets", "") or "")
+  return tuple(int(x) for x in spec.split(",") if x.strip())
+
+
 def tempered(probs: jax.Array, temperature: float) -> jax.Array:
   """``p ** (1 / T)`` renormalized (the identity at T = 1)."""
   if temperature == 1:
@@ -239,13 +248,21 @@ def inference_fn(models: dict[str, Any], alpha: float | None,
 
 
 def _serialize(infer: Callable, params: Any, max_length: int,
-               image_size: int) -> tuple[bytes, list[str]]:
-  (b,) = jax_export.symbolic_shape("b")
+               image_size: int, symbolic_length: bool = False
+               ) -> tuple[bytes, list[str]]:
+  """The exported function; ``symbolic_length`` makes the title length a
+  dimension ``l <= max_length`` (one export serves every length bucket:
+  traced once, compiled per bucket where it runs)."""
+  if symbolic_length:
+    b, length = jax_export.symbolic_shape(
+        "b, l", constraints=(f"l <= {max_length}",))
+  else:
+    (b,), length = jax_export.symbolic_shape("b"), max_length
   specs = (
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
-      jax.ShapeDtypeStruct((b, max_length), jnp.int32),
-      jax.ShapeDtypeStruct((b, max_length), jnp.int32),
-      jax.ShapeDtypeStruct((b, max_length), jnp.int32),
+      jax.ShapeDtypeStruct((b, length), jnp.int32),
+      jax.ShapeDtypeStruct((b, length), jnp.int32),
+      jax.ShapeDtypeStruct((b, length), jnp.int32),
       jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.float32),
       jax.ShapeDtypeStruct((b,), jnp.int32))
   # Source locations carry the caller's stack: drop them, so the bytes
@@ -301,14 +318,17 @@ def write_saved_model(directory: pathlib.Path, infer: Callable, params: Any,
 
 
 def _validation_probs(serialized: bytes, params: Any, data_dir: pathlib.Path,
-                      image_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The exported function over the validation split (every example once)."""
+                      image_size: int, length_buckets: tuple[int, ...] = ()
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """The exported function over the validation split (every example once,
+  in the run's length buckets)."""
   from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   call = jax.jit(jax_export.deserialize(bytearray(serialized)).call)
   probs, labels = [], []
   for batch in pipeline.eval_batches(str(data_dir), "validation",
                                      batch_size=64, image_size=image_size,
-                                     process_index=0, process_count=1):
+                                     process_index=0, process_count=1,
+                                     length_buckets=length_buckets):
     p = np.asarray(call(params, batch["input_ids"], batch["attention_mask"],
                         batch["token_type_ids"], batch["image"],
                         batch["image_present"]))
@@ -356,19 +376,24 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
     raise ExportError(str(e)) from e
   calibration = read_calibration(work, late=alpha is not None)
   max_length, image_size = int(config.text.max_length), int(config.image.size)
+  # The run's length buckets (resolved in its config.json); () = padded.
+  length_buckets = length_buckets_of(config)
   if dtype == "bfloat16":
     params = jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params)
   infer = inference_fn(models, alpha, calibration)
-  serialized, platforms = _serialize(infer, params, max_length, image_size)
+  serialized, platforms = _serialize(infer, params, max_length, image_size,
+                                     symbolic_length=bool(length_buckets))
   if info.get("shards", {}).get("validation"):
     abstain = abstain_threshold(
-        *_validation_probs(serialized, params, data_dir, image_size),
+        *_validation_probs(serialized, params, data_dir, image_size,
+                           length_buckets),
         target_precision)
   else:
     logging.warning("no validation split: the predictor will never abstain")
     abstain = {"threshold": 0.0, "target_precision": target_precision,
                "validation_precision": None, "validation_coverage": 1.0}
 
+  tokens = ["b", "l" if length_buckets else max_length, "int32"]
   with bundle.writing(out) as tmp:
     bundle.write_model(tmp, serialized)
     bundle.write_params(tmp, params)
@@ -392,15 +417,17 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
         "saved_model": bundle.SAVED_MODEL if saved_model else None,
         "num_classes": int(info["num_classes"]),
         "inputs": {
-            "input_ids": ["b", max_length, "int32"],
-            "attention_mask": ["b", max_length, "int32"],
-            "token_type_ids": ["b", max_length, "int32"],
+            "input_ids": tokens, "attention_mask": tokens,
+            "token_type_ids": tokens,
             "image": ["b", image_size, image_size, 3, "float32"],
             "image_present": ["b", "int32"]},
         "output": ["b", int(info["num_classes"]),
                    "float32 calibrated probabilities"],
         "calibration": calibration,
         "text": {"tokenizer": tokenizer, "max_length": max_length,
+                 # The Predictor cuts a request's tokens to the smallest
+                 # of these holding its longest title ([] = max_length).
+                 "length_buckets": list(length_buckets),
                  "normalization": "Unicode NFKC, whitespace collapsed"},
         "image": {"size": image_size,
                   photos.INFO_KEY: photo.to_dict(),

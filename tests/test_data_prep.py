@@ -188,10 +188,16 @@ def _split_of(out, max_length=8):
   spec = records.feature_spec(max_length)
   where = {}
   for split in ("train", "validation", "test"):
+    # dataset_info.json records the split's title lengths (length buckets).
+    lengths = []
     for raw in tf.data.TFRecordDataset(info.files(split)):
       ex = tf.io.parse_single_example(raw, spec)
+      lengths.append(int(ex["attention_mask"].numpy().sum()))
       where[ex["product_id"].numpy().decode()] = (
           split, title_group_key(ex["title"].numpy().decode()))
+    np.testing.assert_array_equal(
+        info.length_counts(split),
+        np.bincount(lengths, minlength=max_length + 1), err_msg=split)
   return where
 
 

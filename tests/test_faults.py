@@ -44,17 +44,21 @@ def data_dir(tmp_path_factory):
                                   seed=0)
 
 
-def _command(data_dir, workdir):
+# Titles of the demo are 5..7 tokens: buckets 6 and 16 both get batches.
+BUCKETS = ["--config.data.length_buckets=6,16"]
+
+
+def _command(data_dir, workdir, extra=()):
   return [sys.executable, "-m", "mic_jax.main",
           "--config=configs/cross_modal.py:demo", f"--workdir={workdir}",
           "--config.data.demo=False", f"--config.data.dir={data_dir}",
           f"--config.total_steps={TOTAL_STEPS}", "--config.batch_size=8",
           "--config.log_every_steps=1", "--config.eval_every_steps=2",
           "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=3",
-          "--config.data.eval_batch_size=64"]
+          "--config.data.eval_batch_size=64", *extra]
 
 
-def _launch(data_dir, workdir, fault=None):
+def _launch(data_dir, workdir, fault=None, extra=()):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   env.pop(faults.ENV, None)
@@ -62,7 +66,7 @@ def _launch(data_dir, workdir, fault=None):
     env[faults.ENV] = fault
   # The timeout only catches a hang: a launch takes ~30 s on a free 2-core
   # CPU (raise MIC_JAX_TEST_TIMEOUT on a machine shared with other jobs).
-  return subprocess.run(_command(data_dir, workdir), env=env, cwd=REPO,
+  return subprocess.run(_command(data_dir, workdir, extra), env=env, cwd=REPO,
                         timeout=int(os.environ.get("MIC_JAX_TEST_TIMEOUT",
                                                    "600")),
                         capture_output=True)
@@ -118,15 +122,15 @@ def _assert_same_run(got, want):
   assert sorted(got_records, key=key) == sorted(want_records, key=key)
 
 
-def _kill_chain(data_dir, workdir, points):
+def _kill_chain(data_dir, workdir, points, extra=()):
   """Kills one launch at each point in turn, then lets one finish."""
   for point in points:
-    proc = _launch(data_dir, workdir, fault=f"{point}:KILL")
+    proc = _launch(data_dir, workdir, fault=f"{point}:KILL", extra=extra)
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == -signal.SIGKILL, (
         f"{point}: exit {proc.returncode}, not killed there:\n{err[-3000:]}")
     assert f"{faults.ENV}: KILL at {point.split(':')[0]}" in err
-  proc = _launch(data_dir, workdir)
+  proc = _launch(data_dir, workdir, extra=extra)
   assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
 
 
@@ -138,6 +142,27 @@ def test_killed_between_and_during_saves_and_eval_ends_identical(
   _kill_chain(data_dir, workdir, ["before_state_save:1", "state_saving:1",
                                   "eval_batch:8"])
   _assert_same_run(workdir, reference)
+
+
+@pytest.fixture(scope="module")
+def bucketed_reference(data_dir, tmp_path_factory):
+  """One uninterrupted run in length buckets."""
+  workdir = tmp_path_factory.mktemp("bucketed_reference") / "run"
+  proc = _launch(data_dir, workdir, extra=BUCKETS)
+  assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["data"]["length_buckets"] == "6,16"
+  return workdir
+
+
+def test_killed_in_length_buckets_ends_identical(data_dir, bucketed_reference,
+                                                 tmp_path):
+  """Kill between steps and during a state save of a bucketed run: the
+  bucket schedule and each bucket's stream resume exactly."""
+  workdir = tmp_path / "run"
+  _kill_chain(data_dir, workdir, ["after_step:4", "state_saving:1"],
+              extra=BUCKETS)
+  _assert_same_run(workdir, bucketed_reference)
 
 
 @pytest.mark.slow

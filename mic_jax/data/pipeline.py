@@ -25,15 +25,19 @@ lock-step.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import pathlib
 from collections.abc import Iterator
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
 
+from mic_jax.data import buckets as buckets_lib
 from mic_jax.data import preprocess
 from mic_jax.data import records
 
@@ -79,6 +83,17 @@ class DatasetInfo:
     total = np.zeros(self.num_classes, np.int64)
     for shard in self.shards.get(split, []):
       total += np.asarray(shard["class_counts"], np.int64)
+    return total
+
+  def length_counts(self, split: str) -> np.ndarray | None:
+    """Titles per token length in ``split`` (``[max_length + 1]``), or None
+    for a set prepared before data_prep recorded them."""
+    shards = self.shards.get(split, [])
+    if any(records.LENGTH_COUNTS not in s for s in shards):
+      return None
+    total = np.zeros(self.max_length + 1, np.int64)
+    for shard in shards:
+      total += np.asarray(shard[records.LENGTH_COUNTS], np.int64)
     return total
 
   def files(self, split: str) -> list[str]:
@@ -238,12 +253,158 @@ def _named_read_errors(batches: Iterator[Batch], info: DatasetInfo,
         + "; ".join(problems)) from e
 
 
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _token_length(max_length: int):
+  """Serialized record -> its title's token count (parses only the mask)."""
+  spec = {"attention_mask": tf.io.FixedLenFeature([max_length], tf.int64)}
+
+  def length(serialized):
+    return tf.reduce_sum(
+        tf.io.parse_single_example(serialized, spec)["attention_mask"])
+  return length
+
+
+def _in_bucket(max_length: int, lengths: tuple[int, ...], k: int):
+  """Predicate on a serialized record: its title falls in bucket ``k``."""
+  token_length = _token_length(max_length)
+  lo = tf.constant(lengths[k - 1] if k else -1, tf.int64)
+  hi = tf.constant(lengths[k], tf.int64)
+
+  def inside(serialized):
+    n = token_length(serialized)
+    return tf.logical_and(n > lo, n <= hi)
+  return inside
+
+
+def _cut_tokens(length: int):
+  """A batch with its token arrays cut to ``length`` positions (the rest is
+  padding for every title in the batch)."""
+  def cut(batch):
+    return {k: v[:, :length] if k in TOKEN_KEYS else v
+            for k, v in batch.items()}
+  return cut
+
+
+@functools.lru_cache(maxsize=16)
+def _counted_lengths(data_dir: str, split: str, max_length: int,
+                     stamp: float) -> tuple[int, ...]:
+  del stamp  # Part of the cache key: a re-prepared set is counted again.
+  info = DatasetInfo.load(data_dir)
+  files, _ = _split_shards(info, split)
+  ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
+  ds = ds.map(_token_length(max_length), num_parallel_calls=AUTOTUNE)
+  counts = np.zeros(max_length + 1, np.int64)
+  for chunk in ds.batch(4096).as_numpy_iterator():
+    counts += np.bincount(chunk, minlength=max_length + 1)
+  return tuple(int(c) for c in counts)
+
+
+def split_length_counts(info: DatasetInfo, split: str) -> np.ndarray:
+  """Titles per token length in ``split``: from ``dataset_info.json``, or
+  (sets prepared before it recorded them) counted from the records once per
+  process, with a log line saying so."""
+  counts = info.length_counts(split)
+  if counts is not None:
+    return counts
+  logging.info("%s: %s has no %s (prepared before length buckets); counting "
+               "the token lengths of %r from its records", info.data_dir,
+               records.INFO_FILE, records.LENGTH_COUNTS, split)
+  stamp = (pathlib.Path(info.data_dir) / records.INFO_FILE).stat().st_mtime
+  return np.asarray(_counted_lengths(info.data_dir, split, info.max_length,
+                                     stamp), np.int64)
+
+
+def resolve_buckets(info: DatasetInfo, spec: str, *, global_batch_size: int
+                    ) -> tuple[int, ...]:
+  """``config.data.length_buckets`` -> the run's bucket lengths (``()``: pad
+  every batch to ``max_length``).
+
+  ``'auto'`` chooses them from the training split's length histogram
+  (:func:`buckets.choose`); explicit lengths are kept as given. Either way a
+  bucket holding fewer training titles than one global batch is merged into
+  the next longer one, so every bucket fills a batch within an epoch.
+  """
+  lengths = buckets_lib.parse(spec, info.max_length)
+  if lengths == ():
+    return ()
+  if not info.has_split("train"):
+    return (info.max_length,) if lengths == "auto" else lengths
+  counts = split_length_counts(info, "train")
+  if lengths == "auto":
+    lengths = buckets_lib.choose(counts, info.max_length)
+  merged = buckets_lib.merge_small(
+      lengths, buckets_lib.per_bucket(counts, lengths), global_batch_size)
+  if merged != lengths:
+    logging.info("length buckets %s: merged buckets with fewer than %d "
+                 "training titles -> %s", lengths, global_batch_size, merged)
+  sizes = buckets_lib.per_bucket(counts, merged)
+  logging.info("length buckets %s (training titles per bucket %s; padded "
+               "tokens %.0f%% of max_length padding)", merged, sizes.tolist(),
+               100 * buckets_lib.padded_tokens(counts, merged)
+               / max(1, buckets_lib.padded_tokens(counts, (info.max_length,))))
+  return merged
+
+
+def _bucketed_train(files: list[str], sizes: list[int], info: DatasetInfo,
+                    lengths: tuple[int, ...], *, batch_size: int,
+                    seed: int, start_step: int, index: int, count: int,
+                    per_epoch: int, order_seed: int, host_seed: int,
+                    shuffle_buffer: int, decode) -> Iterator[Batch]:
+  """The training stream in length buckets (see :func:`train_batches`).
+
+  Bucket ``k``'s stream is this host's usual epoch stream (same file order,
+  shuffle and augmentation positions as the padded path) keeping only the
+  titles of bucket ``k``; the shared :class:`buckets.Schedule` says which
+  bucket's next batch each step takes. To start at ``start_step`` each
+  bucket stream skips the titles its earlier batches took.
+  """
+  totals = buckets_lib.per_bucket(split_length_counts(info, "train"), lengths)
+  # Titles of each bucket per epoch on one host: exact on one host (its epoch
+  # is the whole split), the hosts' average on several.
+  rates = totals * (per_epoch / max(1, sum(sizes)))
+  schedule = buckets_lib.Schedule(rates, batch_size, seed)
+  taken = schedule.consumed(start_step)
+
+  def epoch_ds(epoch):
+    return _epoch_records(files, sizes, epoch, order_seed, host_seed,
+                          shuffle_buffer, index, per_epoch)
+
+  iterators: dict[int, Iterator[Batch]] = {}
+  for k, length in enumerate(lengths):
+    if rates[k] <= 0:
+      continue
+    skip = int(taken[k]) * batch_size
+    first_epoch = 0
+    if count == 1:  # Each epoch holds exactly totals[k] titles of bucket k.
+      first_epoch, skip = divmod(skip, int(totals[k]))
+    inside = _in_bucket(info.max_length, lengths, k)
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+    ds = ds.flat_map(epoch_ds).enumerate(start=first_epoch * per_epoch)
+    ds = ds.filter(lambda position, serialized, inside=inside:
+                   inside(serialized)).skip(skip)
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).map(_cut_tokens(length))
+    iterators[k] = _with_options(ds.prefetch(2)).as_numpy_iterator()
+  for k in itertools.islice(iter(schedule), start_step, None):
+    yield next(iterators[k])
+
+
+def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return ds.with_options(options)
+
+
 def train_batches(data_dir: str, *, batch_size: int, image_size: int,
                   seed: int, start_step: int = 0,
                   process_index: int | None = None,
                   process_count: int | None = None,
                   shuffle_buffer: int = 10_000,
-                  image_keys: bool = False) -> Iterator[Batch]:
+                  image_keys: bool = False,
+                  length_buckets: tuple[int, ...] = ()) -> Iterator[Batch]:
   """Endless training batches for this host, resumable at ``start_step``.
 
   Across hosts, each epoch is every training example once, minus at most
@@ -261,6 +422,16 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
     image_keys: yield ``image_key`` (the photo's content key) instead of
       decoded, augmented pixels, for a frozen image tower whose outputs are
       cached (:mod:`mic_jax.train.image_features`).
+    length_buckets: bucket lengths from :func:`resolve_buckets` (``()``:
+      every batch padded to ``max_length``). Each batch then holds titles of
+      one bucket, its token arrays cut to that bucket's length; the bucket
+      of each step is the same on every host (:class:`buckets.Schedule`),
+      each bucket's titles are taken in stream order, so on one host every
+      epoch is still every example once (to within one batch per bucket at
+      the epoch's ends). On several hosts the schedule takes each bucket at
+      the hosts' average rate: a host whose share of an epoch holds more
+      (fewer) titles of a bucket than the average carries them into (takes
+      them early from) its next epoch -- nothing is dropped or repeated.
 
   Yields:
     The batch dict of the trainer contract (``mask`` all ones).
@@ -280,6 +451,24 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
   # The file order must be the same on every host: host 0's seed (so a
   # single-host stream is the same as before hosts shared the order).
   order_seed = seed * 7919
+  parse = _parse(info.max_length)
+
+  def decode(position, serialized):
+    ex = parse(serialized)
+    if image_keys:
+      return _to_batch_features(ex, None, tf.constant(1.0))
+    image_seed = tf.stack([tf.constant(host_seed, tf.int64), position])
+    image = preprocess.train_image(ex["image/encoded"], ex["image/present"],
+                                   image_size, image_seed)
+    return _to_batch_features(ex, image, tf.constant(1.0))
+
+  if length_buckets:
+    yield from _named_read_errors(_bucketed_train(
+        files, sizes, info, tuple(length_buckets), batch_size=batch_size,
+        seed=seed, start_step=start_step, index=index, count=count,
+        per_epoch=per_epoch, order_seed=order_seed, host_seed=host_seed,
+        shuffle_buffer=shuffle_buffer, decode=decode), info, "train")
+    return
   first = start_step * batch_size
   first_epoch, offset = divmod(first, per_epoch)
 
@@ -292,36 +481,30 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
   ds = ds.flat_map(epoch_ds)
   ds = ds.enumerate(start=first)
-  parse = _parse(info.max_length)
-
-  def decode(position, serialized):
-    ex = parse(serialized)
-    if image_keys:
-      return _to_batch_features(ex, None, tf.constant(1.0))
-    image_seed = tf.stack([tf.constant(host_seed, tf.int64), position])
-    image = preprocess.train_image(ex["image/encoded"], ex["image/present"],
-                                   image_size, image_seed)
-    return _to_batch_features(ex, image, tf.constant(1.0))
-
   ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  ds = ds.with_options(options)
+  ds = _with_options(ds)
   yield from _named_read_errors(ds.as_numpy_iterator(), info, "train")
 
 
 def eval_batches(data_dir: str, split: str, *, batch_size: int,
                  image_size: int, process_index: int | None = None,
                  process_count: int | None = None,
-                 image_keys: bool = False) -> Iterator[Batch]:
+                 image_keys: bool = False,
+                 length_buckets: tuple[int, ...] = ()) -> Iterator[Batch]:
   """Every example of ``split`` exactly once across processes, padded.
 
   All processes yield the same number of batches,
   ``ceil(ceil(N / process_count) / batch_size)``; padding rows have
   ``mask`` 0 (and zero features, label 0; with ``image_keys``, the key of
   "no photo"). ``image_keys`` is as in :func:`train_batches`.
+
+  With ``length_buckets`` the split is read once per bucket, keeping that
+  bucket's titles (in file order), and each bucket is dealt and padded as
+  above with its token arrays cut to the bucket's length: every process
+  yields the same number of batches of each bucket, in bucket order, from
+  the split's length counts. The order of examples is then bucket by
+  bucket, the same for every model that uses the same buckets.
   """
   index, count = _process(process_index, process_count)
   info = DatasetInfo.load(data_dir)
@@ -329,7 +512,6 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
   if total == 0:
     return
   files, _ = _split_shards(info, split)
-  num_batches = -(-(-(-total // count)) // batch_size)
   parse = _parse(info.max_length)
 
   def decode(serialized):
@@ -340,11 +522,6 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
                                   image_size)
     return _to_batch_features(ex, image, tf.constant(1.0))
 
-  ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
-  # Short shards would otherwise be padded over in silence.
-  ds = ds.apply(tf.data.experimental.assert_cardinality(total))
-  ds = ds.shard(count, index)
-  ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
   length = info.max_length
   pad = {
       "input_ids": tf.zeros([length], tf.int32),
@@ -359,7 +536,30 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
                                             tf.constant(0, tf.int64))
   else:
     pad["image"] = tf.zeros([image_size, image_size, 3])
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
-  ds = ds.take(num_batches * batch_size).batch(batch_size)
-  yield from _named_read_errors(ds.prefetch(AUTOTUNE).as_numpy_iterator(),
-                                info, split)
+
+  def dealt(keep, examples: int) -> tf.data.Dataset:
+    """Records passing ``keep`` (``examples`` of them), dealt and padded."""
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=None)
+    # Short shards would otherwise be padded over in silence.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(total))
+    if keep is not None:
+      ds = ds.filter(keep)
+    ds = ds.shard(count, index)
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    num_batches = -(-(-(-examples // count)) // batch_size)
+    return ds.take(num_batches * batch_size).batch(batch_size)
+
+  if not length_buckets:
+    parts = [dealt(None, total)]
+  else:
+    lengths = tuple(length_buckets)
+    sizes = buckets_lib.per_bucket(split_length_counts(info, split), lengths)
+    parts = [dealt(_in_bucket(length, lengths, k), int(n))
+             .map(_cut_tokens(lengths[k]))
+             for k, n in enumerate(sizes) if n > 0]
+
+  def batches() -> Iterator[Batch]:
+    for ds in parts:
+      yield from ds.prefetch(AUTOTUNE).as_numpy_iterator()
+  yield from _named_read_errors(batches(), info, split)

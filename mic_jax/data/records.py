@@ -3,7 +3,8 @@
 A prepared data set is a directory with sharded TFRecord files
 ``{split}.tfrecord-{index:05d}-of-{count:05d}`` of ``tf.train.Example``s,
 ``labels.txt`` (one class per line; line number = label id) and
-``dataset_info.json`` (max_length, labels, per-shard example counts). Keeping
+``dataset_info.json`` (max_length, labels, per-shard example, class and
+token-length counts; the last is what length buckets are chosen from). Keeping
 the feature spec here means data_prep, the synthetic demo writer and the
 tf.data reader can never disagree about a key or a dtype.
 """
@@ -24,6 +25,24 @@ SPLITS = ("train", "validation", "test")
 INFO_FILE = "dataset_info.json"
 LABELS_FILE = "labels.txt"
 FORMAT_VERSION = 1
+# Per-shard key: titles per token length (index 0..max_length, [CLS]/[SEP]
+# included). Absent in sets prepared before length buckets; readers then
+# count the lengths from the records.
+LENGTH_COUNTS = "length_counts"
+
+
+def length_counts(lengths: Iterable[int] | dict[Any, int], max_length: int
+                  ) -> list[int]:
+  """Titles per token length ``[max_length + 1]``, from the token lengths of
+  the titles or from a ``{length: count}`` mapping."""
+  counts = [0] * (max_length + 1)
+  items = (lengths.items() if isinstance(lengths, dict)
+           else ((n, 1) for n in lengths))
+  for n, c in items:
+    if not 0 <= int(n) <= max_length:
+      raise ValueError(f"token length {n} outside [0, {max_length}]")
+    counts[int(n)] += int(c)
+  return counts
 
 
 def feature_spec(max_length: int) -> dict[str, Any]:
@@ -127,7 +146,9 @@ def write_info(data_dir: str | os.PathLike[str], *, labels: Sequence[str],
     data_dir: the prepared directory.
     labels: class names; index = label id.
     max_length: token length of every record.
-    shards: split -> ``[{"file": name, "examples": n, "class_counts": [...]}]``.
+    shards: split -> ``[{"file": name, "examples": n, "class_counts": [...],
+      "length_counts": [...]}]`` (``length_counts``: see
+      :data:`LENGTH_COUNTS`).
     extra: more keys to record (e.g. the tokenizer, taxonomy file name).
   """
   data_dir = pathlib.Path(data_dir)
@@ -168,6 +189,9 @@ def write_examples(data_dir: str | os.PathLike[str],
       name = shard_name(split, index, count)
       write_shard(data_dir / name, part)
       counts = np.bincount([e.label for e in part], minlength=len(labels))
-      shards[split].append({"file": name, "examples": len(part),
-                            "class_counts": counts.tolist()})
+      shards[split].append({
+          "file": name, "examples": len(part),
+          "class_counts": counts.tolist(),
+          LENGTH_COUNTS: length_counts(
+              (int(np.sum(e.attention_mask)) for e in part), max_length)})
   write_info(data_dir, labels=labels, max_length=max_length, shards=shards)

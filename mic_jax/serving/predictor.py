@@ -76,6 +76,11 @@ class Predictor:
     self.labels = bundle.read_labels(self.dir, self.manifest)
     self.taxonomy = bundle.read_taxonomy(self.dir, self.manifest)
     self.max_length = int(self.manifest["text"]["max_length"])
+    # Title lengths the model was exported for (a symbolic length): a
+    # request's tokens are cut to the smallest one holding its longest
+    # title, as in training. Exports without buckets take max_length only.
+    self.length_buckets = tuple(int(n) for n in self.manifest["text"].get(
+        "length_buckets") or ()) or (self.max_length,)
     self.image_size = int(self.manifest["image"]["size"])
     self.threshold = float(self.manifest["abstain"]["threshold"])
     # The photo settings the training data was prepared with (exports
@@ -185,14 +190,25 @@ class Predictor:
     for start in range(0, n, BUCKETS[-1]):
       chunk = [np.asarray(batch[k])[start:start + BUCKETS[-1]] for k in keys]
       m = len(chunk[0])
+      width = self.length_bucket(chunk[1])
+      chunk[:3] = [x[:, :width] for x in chunk[:3]]
       size = next(b for b in BUCKETS if b >= m)
       padded = [np.concatenate([x, np.zeros((size - m, *x.shape[1:]),
                                             x.dtype)]) for x in chunk]
       out.append(np.asarray(self._call(self._params, *padded))[:m])
     return np.concatenate(out)
 
+  def length_bucket(self, attention_mask: np.ndarray) -> int:
+    """The title length a batch with this mask is scored at: the smallest
+    length bucket holding its longest title (masked positions past it
+    change nothing)."""
+    longest = int(np.asarray(attention_mask).sum(axis=-1).max(initial=0))
+    return next((b for b in self.length_buckets if b >= longest),
+                self.length_buckets[-1])
+
   def warm_up(self, max_batch_size: int = BUCKETS[-1]) -> None:
-    """Compiles every padded batch size up to ``max_batch_size`` now.
+    """Compiles every padded batch size (times every length bucket) up to
+    ``max_batch_size`` now.
 
     A server calls this before taking traffic, so no client pays for a
     compilation when a batch of a new size first comes along.
@@ -200,7 +216,11 @@ class Predictor:
     for bucket in BUCKETS:
       if bucket > max(1, max_batch_size):
         break
-      self.probabilities_of_arrays(self.zero_inputs(bucket))
+      for width in self.length_buckets:
+        inputs = self.zero_inputs(bucket)
+        inputs["attention_mask"] = np.zeros_like(inputs["attention_mask"])
+        inputs["attention_mask"][:, :width] = 1
+        self.probabilities_of_arrays(inputs)
 
   def _parents(self, label: str) -> dict[str, str] | None:
     paths = (self.taxonomy or {}).get("parents", {}).get(label) or {}

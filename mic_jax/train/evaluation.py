@@ -64,7 +64,8 @@ class Evaluator:
     batches = pipeline.eval_batches(
         self.run.data_dir, split, batch_size=shd.per_host_batch_size(self.batch_size),
         image_size=self.run.config.image.size,
-        image_keys=features is not None)
+        image_keys=features is not None,
+        length_buckets=getattr(self.run, "buckets", ()))
     if features is not None:
       batches = features.attach(batches, withhold=withhold_images)
     for batch in batches:

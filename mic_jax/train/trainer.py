@@ -74,6 +74,8 @@ class Run:
   schedule: Any = None
   # Cached outputs of a frozen image tower (image_features), once attached.
   features: Any = None
+  # Title lengths batches are cut to (pipeline.resolve_buckets); () = padded.
+  buckets: tuple[int, ...] = ()
 
   def train_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     """This host's training stream from ``start_step`` (pixels or tokens)."""
@@ -82,7 +84,7 @@ class Run:
         self.data_dir, batch_size=shd.per_host_batch_size(config.batch_size),
         image_size=config.image.size, seed=config.seed, start_step=start_step,
         shuffle_buffer=config.data.shuffle_buffer,
-        image_keys=self.features is not None)
+        image_keys=self.features is not None, length_buckets=self.buckets)
     return batches if self.features is None else self.features.attach(batches)
 
 
@@ -144,8 +146,12 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   data_dir, info = data if data is not None else resolve_data(config, workdir)
   config = config.copy_and_resolve_references()
+  buckets = pipeline.resolve_buckets(info, config.data.length_buckets,
+                                     global_batch_size=config.batch_size)
   with config.unlocked():
     config.num_classes = info.num_classes
+    # The lengths this run uses ('auto' resolved), as config.json records them.
+    config.data.length_buckets = ",".join(map(str, buckets))
   mesh = shd.make_mesh(config.mesh, devices)
   rules = shd.validate_rules(config.mesh.rules or shd.DEFAULT_RULES)
   devices_per_batch = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -175,7 +181,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
     shd.log_param_shardings(param_shardings, abstract_params)
   return Run(config, workdir, data_dir, info, mesh, rules, spec.model,
              state_shardings, abstract_state, spec=spec, tx=tx,
-             schedule=schedule)
+             schedule=schedule, buckets=buckets)
 
 
 def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
