@@ -375,6 +375,8 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
     if saved_model:
       write_saved_model(tmp, infer, params, max_length, image_size)
     tokenizer = _copy_tokenizer(info, tmp)
+    # A labels.txt that would read back wrong stops here, naming the file.
+    records.read_labels(data_dir, info.get("num_classes"))
     taxonomy = bundle.copy_labels(
         tmp, data_dir / records.LABELS_FILE,
         data_dir / info["taxonomy_file"] if info.get("taxonomy_file")

@@ -63,6 +63,31 @@ def test_dataset_info(data_dir):
   assert len(info.files("train")) == 4
 
 
+@pytest.mark.parametrize("label", ["two\nlines", "para\u2028graph", "x\ry"])
+def test_label_with_a_line_break_is_never_written(tmp_path, label):
+  """labels.txt is one class per line: such a class list is refused."""
+  rng = np.random.default_rng(0)
+  with pytest.raises(records.LabelsError, match="labels.txt.*line break"):
+    records.write_examples(tmp_path, {"train": _examples(3, rng)},
+                           labels=["a", label, "c"], max_length=LENGTH)
+  assert not (tmp_path / records.LABELS_FILE).exists()
+  assert not (tmp_path / records.INFO_FILE).exists()
+
+
+@pytest.mark.parametrize("text", ["a\nb\nc\nd\n", "a\nb\u2028x\nc\n"])
+def test_labels_file_that_reads_back_wrong_is_named(data_dir, tmp_path, text):
+  """A labels.txt an older writer left with a class name holding a line
+  break (more lines than classes, or a U+2028 inside a line) stops at
+  load, naming the file, not later with a broadcasting error."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / "copy"
+  shutil.copytree(data_dir, copy)
+  (copy / records.LABELS_FILE).write_text(text, encoding="utf-8")
+  with pytest.raises(records.LabelsError,
+                     match=f"{copy / records.LABELS_FILE}.*prepare"):
+    pipeline.DatasetInfo.load(str(copy))
+
+
 def test_train_batch_contract(data_dir):
   batch = next(pipeline.train_batches(data_dir, batch_size=6, image_size=32,
                                       seed=0))

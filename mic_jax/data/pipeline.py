@@ -55,8 +55,7 @@ class DatasetInfo:
     """Raises FileNotFoundError when ``data_dir`` is not a prepared set."""
     path = pathlib.Path(data_dir)
     info = records.read_info(path)
-    labels = tuple((path / records.LABELS_FILE).read_text(
-        encoding="utf-8").splitlines())
+    labels = records.read_labels(path, info.get("num_classes"))
     taxonomy = None
     if info.get("taxonomy_file"):
       taxonomy = json.loads((path / info["taxonomy_file"]).read_text(
