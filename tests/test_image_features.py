@@ -136,6 +136,21 @@ def test_training_with_cache_keeps_tower_and_uses_tokens(tmp_path):
   for a, b in zip(jax.tree.leaves(init.params["img"]),
                   jax.tree.leaves(best["img"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The stream the loop trains on carries the cached tokens of its photos
+  # (no pixels): the same examples as the pixel stream, in the same order.
+  from mic_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  trainer.attach_image_features(run, init.params)
+  batch = next(run.train_batches(2))
+  assert "image" not in batch and "image_key" not in batch
+  keyed = next(pipeline.train_batches(
+      run.data_dir, batch_size=shd.per_host_batch_size(config.batch_size),
+      image_size=config.image.size, seed=config.seed, start_step=2,
+      shuffle_buffer=config.data.shuffle_buffer, image_keys=True))
+  np.testing.assert_array_equal(batch["label"], keyed["label"])
+  np.testing.assert_array_equal(batch["image_tokens"],
+                                run.features.lookup(keyed["image_key"]))
+  assert len(np.unique(keyed["image_key"])) > 1
 
 
 # ------------------------------------------------------- image dropout --
