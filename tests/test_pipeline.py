@@ -276,3 +276,27 @@ def test_missing_shard_is_named(damaged_dir):
     _first_epoch(path)
   with pytest.raises(pipeline.DamagedShardError, match=shard.name):
     list(pipeline.eval_batches(path, "train", batch_size=4, image_size=8))
+
+
+_LEFT_OPEN = """
+import sys
+from mic_jax.data import pipeline
+batches = pipeline.train_batches(sys.argv[1], batch_size=4, image_size=16,
+                                 seed=0)
+next(batches)  # Left open: closed by the garbage collector at exit.
+print("done")
+"""
+
+
+def test_stream_left_open_at_exit_closes_quietly(data_dir):
+  """A generator collected at interpreter exit used to print
+  "AttributeError: 'NoneType' object has no attribute 'errors'"."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  done = subprocess.run([sys.executable, "-c", _LEFT_OPEN, data_dir],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+  assert "Exception ignored" not in done.stderr, done.stderr[-2000:]
+  assert "Error" not in done.stderr.replace("TF_CPP", ""), done.stderr[-2000:]

@@ -227,6 +227,10 @@ def _named_read_errors(batches: Iterator[Batch], info: DatasetInfo,
   """
   try:
     yield from batches
+  except GeneratorExit:
+    # Closed, also by the garbage collector at interpreter exit, when the
+    # module globals (tf) may already be gone: look nothing up.
+    raise
   except (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
           tf.errors.NotFoundError) as e:
     problems = _damaged_shards(info, split)
