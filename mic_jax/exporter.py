@@ -34,8 +34,9 @@ member before mixing and re-tempers the mix, ``p ∝ p_mix ** (1 / T_mix)``.
 The abstain threshold is chosen on these calibrated probabilities.
 
 The output is written to a temporary directory and renamed when complete
-(an existing one, with ``--overwrite``, is renamed away first and deleted
-after), so a directory named ``--output`` is always whole; the Predictor
+(an existing export bundle, with ``--overwrite``, is renamed away first and deleted
+after; anything else, such as a run directory, is refused), so a directory
+named ``--output`` is always whole; the Predictor
 also checks every file against the manifest's sizes and hashes before
 loading. Exporting the same checkpoint again gives byte-identical files.
 """
@@ -318,6 +319,14 @@ def _validation_probs(serialized: bytes, params: Any, data_dir: pathlib.Path,
   return np.concatenate(probs), np.concatenate(labels)
 
 
+def _replaceable(out: pathlib.Path) -> bool:
+  """Whether ``--overwrite`` may replace ``out``: an export bundle (it
+  holds a manifest) or an empty directory; never a file or a run."""
+  if not out.is_dir():
+    return False
+  return (out / bundle.MANIFEST).is_file() or not any(out.iterdir())
+
+
 def export_run(workdir: str, output: str, *, step: int | None = None,
                dtype: str = "float32", target_precision: float = 0.95,
                overwrite: bool = False, saved_model: bool = False
@@ -327,6 +336,11 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
   out = pathlib.Path(output)
   if out.exists() and not overwrite:
     raise ExportError(f"{out} exists; choose another --output or --overwrite")
+  if out.exists() and not _replaceable(out):
+    raise ExportError(
+        f"{out} is not an export bundle (no {bundle.MANIFEST}), so "
+        "--overwrite will not delete it; it could be a run directory or "
+        "anything else. Choose another --output, or remove it yourself")
   if dtype not in ("float32", "bfloat16"):
     raise ExportError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
   if not 0 < target_precision <= 1:
