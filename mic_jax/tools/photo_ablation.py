@@ -9,12 +9,19 @@ exactly what the model sees for a product that has no photo). A fused
 model whose figures do not move has learned to ignore the photos, however
 well it scores: its gain over text-only comes from elsewhere. Prints a
 markdown table and writes ``WORKDIR/photo_ablation.json``.
+
+Like the other programs the console shows only that; Orbax's, absl's and
+TensorFlow's lines go to ``WORKDIR/photo_ablation.log`` (``--verbose``
+shows them too).
 """
 
 from __future__ import annotations
 
 from absl import app
 from absl import flags
+
+from mic_jax import console
+from mic_jax import hostmem
 
 # The library (also used by mic_jax.reproduce); re-exported for callers.
 from mic_jax.train.photo_ablation import markdown
@@ -30,15 +37,22 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A finished training run.")
   flags.DEFINE_list("splits", ["validation", "test"], "Splits to evaluate.")
   flags.mark_flag_as_required("workdir")
+  console.define_verbose_flag()
+  hostmem.define_flag()
 
 
 def main(argv):
   del argv
   workdir, splits = FLAGS.workdir, FLAGS.splits
-  results = photo_ablation(workdir, splits)
-  print(f"{results['model']} run {workdir}, best step "
-        f"{results['best_step']}\n")
-  print(markdown(results, splits))
+  with console.session("photo_ablation", workdir,
+                       verbose=console.verbose_requested()) as session:
+    console.say("photo_ablation %s (log: %s)", workdir, session.log_path)
+    # Before TensorFlow and JAX start their threads (see mic_jax/hostmem.py).
+    hostmem.configure(hostmem.flag_value())
+    results = photo_ablation(workdir, splits)
+    console.say("%s run %s, best step %s\n", results["model"], workdir,
+                results["best_step"])
+    console.say("%s", markdown(results, splits))
 
 
 if __name__ == "__main__":
