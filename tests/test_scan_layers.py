@@ -370,6 +370,17 @@ def _grouped_state(scan, freeze, multipliers, steps_taken=0, params=None):
   return steps.TrainState(jnp.int32(steps_taken), params, opt_state), tx
 
 
+def _through_orbax(directory, state, like):
+  """``state`` saved as a run's step 2 and restored into ``like``'s layout."""
+  ckpts = checkpointing.RunCheckpoints(str(directory), keep=1,
+                                       async_save=False)
+  ckpts.save_state(2, state, force=True)
+  ckpts.wait()
+  restored = ckpts.restore_state(_abstract(like))
+  ckpts.close()
+  return restored
+
+
 @pytest.mark.parametrize("freeze,multipliers", GROUPINGS)
 def test_grouped_optimizer_state_resumes_scanned_and_back(tmp_path, freeze,
                                                           multipliers):
@@ -378,21 +389,10 @@ def test_grouped_optimizer_state_resumes_scanned_and_back(tmp_path, freeze,
   unrolled, tx_unrolled = _grouped_state(False, freeze, multipliers,
                                          steps_taken=2)
   scanned_target, tx_scanned = _grouped_state(True, freeze, multipliers)
-  first = checkpointing.RunCheckpoints(str(tmp_path / "a"), keep=1,
-                                       async_save=False)
-  first.save_state(2, unrolled, force=True)
-  first.wait()
-  restored = first.restore_state(_abstract(scanned_target))
-  first.close()
+  restored = _through_orbax(tmp_path / "a", unrolled, scanned_target)
   assert jax.tree.structure(restored) == jax.tree.structure(scanned_target)
   _assert_trees_close(restored, _to_scanned(unrolled), atol=0)
-
-  second = checkpointing.RunCheckpoints(str(tmp_path / "b"), keep=1,
-                                        async_save=False)
-  second.save_state(2, restored, force=True)
-  second.wait()
-  back = second.restore_state(_abstract(unrolled))
-  second.close()
+  back = _through_orbax(tmp_path / "b", restored, unrolled)
   _assert_trees_close(back, unrolled, atol=0)
 
   # The restored scanned state trains on like the unrolled one.

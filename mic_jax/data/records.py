@@ -47,6 +47,12 @@ def label_problem(name: str) -> str | None:
   return None
 
 
+def _bad_labels(labels: Sequence[str]) -> list[tuple[int, str, str]]:
+  """``(index, name, why)`` of each class name labels.txt cannot hold."""
+  return [(i, name, why) for i, name in enumerate(labels)
+          if (why := label_problem(name))]
+
+
 def feature_spec(max_length: int) -> dict[str, Any]:
   """The ``tf.io.parse_single_example`` spec of one product."""
   ints = tf.io.FixedLenFeature([max_length], tf.int64)
@@ -152,8 +158,7 @@ def write_info(data_dir: str | os.PathLike[str], *, labels: Sequence[str],
     extra: more keys to record (e.g. the tokenizer, taxonomy file name).
   """
   data_dir = pathlib.Path(data_dir)
-  bad = [(i, name, why) for i, name in enumerate(labels)
-         if (why := label_problem(name))]
+  bad = _bad_labels(labels)
   if bad:
     i, name, why = bad[0]
     raise LabelsError(
@@ -191,8 +196,7 @@ def read_labels(data_dir: str | os.PathLike[str],
   text = path.read_text(encoding="utf-8")
   labels = tuple(text[:-1].split("\n") if text.endswith("\n") else
                  text.split("\n") if text else ())
-  bad = [(i, name, why) for i, name in enumerate(labels)
-         if (why := label_problem(name))]
+  bad = _bad_labels(labels)
   if bad:
     i, name, why = bad[0]
     raise LabelsError(
