@@ -332,6 +332,13 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
                overwrite: bool = False, saved_model: bool = False
                ) -> dict[str, Any]:
   """Exports ``workdir`` to ``output``; returns the manifest."""
+  if "://" in output:
+    # pathlib would write a local "gs:" folder; the bundle is published by
+    # local renames (serving/bundle.py), which object stores do not have.
+    raise ExportError(
+        f"--output={output}: exports are written to a local directory; "
+        "export locally, then copy the whole directory (e.g. gsutil -m cp "
+        "-r), manifest.json included")
   work = pathlib.Path(workdir)
   out = pathlib.Path(output)
   if out.exists() and not overwrite:

@@ -288,6 +288,14 @@ def test_overwrite_refuses_what_is_not_an_export(tmp_path, kind):
                        next(out.iterdir()).read_text())
 
 
+def test_object_store_output_is_refused_not_written_locally(tmp_path,
+                                                           monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(export.ExportError, match="written to a local directory"):
+    export.export_run(str(tmp_path / "no_run"), "gs://bucket/export")
+  assert list(tmp_path.iterdir()) == []  # No local "gs:" folder.
+
+
 def test_export_resolves_a_hub_id_tokenizer(raw, prepared, run_dir, tmp_path,
                                             monkeypatch):
   """Issue 13 defect 8: data prepared with ``--tokenizer=org/name``.
