@@ -17,15 +17,17 @@ shows them too).
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 from absl import flags
 
 from mic_jax import console
 from mic_jax import hostmem
 
-# The library (also used by mic_jax.reproduce); re-exported for callers.
-from mic_jax.train.photo_ablation import markdown
-from mic_jax.train.photo_ablation import photo_ablation
+# The library is mic_jax.train.photo_ablation (also used by
+# mic_jax.reproduce); it is imported in main, after the console session
+# sends TensorFlow's and JAX's start-up lines to the log file.
 
 FLAGS = flags.FLAGS
 
@@ -49,10 +51,12 @@ def main(argv):
     console.say("photo_ablation %s (log: %s)", workdir, session.log_path)
     # Before TensorFlow and JAX start their threads (see mic_jax/hostmem.py).
     hostmem.configure(hostmem.flag_value())
-    results = photo_ablation(workdir, splits)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from mic_jax.train import photo_ablation  # pylint: disable=g-import-not-at-top
+    results = photo_ablation.photo_ablation(workdir, splits)
     console.say("%s run %s, best step %s\n", results["model"], workdir,
                 results["best_step"])
-    console.say("%s", markdown(results, splits))
+    console.say("%s", photo_ablation.markdown(results, splits))
 
 
 if __name__ == "__main__":
