@@ -378,3 +378,23 @@ def test_focal_loss_reaches_the_train_step(tmp_path):
     _, metrics = trainer.jit_train_step(run, donate=False)(state, batch)
   np.testing.assert_allclose(float(metrics["train/loss"]),
                              (focal * w).sum() / w.sum(), rtol=1e-5)
+
+
+def test_metrics_log_on_an_object_store(tmp_path, monkeypatch):
+  """metrics.jsonl in a scheme:// workdir (TF's in-memory ram:// here, as
+  gs:// in production) goes through tf.io.gfile, not a local open()."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import reporting  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  workdir = f"ram://{tmp_path.name}/run"
+  tf.io.gfile.makedirs(workdir)
+  log = reporting.MetricsLog(workdir)
+  log.append({"step": 1, "train/loss": 2.0})
+  log.append({"step": 2, "train/loss": 1.5})
+  log.close()
+  assert [r["step"] for r in reporting.read_metrics(workdir)] == [1, 2]
+  assert list(tmp_path.iterdir()) == []  # No local "ram:" folder.
+  again = reporting.MetricsLog(workdir, keep_through_step=1)  # A resume.
+  again.close()
+  assert [r["step"] for r in reporting.read_metrics(workdir)] == [1]
+  tf.io.gfile.rmtree(f"ram://{tmp_path.name}")
