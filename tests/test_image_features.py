@@ -412,14 +412,20 @@ def test_sweep_keeps_live_builds_and_removes_silent_ones(tmp_path):
 
   import time  # pylint: disable=g-import-not-at-top
   time_now = time.time()
-  here = temp(".a.mine", __import__("socket").gethostname(), os.getpid(),
-              10 * store.STALE_SECONDS)
-  fresh = temp(".b.other", "another-host", 1, 60)
-  silent = temp(".c.other", "another-host", 1, 2 * store.STALE_SECONDS)
-  (root / "0123").mkdir()  # A finished cache: never touched.
+  name = "0123456789abcdef01234567"
+  here = temp(f".{name}.mine.1.x", __import__("socket").gethostname(),
+              os.getpid(), 10 * store.STALE_SECONDS)
+  fresh = temp(f".{name}.other.1.y", "another-host", 1, 60)
+  silent = temp(f".{name}.other.1.z", "another-host", 1,
+                2 * store.STALE_SECONDS)
+  (root / name).mkdir()  # A finished cache: never touched.
+  old = time_now - 2 * store.STALE_SECONDS
+  (root / ".unrelated").mkdir()  # Not a build's name: never touched.
+  os.utime(root / ".unrelated", (old, old))
   removed = store.sweep(str(root))
   assert removed == [str(silent)]
-  assert here.exists() and fresh.exists() and (root / "0123").exists()
+  assert here.exists() and fresh.exists() and (root / name).exists()
+  assert (root / ".unrelated").exists()
 
 
 def test_tower_with_dropout_is_not_cached(tmp_path):

@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -69,6 +70,7 @@ DAMAGED_PREFIX = ".damaged-"
 # for dead even when its writer's liveness cannot be checked (another host).
 STALE_SECONDS = 3600.0
 HEARTBEAT_SECONDS = 30.0
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{%d}(-[0-9a-f]{8})?\." % NAME_LENGTH)
 
 
 class BuildInterrupted(SystemExit):
@@ -198,9 +200,10 @@ def sweep(root: str, *, now: float | None = None) -> list[str]:
   removed = []
   for entry in tf.io.gfile.listdir(root):
     name = entry.rstrip("/")
-    if not name.startswith(".") or name.startswith(DAMAGED_PREFIX):
-      continue
     path = join(root, name)
+    # Only what Writer names ".<cache name>.<host>.<pid>.<random>".
+    if not _TEMP_NAME.match(name) or not tf.io.gfile.isdir(path):
+      continue
     marker = join(path, WRITER)
     try:
       with tf.io.gfile.GFile(marker) as f:

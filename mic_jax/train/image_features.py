@@ -252,6 +252,8 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
   root = os.fspath(config.image.get("feature_cache_dir") or default_root())
   size = int(config.image.size)
   feature_store.sweep(root)
+  if reporting.is_remote(root):  # Its builds are staged on local disk.
+    feature_store.sweep(str(feature_store.mirror_root()))
   directory = feature_store.directory(
       root, cache_key(img_params, tower, size, data_dir))
   marker = feature_store.join(directory, feature_store.META)
