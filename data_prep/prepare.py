@@ -34,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tqdm import tqdm  # noqa: E402
 
+from data_prep import corrections as corrections_lib
 from data_prep import readers
 from data_prep import split as split_lib
 from data_prep import writer
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
   a("--jpeg_quality", type=int, default=90)
   a("--examples_per_shard", type=int, default=2048)
   a("--num_workers", type=int, default=os.cpu_count() or 1)
+  a("--corrections", default="",
+    help="reviewed labels (mic-jax-review database or its CSV) to use "
+         "instead of the catalogue's; see data_prep/corrections.py")
   a("--overwrite", action="store_true", help="delete output_dir first")
   a("-v", "--verbose", action="store_true", help=console.VERBOSE_HELP)
   return p
@@ -333,9 +337,12 @@ def plan(args: argparse.Namespace, p1: Pass1) -> Plan:
   return Plan(labels, rare, assignment, unknown)
 
 
-def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan
-          ) -> Pass2:
-  """Deals validated rows to per-shard spill files; returns shard counts."""
+def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
+          fix: corrections_lib.Applier | None = None) -> Pass2:
+  """Deals validated rows to per-shard spill files; returns shard counts.
+
+  ``fix`` relabels reviewed products once their split is chosen.
+  """
   labels, rare = chosen.labels, chosen.rare
   unknown, assignment = chosen.unknown, chosen.assignment
   label_id = {l: i for i, l in enumerate(labels)}
@@ -371,6 +378,8 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan
         rejects.add(row, UNKNOWN_LABEL, r["label"])
         continue
       split = r["split"] or assignment[r["group"]]
+      if fix is not None:
+        fix.apply(r)
       shard = position[split] % num_shards[split]
       position[split] += 1
       r["label_id"] = label_id[r["label"]]
@@ -400,6 +409,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   work = out / WORK
   work.mkdir(parents=True, exist_ok=True)
   fingerprint = _fingerprint(args)
+  reviewed = None
+  if args.corrections:  # Read now: a bad file stops before any work.
+    try:
+      reviewed = corrections_lib.load(args.corrections)
+    except corrections_lib.CorrectionsError as e:
+      raise SystemExit(f"error: {e}") from e
+    fingerprint["corrections_sha256"] = reviewed.sha256
   fp_file = work / "arguments.json"
   if fp_file.exists():
     old = json.loads(fp_file.read_text(encoding="utf-8"))
@@ -424,7 +440,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise SystemExit("no class has enough valid rows; see rejected.jsonl")
   p2_file = work / "pass2.json"
   if not p2_file.exists():
-    records.write_json_atomic(p2_file, pass2(args, work, chosen).to_json())
+    fix = (corrections_lib.Applier(reviewed, labels) if reviewed else None)
+    p2 = pass2(args, work, chosen, fix)
+    if fix is not None:  # Before pass2.json: a resume finds both or none.
+      records.write_json_atomic(work / "corrections.json", fix.record())
+    records.write_json_atomic(p2_file, p2.to_json())
   p2 = Pass2.from_json(json.loads(p2_file.read_text(encoding="utf-8")))
 
   tasks = []
@@ -551,6 +571,10 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
   extra = {"tokenizer": str(args.tokenizer), "seed": args.seed,
            photos.INFO_KEY: photos.PhotoPreprocessing(
                args.max_image_side, args.jpeg_quality).to_dict()}
+  if (work / "corrections.json").exists():
+    extra["corrections"] = json.loads((work / "corrections.json").read_text(
+        encoding="utf-8"))
+    stats["corrections"] = extra["corrections"]
   if p1.parents:
     taxonomy = {"levels": p1.parents + [args.fashion_level
                 if not args.parent_columns else args.label_column],
@@ -590,6 +614,13 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False
   if stats["rejected"]:
     console.say("rejected %s (rows in rejected.jsonl)", ", ".join(
         f"{k} {v:,}" for k, v in stats["rejected"].items()))
+  if stats.get("corrections"):
+    c = stats["corrections"]
+    console.say("reviewed %d decisions from %s: %d relabelled, %d confirmed, "
+                "%d unclear (kept), not applied: %s", c["decisions"],
+                c["source"], c["relabelled"], c["confirmed"],
+                c["unclear_kept"], ", ".join(
+                    f"{k} {v}" for k, v in c["rejected"].items()) or "none")
   if stats["repaired"]:
     console.say("repaired %s", ", ".join(
         f"{k} {v:,}" for k, v in stats["repaired"].items()))

@@ -4,17 +4,24 @@ r"""Categorizes products with an exported model, from the command line.
       [--image=shoe.jpg] [--top_k=5]
   python -m mic_jax.predict --model=EXPORT --input=products.csv \
       --output=predictions.jsonl [--title_column=title --image_column=image]
+  python -m mic_jax.predict --model=EXPORT --data_dir=PREPARED \
+      --split=validation --output=scores.jsonl [--max_products=N]
 
 One product prints one JSON object. Batch mode reads a CSV or JSON Lines
 file (image paths relative to the input's folder; an empty image means no
 photo) and writes one JSON line per product in input order: the prediction,
 or ``{"error": ...}`` for a product that cannot be scored (empty title,
-unreadable photo), counted and reported at the end without stopping. The
-output is written to a temporary file and renamed when complete.
+unreadable photo), counted and reported at the end without stopping.
+Split mode scores a prepared split's records as the evaluator reads them
+(:mod:`mic_jax.scoring`). Every batch row names the export that scored it
+(``export``, its identity) and the photo it scored (``photo``), which is
+what the review page (``mic-jax-review``) reads. The output is written to
+a temporary file and renamed when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -37,7 +44,13 @@ def _define_flags() -> None:
   flags.DEFINE_string("title", None, "One product's title.")
   flags.DEFINE_string("image", None, "Its photo (path), if any.")
   flags.DEFINE_string("input", None, "Batch mode: .csv or .jsonl.")
-  flags.DEFINE_string("output", None, "Batch mode: .jsonl output.")
+  flags.DEFINE_string("output", None, "Batch or split mode: .jsonl output.")
+  flags.DEFINE_string("data_dir", None, "Split mode: a prepared data set "
+                      "(data_prep.prepare) to score, with --split.")
+  flags.DEFINE_enum("split", "validation", ["train", "validation", "test"],
+                    "Split mode: the split to score.")
+  flags.DEFINE_integer("max_products", 0, "Split mode: score only the "
+                       "first N products (0: all).")
   flags.DEFINE_string("title_column", "title", "Batch mode.")
   flags.DEFINE_string("image_column", "image", "Batch mode.")
   flags.DEFINE_string("id_column", "id", "Batch mode: copied to "
@@ -72,48 +85,45 @@ def predict_file(predictor: Any, input_path: str, output_path: str, *,
   from mic_jax.serving import PredictionError  # pylint: disable=g-import-not-at-top
   source = pathlib.Path(input_path)
   rows = list(read_rows(source))
-  out = pathlib.Path(output_path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
   counts = {"ok": 0, "errors": 0}
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f, tqdm(
-        total=len(rows), unit=" products", disable=None) as bar:
-      for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        results: list[dict[str, Any]] = [{} for _ in chunk]
-        good = []
-        for i, (_, row) in enumerate(chunk):
-          if "__error__" in row:
-            results[i] = {"error": row["__error__"]}
-          else:
-            good.append(i)
-        try:
-          scored = predictor.predict(
-              [str(chunk[i][1].get(title_column) or "") for i in good],
-              [_image_path(chunk[i][1].get(image_column), source.parent)
-               for i in good], top_k=top_k)
-          for i, result in zip(good, scored):
-            results[i] = result
-        except PredictionError:  # Score one by one to find the bad rows.
-          for i in good:
-            results[i] = _score_one(predictor, chunk[i][1], source.parent,
-                                    title_column, image_column, top_k,
-                                    PredictionError)
-        for (line_no, row), result in zip(chunk, results):
-          if id_column in row:
-            result = {"id": row[id_column], **result}
-          if "error" in result:
-            counts["errors"] += 1
-            result["line"] = line_no or None
-          else:
-            counts["ok"] += 1
-          f.write(json.dumps(result, ensure_ascii=False) + "\n")
-        bar.update(len(chunk))
-    os.replace(tmp, out)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with atomic_lines(output_path) as f, tqdm(
+      total=len(rows), unit=" products", disable=None) as bar:
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      results: list[dict[str, Any]] = [{} for _ in chunk]
+      good = []
+      for i, (_, row) in enumerate(chunk):
+        if "__error__" in row:
+          results[i] = {"error": row["__error__"]}
+        else:
+          good.append(i)
+      try:
+        scored = predictor.predict(
+            [str(chunk[i][1].get(title_column) or "") for i in good],
+            [_image_path(chunk[i][1].get(image_column), source.parent)
+             for i in good], top_k=top_k)
+        for i, result in zip(good, scored):
+          results[i] = result
+      except PredictionError:  # Score one by one to find the bad rows.
+        for i in good:
+          results[i] = _score_one(predictor, chunk[i][1], source.parent,
+                                  title_column, image_column, top_k,
+                                  PredictionError)
+      for (line_no, row), result in zip(chunk, results):
+        if id_column in row:
+          result = {"id": row[id_column], **result}
+        if "error" not in result:  # What scored it, on what (review page).
+          photo = _image_path(row.get(image_column), source.parent)
+          result.update(title=str(row.get(title_column)),
+                        export=predictor.identity,
+                        photo={"file": photo} if photo else None)
+        if "error" in result:
+          counts["errors"] += 1
+          result["line"] = line_no or None
+        else:
+          counts["ok"] += 1
+        f.write(json.dumps(result, ensure_ascii=False) + "\n")
+      bar.update(len(chunk))
   return counts
 
 
@@ -139,7 +149,7 @@ def main(argv):
   # Stdout carries the predictions: the console lines go to stderr. The log
   # sits beside the batch output, or in the user's log folder (see console).
   output_dir = os.path.dirname(os.path.abspath(FLAGS.output)) \
-      if FLAGS.input and FLAGS.output else None
+      if (FLAGS.input or FLAGS.data_dir) and FLAGS.output else None
   with console.session("predict", output_dir, stream=sys.stderr,
                        verbose=console.verbose_requested()):
     _predict()
@@ -153,6 +163,11 @@ def _predict():
     predictor = Predictor(FLAGS.model)
   except ExportDirError as e:  # Not whole: refuse to use it.
     raise SystemExit(f"error: {e}") from e
+  if FLAGS.data_dir:
+    if not FLAGS.output or FLAGS.input:
+      raise app.UsageError("--data_dir needs --output (and no --input)")
+    _score_split(predictor)
+    return
   if FLAGS.input:
     if not FLAGS.output:
       raise app.UsageError("--input needs --output")
@@ -176,6 +191,50 @@ def _predict():
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(result, ensure_ascii=False, indent=1))
+
+
+def _score_split(predictor) -> None:
+  """Split mode: every product of a prepared split, one row each."""
+  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm
+  from mic_jax import scoring
+  # pylint: enable=g-import-not-at-top
+  total = scoring.count(FLAGS.data_dir, FLAGS.split)
+  if FLAGS.max_products:
+    total = min(total, FLAGS.max_products)
+  console.say("score    %s %s (%s products) with %s -> %s (log: %s)",
+              FLAGS.data_dir, FLAGS.split, f"{total:,}", FLAGS.model,
+              FLAGS.output, console.active().log_path)
+  counts = {"ok": 0, "abstained": 0}
+  try:
+    rows = scoring.score_split(predictor, FLAGS.data_dir, FLAGS.split,
+                               top_k=FLAGS.top_k, batch_size=FLAGS.batch_size,
+                               max_products=FLAGS.max_products)
+    with atomic_lines(FLAGS.output) as f, tqdm(
+        total=total, unit=" products", disable=None) as bar:
+      for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        counts["ok"] += 1
+        counts["abstained"] += row["abstain"]
+        bar.update(1)
+  except scoring.ScoringError as e:
+    raise SystemExit(f"error: {e}") from e
+  print(json.dumps({"output": FLAGS.output, **counts}), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def atomic_lines(path: str) -> Iterator[Any]:
+  """A text file that appears at ``path`` only when whole."""
+  out = pathlib.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      yield f
+    os.replace(tmp, out)
+  except BaseException:
+    os.unlink(tmp)
+    raise
 
 
 def run():

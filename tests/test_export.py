@@ -171,6 +171,18 @@ def test_bad_products_get_clear_errors(export_dir, fashion_dir, tmp_path):
   assert "title is empty" in lines[1]["error"] and lines[1]["line"] == 3
   assert "unusable image" in lines[2]["error"] and lines[2]["line"] == 4
   assert '"errors": 2' in out.stderr and '"ok": 2' in out.stderr
+  # Each scored row names the export and the photo it scored (what the
+  # review page reads and shows).
+  from mic_jax.reviewing import queue as queue_lib  # pylint: disable=g-import-not-at-top
+  from mic_jax.serving import bundle  # pylint: disable=g-import-not-at-top
+  assert lines[0]["export"] == lines[3]["export"] == bundle.identity(
+      export_dir)
+  assert lines[0]["photo"] == {"file": str(photo)} and lines[3]["photo"] is None
+  assert lines[0]["title"] == "Blue running shoe"
+  queue = queue_lib.load(tmp_path / "out.jsonl", export_dir)
+  assert sorted(queue.by_id) == ["1", "4"]  # Errors are not reviewed.
+  photos = queue_lib.Photos(queue)
+  assert photos.get("1") == photo.read_bytes() and photos.get("4") is None
 
 
 def _post(url, body: bytes, timeout=120):

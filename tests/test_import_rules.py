@@ -32,7 +32,7 @@ ROOT = pathlib.Path(mic_jax.__file__).parent
 # Programs: a thin main each (flags, then one call); everything else is
 # library code.
 PROGRAMS = {"mic_jax.main", "mic_jax.predict", "mic_jax.serve",
-            "mic_jax.reproduce", "mic_jax.export"}
+            "mic_jax.reproduce", "mic_jax.export", "mic_jax.review"}
 PROGRAM_PACKAGES = ("mic_jax.tools.",)
 FLAG_MODULES = ("flags", "config_flags", "absl.flags",
                 "ml_collections.config_flags")

@@ -135,15 +135,10 @@ def ensure_demo_dataset(data_dir: str | os.PathLike[str], *, max_length: int,
   if (prepared / records.INFO_FILE).exists():
     return prepared
   raw = root / RAW
-  csv_path = raw / "catalogue.csv"
-  if not csv_path.exists():
+  if not (raw / "catalogue.csv").exists():
     write_catalogue(raw, image_size=max(image_size, 32), seed=seed)
-  command = [
-      sys.executable, "-m", "data_prep.prepare",
-      f"--input={csv_path}", f"--output_dir={prepared}",
-      f"--tokenizer={raw / 'tokenizer'}", f"--max_length={max_length}",
-      "--image_column=image", "--split_column=split",
-      f"--max_image_side={max(image_size, 32)}", "--num_workers=1"]
+  command = prepare_command(root, prepared, max_length=max_length,
+                            image_size=image_size)
   done = subprocess.run(command, capture_output=True, text=True, check=False)
   if done.returncode or not (prepared / records.INFO_FILE).exists():
     raise RuntimeError(
@@ -151,6 +146,21 @@ def ensure_demo_dataset(data_dir: str | os.PathLike[str], *, max_length: int,
         f"{done.returncode}): {' '.join(command[1:])}\n"
         f"{(done.stdout + done.stderr)[-3000:]}")
   return prepared
+
+
+def prepare_command(data_dir: str | os.PathLike[str],
+                    output_dir: str | os.PathLike[str], *, max_length: int,
+                    image_size: int) -> list[str]:
+  """The ``data_prep.prepare`` command that prepares the demo catalogue
+  under ``data_dir`` (its ``raw/``) into ``output_dir``; add arguments
+  (e.g. ``--corrections``) to prepare it again differently."""
+  raw = pathlib.Path(data_dir) / RAW
+  return [
+      sys.executable, "-m", "data_prep.prepare",
+      f"--input={raw / 'catalogue.csv'}", f"--output_dir={output_dir}",
+      f"--tokenizer={raw / 'tokenizer'}", f"--max_length={max_length}",
+      "--image_column=image", "--split_column=split",
+      f"--max_image_side={max(image_size, 32)}", "--num_workers=1"]
 
 
 def single_modality_ceilings(data_dir: str | os.PathLike[str], split: str

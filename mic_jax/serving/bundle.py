@@ -245,6 +245,16 @@ def read_manifest(export_dir: PathLike, *, verify: bool = True
   return manifest
 
 
+def identity(export_dir: PathLike) -> str:
+  """The export's identity: the hex SHA-256 of its ``manifest.json``.
+
+  The manifest records the size and SHA-256 of every other file, so two
+  exports share this value only when every file of theirs is the same; it
+  is what a score row or a review decision names the model by.
+  """
+  return file_sha256(pathlib.Path(export_dir) / MANIFEST)
+
+
 def read_params(directory: PathLike) -> dict[str, Any]:
   """The nested parameter dict of ``params.bin`` + ``params.json``."""
   directory = pathlib.Path(directory)

@@ -71,6 +71,8 @@ class Predictor:
     from mic_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
     self.dir = pathlib.Path(export_dir)
     self.manifest = bundle.read_manifest(self.dir, verify=verify)
+    # Which export scored a product (see bundle.identity).
+    self.identity = bundle.identity(self.dir)
     self.labels = bundle.read_labels(self.dir, self.manifest)
     self.taxonomy = bundle.read_taxonomy(self.dir, self.manifest)
     self.max_length = int(self.manifest["text"]["max_length"])

@@ -1,0 +1,160 @@
+"""Reviewed labels (``--corrections``) applied to a preparation.
+
+The decisions come from the review database (``mic-jax-review --db``,
+SQLite) or its CSV export (``--decisions_csv``; columns ``product_id``,
+``status``, ``label``). Per product:
+
+* ``accepted`` / ``relabelled``: the product is prepared with the
+  reviewed label instead of the catalogue's;
+* ``unclear``: the product stays as the catalogue has it (the reviewer
+  could not tell, which is no evidence against the catalogue's label);
+  counted as ``unclear_kept``.
+
+Labels are replaced *after* the splits are chosen (from the catalogue's
+labels), so a correction never moves a product to another split, and the
+class list is the catalogue's. A correction whose label is not in the
+class list, or whose product is not among the prepared products (absent
+from the catalogue or rejected there), is not applied and is counted by
+reason. What was applied is recorded in ``dataset_info.json``
+(``corrections``: source, a SHA-256 of the decisions, counts, reasons).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import pathlib
+import sqlite3
+from typing import Any
+
+APPLIED_STATUSES = ("accepted", "relabelled")
+UNCLEAR = "unclear"
+UNKNOWN_PRODUCT = "unknown_product"
+UNKNOWN_LABEL = "unknown_label"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_SHOWN = 20  # Rejected corrections listed by id in the record.
+
+
+class CorrectionsError(ValueError):
+  """The corrections file cannot be read; names the file and the line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corrections:
+  """Reviewed decisions: product id -> (status, label or None)."""
+  source: str
+  decisions: dict[str, tuple[str, str | None]]
+
+  @property
+  def sha256(self) -> str:
+    """Of the decisions themselves (the same from the DB or its CSV)."""
+    digest = hashlib.sha256()
+    for product, (status, label) in sorted(self.decisions.items()):
+      digest.update(f"{product}\t{status}\t{label or ''}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _check(where: str, product: Any, status: Any, label: Any
+           ) -> tuple[str, str, str | None]:
+  if not isinstance(product, str) or not product:
+    raise CorrectionsError(f"{where}: no product id")
+  if status not in APPLIED_STATUSES + (UNCLEAR,):
+    raise CorrectionsError(f"{where}: unknown status {status!r} (one of "
+                           f"{', '.join(APPLIED_STATUSES + (UNCLEAR,))})")
+  if status != UNCLEAR and not label:
+    raise CorrectionsError(f"{where}: status {status} without a label")
+  return product, status, (label or None) if status != UNCLEAR else None
+
+
+def load(path: str | pathlib.Path) -> Corrections:
+  """Reads a review database or its CSV export."""
+  path = pathlib.Path(path)
+  try:
+    with open(path, "rb") as f:
+      head = f.read(len(_SQLITE_MAGIC))
+  except OSError as e:
+    raise CorrectionsError(f"--corrections={path}: {e.strerror or e}") from e
+  rows = []
+  if head == _SQLITE_MAGIC:
+    try:
+      db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+      try:
+        found = db.execute("SELECT product_id, status, label FROM decisions "
+                           "ORDER BY product_id").fetchall()
+      finally:
+        db.close()
+    except sqlite3.Error as e:
+      raise CorrectionsError(f"--corrections={path}: not a review database "
+                             f"({e})") from e
+    rows = [(f"{path} product {p!r}", p, s, l) for p, s, l in found]
+  else:
+    with open(path, encoding="utf-8", newline="") as f:
+      reader = csv.DictReader(f)
+      missing = {"product_id", "status", "label"} - set(
+          reader.fieldnames or ())
+      if missing:
+        raise CorrectionsError(f"--corrections={path}: no column(s) "
+                               f"{', '.join(sorted(missing))} (a CSV of "
+                               "mic-jax-review --decisions_csv)")
+      for row in reader:
+        rows.append((f"{path}:{reader.line_num}", row["product_id"],
+                     row["status"], row["label"]))
+  decisions: dict[str, tuple[str, str | None]] = {}
+  for where, product, status, label in rows:
+    product, status, label = _check(where, product, status, label)
+    if product in decisions:
+      raise CorrectionsError(f"{where}: product {product!r} decided twice")
+    decisions[product] = (status, label)
+  return Corrections(str(path), decisions)
+
+
+class Applier:
+  """Relabels the prepared rows; counts what it did (see module doc)."""
+
+  def __init__(self, corrections: Corrections, labels: list[str]):
+    self._corrections = corrections
+    self._labels = set(labels)
+    self._seen: set[str] = set()
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.rejected: collections.Counter[str] = collections.Counter()
+    self._shown: list[dict[str, Any]] = []
+
+  def _reject(self, product: str, reason: str, label: str | None) -> None:
+    self.rejected[reason] += 1
+    if len(self._shown) < _SHOWN:
+      self._shown.append({"id": product, "reason": reason, "label": label})
+
+  def apply(self, row: dict[str, Any]) -> None:
+    """Sets ``row["label"]`` to the reviewed label, when there is one."""
+    found = self._corrections.decisions.get(row["id"])
+    if found is None:
+      return
+    self._seen.add(row["id"])
+    status, label = found
+    if status == UNCLEAR:
+      self.counts["unclear_kept"] += 1
+    elif label not in self._labels:
+      self._reject(row["id"], UNKNOWN_LABEL, label)
+    elif label == row["label"]:
+      self.counts["confirmed"] += 1
+    else:
+      self.counts["relabelled"] += 1
+      row["label"] = label
+
+  def record(self) -> dict[str, Any]:
+    """What ``dataset_info.json`` keeps under ``corrections``."""
+    for product in sorted(set(self._corrections.decisions) - self._seen):
+      self._reject(product, UNKNOWN_PRODUCT,
+                   self._corrections.decisions[product][1])
+    self._seen |= set(self._corrections.decisions)
+    return {"source": str(pathlib.Path(self._corrections.source).resolve()),
+            "sha256": self._corrections.sha256,
+            "decisions": len(self._corrections.decisions),
+            "relabelled": self.counts["relabelled"],
+            "confirmed": self.counts["confirmed"],
+            "unclear_kept": self.counts["unclear_kept"],
+            "unclear_policy": "kept with the catalogue's label",
+            "rejected": dict(sorted(self.rejected.items())),
+            "rejected_examples": self._shown}

@@ -1,0 +1,107 @@
+r"""A web page where people review the products the model is unsure of.
+
+  mic-jax-review --db=review.sqlite --add-reviewer=alice   # prints a token once
+  mic-jax-review --scores=scores.jsonl --export=EXPORT --db=review.sqlite \
+      [--host=127.0.0.1 --port=8090]
+  mic-jax-review --db=review.sqlite --decisions_csv=decisions.csv
+
+The scores come from ``mic-jax-predict --data_dir=... --split=...`` (or a
+catalogue file) with the same export. The page shows the products the
+model abstained on first, each with its photo, title, top labels and their
+taxonomy paths; a reviewer accepts a label, picks another from the label
+list, or marks the product unclear. Decisions go to the SQLite file with
+who, when and which export; ``python -m data_prep.prepare ...
+--corrections=review.sqlite`` trains on them (see
+:mod:`mic_jax.reviewing.server` for the API and the token rules).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+
+from mic_jax import console
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines this program's flags (when it runs, never on import)."""
+  flags.DEFINE_string("db", None, "The review database (SQLite; created "
+                      "when absent).")
+  flags.DEFINE_string("scores", None, "Score file (mic-jax-predict batch or "
+                      "split mode) to review.")
+  flags.DEFINE_string("export", None, "The export that made the scores.")
+  flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
+  flags.DEFINE_integer("port", 8090, "Port.")
+  flags.DEFINE_integer("max_body_bytes", 16 * 1024,
+                       "Largest request body accepted.")
+  flags.DEFINE_string("add_reviewer", None, "Create this reviewer, print its "
+                      "token once and exit.")
+  flags.DEFINE_string("decisions_csv", None, "Write the current decisions "
+                      "to this CSV and exit.")
+  console.define_verbose_flag()
+
+
+def main(argv):
+  del argv
+  # pylint: disable=g-import-not-at-top
+  from mic_jax.reviewing import store as store_lib
+  # pylint: enable=g-import-not-at-top
+  store = store_lib.Store(FLAGS.db)
+  if FLAGS.add_reviewer is not None:
+    try:
+      token = store.add_reviewer(FLAGS.add_reviewer)
+    except store_lib.StoreError as e:
+      raise SystemExit(f"error: {e}") from e
+    print(f"reviewer {FLAGS.add_reviewer.strip()} added to {FLAGS.db}; "
+          "their token (shown only now, keep it secret):")
+    print(token)
+    return
+  if FLAGS.decisions_csv:
+    n = store_lib.write_csv(store, FLAGS.decisions_csv)
+    print(f"wrote {n} decisions to {FLAGS.decisions_csv}")
+    return
+  if not FLAGS.scores or not FLAGS.export:
+    raise app.UsageError("give --scores and --export (or --add_reviewer, "
+                         "or --decisions_csv)")
+  with console.session("review", None, verbose=console.verbose_requested()):
+    _serve(store)
+
+
+def _serve(store) -> None:
+  # pylint: disable=g-import-not-at-top
+  from aiohttp import web
+  from mic_jax.reviewing import queue as queue_lib
+  from mic_jax.reviewing import server
+  # pylint: enable=g-import-not-at-top
+  try:
+    queue = queue_lib.load(FLAGS.scores, FLAGS.export)
+  except (queue_lib.QueueError, OSError) as e:
+    raise SystemExit(f"error: {e}") from e
+  decided = sum(1 for p in store.decisions() if p in queue.by_id)
+  console.say("review   %s: %d products (%d abstained), %d decided; "
+              "export %s (%s...)", FLAGS.scores, len(queue.products),
+              sum(1 for p in queue.products if p.get("abstain")), decided,
+              FLAGS.export, queue.export[:12])
+  console.say("serving  http://%s:%d (db %s; log: %s)", FLAGS.host,
+              FLAGS.port, FLAGS.db, console.active().log_path)
+  web.run_app(server.make_app(queue, store,
+                              max_body_bytes=FLAGS.max_body_bytes),
+              host=FLAGS.host, port=FLAGS.port, print=None)
+
+
+def run():
+  """Console-script entry point (``mic-jax-review``)."""
+  # absl spells flags with underscores; --add-reviewer is accepted too.
+  sys.argv = [("--add_reviewer" + a[len("--add-reviewer"):])
+              if a.startswith("--add-reviewer") else a for a in sys.argv]
+  _define_flags()
+  flags.mark_flag_as_required("db")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

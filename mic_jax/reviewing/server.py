@@ -1,0 +1,236 @@
+"""The review web app (aiohttp): a page, its JSON API and the photos.
+
+Every request needs a reviewer's token, as the ``mic_review`` cookie that
+signing in sets (``POST /login``) or an ``Authorization: Bearer`` header;
+without one, ``/`` answers 401 with the sign-in form (which shows nothing
+of the data) and everything else 401 JSON. The page is plain HTML, CSS and
+JavaScript shipped in the package (``static/``), no build step.
+
+  GET  /                     the page
+  GET  /static/{app.js,app.css}
+  GET  /api/queue            products in review order, with decisions and
+                             progress
+  GET  /api/labels           the export's labels and taxonomy paths
+  GET  /api/photo/{id}       the photo the model scored (JPEG)
+  POST /api/decisions        {"product", "status", "label", "base_version"}
+                             -> 200 {"decision", "progress"}; 409
+                             {"error", "current"} when someone decided the
+                             product since ``base_version``
+  GET  /api/decisions.csv    the current decisions (for prepare
+                             --corrections)
+
+Bad input gets a 4xx naming it: malformed JSON or a missing field 400, an
+unknown label 400, an unknown product 404, a body over ``max_body_bytes``
+413, a POST that is not JSON 415 (which also keeps other sites' forms out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import importlib.resources
+import json
+from typing import Any
+
+from aiohttp import web
+
+from mic_jax.reviewing import queue as queue_lib
+from mic_jax.reviewing import store as store_lib
+
+COOKIE = "mic_review"
+STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
+_PAGE_CSP = ("default-src 'self'; img-src 'self'; style-src 'self'; "
+             "script-src 'self'; frame-ancestors 'none'; form-action 'self'")
+_SIGN_IN_CSP = ("default-src 'none'; style-src 'unsafe-inline'; "
+                "frame-ancestors 'none'; form-action 'self'")
+REVIEWER = web.RequestKey("reviewer", str)
+
+
+def static_text(name: str) -> str:
+  """A file of the page (shipped as package data)."""
+  return (importlib.resources.files("mic_jax.reviewing") / "static" /
+          name).read_text(encoding="utf-8")
+
+
+def _sign_in_page(message: str = "") -> web.Response:
+  note = (f'<p class="error" role="alert">{html.escape(message)}</p>'
+          if message else "")
+  body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign in - product review</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font:16px system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}}
+input{{width:100%;font:inherit;padding:.4rem;box-sizing:border-box}}
+button{{font:inherit;margin-top:.6rem;padding:.4rem 1rem}}.error{{color:#a00}}</style></head>
+<body><h1>Product review</h1>{note}
+<form method="post" action="/login">
+<label for="token">Reviewer token (from <code>mic-jax-review --add-reviewer NAME</code>)</label>
+<input id="token" name="token" type="password" autocomplete="off" autofocus required>
+<button type="submit">Sign in</button></form></body></html>"""
+  return web.Response(text=body, status=401, content_type="text/html",
+                      headers={"Content-Security-Policy": _SIGN_IN_CSP,
+                               "Cache-Control": "no-store"})
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+  return web.json_response({"error": message, **extra}, status=status,
+                           headers={"Cache-Control": "no-store"})
+
+
+def _token(request: web.Request) -> str | None:
+  header = request.headers.get("Authorization", "")
+  if header.startswith("Bearer "):
+    return header[len("Bearer "):].strip()
+  return request.cookies.get(COOKIE)
+
+
+def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
+             max_body_bytes: int = 16 * 1024) -> web.Application:
+  """The review app over a loaded queue and an open store."""
+  photos = queue_lib.Photos(queue)
+  known_labels = set(queue.labels)
+
+  def progress() -> dict[str, int]:
+    decided = store.decisions()
+    ids = queue.by_id
+    done = sum(1 for p in decided if p in ids)
+    abstained = [p["id"] for p in queue.products if p.get("abstain")]
+    return {"total": len(queue.products), "decided": done,
+            "remaining": len(queue.products) - done,
+            "abstained": len(abstained),
+            "abstained_decided": sum(1 for p in abstained if p in decided)}
+
+  @web.middleware
+  async def auth(request: web.Request, handler):
+    if request.path == "/login" and request.method == "POST":
+      return await handler(request)
+    loop = asyncio.get_running_loop()
+    reviewer = await loop.run_in_executor(None, store.reviewer_of,
+                                          _token(request))
+    if reviewer is None:
+      if request.path == "/" and request.method == "GET":
+        return _sign_in_page()
+      return _error(401, "sign in: a valid reviewer token is needed "
+                    "(mic-jax-review --add-reviewer NAME prints one)")
+    request[REVIEWER] = reviewer
+    response = await handler(request)
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
+
+  async def login(request: web.Request) -> web.StreamResponse:
+    try:
+      form = await request.post()
+    except web.HTTPRequestEntityTooLarge:
+      return _error(413, f"request body over {max_body_bytes} bytes")
+    token = str(form.get("token", "")).strip()
+    loop = asyncio.get_running_loop()
+    if await loop.run_in_executor(None, store.reviewer_of, token) is None:
+      return _sign_in_page("That token is not valid.")
+    response = web.HTTPSeeOther("/")
+    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict",
+                        path="/")
+    raise response
+
+  async def logout(request: web.Request) -> web.StreamResponse:
+    del request
+    response = web.HTTPSeeOther("/")
+    response.del_cookie(COOKIE, path="/")
+    raise response
+
+  async def page(request: web.Request) -> web.Response:
+    del request
+    return web.Response(text=static_text("index.html"),
+                        content_type="text/html",
+                        headers={"Content-Security-Policy": _PAGE_CSP})
+
+  async def static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+      return _error(404, f"no static file {name!r}")
+    return web.Response(text=static_text(name),
+                        content_type=STATIC_FILES[name])
+
+  async def products(request: web.Request) -> web.Response:
+    decided = store.decisions()
+    rows = [{**p, "decision": decided[p["id"]].as_dict()
+             if p["id"] in decided else None} for p in queue.products]
+    return web.json_response({
+        "reviewer": request[REVIEWER], "export": queue.export,
+        "model": queue.model, "products": rows, "progress": progress()})
+
+  async def labels(request: web.Request) -> web.Response:
+    del request
+    return web.json_response({"labels": queue.label_entries()})
+
+  async def photo(request: web.Request) -> web.Response:
+    product = request.match_info["product"]
+    if product not in queue.by_id:
+      return _error(404, f"unknown product {product!r}")
+    loop = asyncio.get_running_loop()
+    data = await loop.run_in_executor(None, photos.get, product)
+    if not data:
+      return _error(404, f"product {product!r} has no photo")
+    return web.Response(body=data, content_type="image/jpeg")
+
+  async def decide(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+      return _error(415, "send the decision as application/json")
+    try:
+      body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+      return _error(413, f"request body over {max_body_bytes} bytes")
+    try:
+      payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+      return _error(400, f"malformed JSON: {e}")
+    if not isinstance(payload, dict):
+      return _error(400, "the body must be a JSON object")
+    product = payload.get("product")
+    status = payload.get("status")
+    label = payload.get("label")
+    base = payload.get("base_version", 0)
+    if not isinstance(product, str):
+      return _error(400, "'product' (a product id) is missing")
+    if product not in queue.by_id:
+      return _error(404, f"unknown product {product!r}")
+    if status not in store_lib.STATUSES:
+      return _error(400, f"unknown status {status!r} (one of "
+                    f"{', '.join(store_lib.STATUSES)})")
+    if status == store_lib.UNCLEAR:
+      if label is not None:
+        return _error(400, "an unclear decision takes no label")
+    elif not isinstance(label, str) or label not in known_labels:
+      return _error(400, f"unknown label {label!r} (not one of the "
+                    f"export's {len(queue.labels)} labels)")
+    if not isinstance(base, int) or isinstance(base, bool) or base < 0:
+      return _error(400, f"'base_version' must be a version number, got "
+                    f"{base!r}")
+    loop = asyncio.get_running_loop()
+    try:
+      decision = await loop.run_in_executor(None, lambda: store.decide(
+          product, status, label, reviewer=request[REVIEWER],
+          export=queue.export, base_version=base))
+    except store_lib.Conflict as e:
+      return _error(409, str(e), current=e.current.as_dict()
+                    if e.current else None)
+    except store_lib.StoreError as e:
+      return _error(400, str(e))
+    return web.json_response({"decision": decision.as_dict(),
+                              "progress": progress()})
+
+  async def decisions_csv(request: web.Request) -> web.Response:
+    del request
+    return web.Response(text=store_lib.csv_text(store),
+                        content_type="text/csv",
+                        headers={"Content-Disposition":
+                                 'attachment; filename="decisions.csv"'})
+
+  app = web.Application(client_max_size=max_body_bytes, middlewares=[auth])
+  app.add_routes([
+      web.get("/", page), web.post("/login", login),
+      web.post("/logout", logout), web.get("/static/{name}", static),
+      web.get("/api/queue", products), web.get("/api/labels", labels),
+      web.get("/api/photo/{product}", photo),
+      web.post("/api/decisions", decide),
+      web.get("/api/decisions.csv", decisions_csv)])
+  return app

@@ -1,0 +1,208 @@
+// The review page: one product at a time, keyboard first.
+// Plain JavaScript, no build step; talks to /api/* with the sign-in cookie.
+"use strict";
+
+const state = { products: [], labels: [], index: 0, matches: [], match: 0 };
+const $ = (id) => document.getElementById(id);
+
+async function api(path, options) {
+  const response = await fetch(path, { credentials: "same-origin", ...options });
+  if (response.status === 401) { window.location.reload(); throw new Error("signed out"); }
+  const body = await response.json();
+  return { status: response.status, body };
+}
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  Object.assign(node, props || {});
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function describe(d) {
+  if (!d) return "";
+  const what = d.status === "unclear" ? "unclear" : `${d.status} “${d.label}”`;
+  return `${what} by ${d.reviewer} at ${d.decided_at.replace("T", " ")}`;
+}
+
+function showProgress(p) {
+  $("progress").textContent =
+    `decided ${p.decided} / ${p.total} · remaining ${p.remaining} · ` +
+    `abstained: ${p.abstained_decided} / ${p.abstained} decided`;
+}
+
+function renderList() {
+  const list = $("list");
+  list.replaceChildren(...state.products.map((p, i) => {
+    const mark = p.decision ? "✓" : (p.abstain ? "?" : "·");
+    const li = el("li", { title: p.title }, el("span", { className: "mark", textContent: mark }),
+                  p.title);
+    li.dataset.id = p.id;
+    if (p.decision) li.classList.add("decided");
+    if (i === state.index) li.classList.add("current");
+    li.addEventListener("click", () => { go(i); });
+    return li;
+  }));
+  const current = list.children[state.index];
+  if (current) current.scrollIntoView({ block: "nearest" });
+}
+
+function renderCard() {
+  const p = state.products[state.index];
+  if (!p) { $("title").textContent = "Nothing to review."; return; }
+  const figure = $("photo");
+  figure.replaceChildren(p.photo
+    ? el("img", { src: `/api/photo/${encodeURIComponent(p.id)}`, alt: p.title })
+    : el("span", { className: "none", textContent: "no photo" }));
+  $("title").textContent = p.title;
+  $("pid").textContent = `id ${p.id}`;
+  $("catalogue").textContent = p.label ? `· catalogue label “${p.label}”` : "";
+  $("abstain").replaceChildren(p.abstain ? el("span", { className: "badge", textContent: "model abstained" }) : "");
+  const chosen = p.decision && p.decision.label;
+  $("topk").replaceChildren(...p.top_k.map((e, i) => {
+    const button = el("button", { type: "button" },
+      el("kbd", { textContent: String(i + 1) }),
+      el("span", {}, e.label, el("span", { className: "path", textContent: e.path || "" }),
+         el("span", { className: "bar", style: `width:${Math.round(e.prob * 100)}%` })),
+      el("span", { className: "prob", textContent: `${(e.prob * 100).toFixed(1)}%` }));
+    button.addEventListener("click", () => decide("accepted", e.label));
+    const li = el("li", {}, button);
+    if (chosen === e.label) li.classList.add("chosen");
+    return li;
+  }));
+  $("decision").textContent = p.decision ? `Decided: ${describe(p.decision)}` : "";
+}
+
+function render() { renderList(); renderCard(); }
+
+function go(i) {
+  state.index = Math.max(0, Math.min(state.products.length - 1, i));
+  hideBanner();
+  render();
+}
+
+function nextUndecided() {
+  const n = state.products.length;
+  for (let step = 1; step <= n; step++) {
+    const i = (state.index + step) % n;
+    if (!state.products[i].decision) return i;
+  }
+  return Math.min(state.index + 1, n - 1);
+}
+
+function hideBanner() { $("banner").hidden = true; $("banner").replaceChildren(); }
+
+async function decide(status, label, baseVersion) {
+  const p = state.products[state.index];
+  if (!p) return;
+  const base = baseVersion !== undefined ? baseVersion : (p.decision ? p.decision.version : 0);
+  const { status: code, body } = await api("/api/decisions", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ product: p.id, status, label: status === "unclear" ? null : label,
+                           base_version: base }) });
+  if (code === 409) {  // Someone else decided it: show theirs, offer to override.
+    p.decision = body.current;
+    render();
+    const banner = $("banner");
+    const override = el("button", { type: "button", id: "override", textContent: "Override with mine" });
+    override.addEventListener("click", () => { hideBanner(); decide(status, label, body.current.version); });
+    banner.replaceChildren(`Already ${describe(body.current)}. Yours (${status}${label && status !== "unclear" ? ` “${label}”` : ""}) was not saved.`, override);
+    banner.hidden = false;
+    return;
+  }
+  if (code !== 200) {
+    const banner = $("banner");
+    banner.replaceChildren(`Not saved: ${body.error}`);
+    banner.hidden = false;
+    return;
+  }
+  p.decision = body.decision;
+  showProgress(body.progress);
+  hideBanner();
+  state.index = nextUndecided();
+  render();
+}
+
+// ------------------------------------------------------------ search --
+
+function search(text) {
+  const q = text.trim().toLowerCase();
+  state.matches = q ? state.labels.filter(
+    (l) => l.label.toLowerCase().includes(q) || l.path.toLowerCase().includes(q)).slice(0, 20) : [];
+  state.match = 0;
+  renderMatches();
+}
+
+function renderMatches() {
+  $("matches").replaceChildren(...state.matches.map((m, i) => {
+    const li = el("li", { role: "option" }, m.label, el("span", { className: "path", textContent: m.path }));
+    li.setAttribute("aria-selected", String(i === state.match));
+    li.addEventListener("mousedown", (event) => { event.preventDefault(); pick(i); });
+    return li;
+  }));
+}
+
+function pick(i) {
+  const m = state.matches[i];
+  if (!m) return;
+  const p = state.products[state.index];
+  const status = p.top_k.some((e) => e.label === m.label) ? "accepted" : "relabelled";
+  $("search").value = "";
+  search("");
+  $("search").blur();
+  decide(status, m.label);
+}
+
+function onSearchKey(event) {
+  if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+    event.preventDefault();
+    const n = state.matches.length;
+    if (n) state.match = (state.match + (event.key === "ArrowDown" ? 1 : n - 1)) % n;
+    renderMatches();
+  } else if (event.key === "Enter") {
+    event.preventDefault();
+    pick(state.match);
+  } else if (event.key === "Escape") {
+    $("search").value = ""; search(""); $("search").blur();
+  }
+}
+
+// ---------------------------------------------------------- keyboard --
+
+function onKey(event) {
+  if (event.target === $("search") || event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.target.tagName === "BUTTON" && event.key === "Enter") return;  // The button's own click.
+  const p = state.products[state.index];
+  if (!p) return;
+  const k = event.key;
+  if (k === "Enter" || (k >= "1" && k <= "9")) {
+    const i = k === "Enter" ? 0 : Number(k) - 1;
+    if (p.top_k[i]) { event.preventDefault(); decide("accepted", p.top_k[i].label); }
+  } else if (k === "u") {
+    event.preventDefault(); decide("unclear", null);
+  } else if (k === "/") {
+    event.preventDefault(); $("search").focus();
+  } else if (k === "j" || k === "ArrowDown" || k === "ArrowRight") {
+    event.preventDefault(); go(state.index + 1);
+  } else if (k === "k" || k === "ArrowUp" || k === "ArrowLeft") {
+    event.preventDefault(); go(state.index - 1);
+  }
+}
+
+async function start() {
+  const [queue, labels] = await Promise.all([api("/api/queue"), api("/api/labels")]);
+  state.products = queue.body.products;
+  state.labels = labels.body.labels;
+  $("who").textContent = `signed in as ${queue.body.reviewer} · model ${queue.body.model} ${queue.body.export.slice(0, 12)}`;
+  showProgress(queue.body.progress);
+  const first = state.products.findIndex((p) => !p.decision);
+  state.index = first >= 0 ? first : 0;
+  render();
+  document.addEventListener("keydown", onKey);
+  $("search").addEventListener("input", (e) => search(e.target.value));
+  $("search").addEventListener("keydown", onSearchKey);
+  $("unclear").addEventListener("click", () => decide("unclear", null));
+  document.body.dataset.ready = "1";  // For tests: the page is usable.
+}
+
+start();

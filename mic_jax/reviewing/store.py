@@ -1,0 +1,241 @@
+"""Reviewers and their decisions, in one SQLite file (WAL mode).
+
+Tables::
+
+  reviewers  name, token_sha256, created
+  decisions  product_id, status, label, reviewer, export, decided_at,
+             version: the current decision per product
+  history    every decision ever made (the current one included), with
+             the version it replaced: nothing is overwritten unseen
+
+A token is ``secrets.token_urlsafe(32)`` (256 random bits), shown once by
+:func:`add_reviewer`; only its SHA-256 is stored. A slow password hash is
+not needed for a secret that is not guessable to begin with; the lookup
+compares the hashes of every reviewer in constant time
+(``hmac.compare_digest``), so timing says nothing about a stored hash.
+
+A decision is written only against the version its author saw
+(``base_version``: 0 for an undecided product). When another reviewer
+decided the product in between, :class:`Conflict` carries that decision
+and nothing is written; the author may decide again with the version it
+now saw. Every write is one ``BEGIN IMMEDIATE`` transaction, so two
+processes or threads deciding at once are serialized by SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import io
+import os
+import pathlib
+import secrets
+import sqlite3
+from typing import Any, Iterator
+
+ACCEPTED = "accepted"      # One of the model's labels is right.
+RELABELLED = "relabelled"  # Another label, chosen from the label list.
+UNCLEAR = "unclear"        # The reviewer cannot tell; no label.
+STATUSES = (ACCEPTED, RELABELLED, UNCLEAR)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reviewers (
+  name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE,
+  created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS decisions (
+  product_id TEXT PRIMARY KEY, status TEXT NOT NULL, label TEXT,
+  reviewer TEXT NOT NULL, export TEXT NOT NULL, decided_at TEXT NOT NULL,
+  version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS history (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, product_id TEXT NOT NULL,
+  status TEXT NOT NULL, label TEXT, reviewer TEXT NOT NULL,
+  export TEXT NOT NULL, decided_at TEXT NOT NULL, version INTEGER NOT NULL,
+  replaced_version INTEGER NOT NULL);
+"""
+
+
+class StoreError(ValueError):
+  """A request the store refuses (bad name, bad status); says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """The current decision on one product."""
+  product_id: str
+  status: str
+  label: str | None
+  reviewer: str
+  export: str
+  decided_at: str
+  version: int
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class Conflict(Exception):
+  """The product was decided (again) since the author looked at it."""
+
+  def __init__(self, current: Decision | None, base_version: int):
+    who = (f"decided by {current.reviewer} at {current.decided_at} as "
+           f"{current.status}" + (f" {current.label!r}" if current.label
+                                  else "") + f" (version {current.version})"
+           if current else "not decided")
+    super().__init__(f"product {current.product_id if current else '?'} is "
+                     f"{who}; you saw version {base_version}")
+    self.current = current
+    self.base_version = base_version
+
+
+def token_hash(token: str) -> str:
+  """Hex SHA-256 of a token (what the store keeps)."""
+  return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds")
+
+
+class Store:
+  """One SQLite review database; a connection per call, so any thread
+  (the server's executor, a test's threads) may use it."""
+
+  def __init__(self, path: str | os.PathLike[str]):
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with self._connect() as db:
+      db.execute("PRAGMA journal_mode=WAL")
+      db.executescript(_SCHEMA)
+
+  @contextlib.contextmanager
+  def _connect(self) -> Iterator[sqlite3.Connection]:
+    db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    try:
+      yield db
+    finally:
+      db.close()
+
+  # ----------------------------------------------------------- reviewers --
+
+  def add_reviewer(self, name: str) -> str:
+    """Creates reviewer ``name``; returns its token (stored only hashed)."""
+    name = name.strip()
+    if not name or len(name) > 64 or any(c in name for c in "\r\n\t"):
+      raise StoreError(f"a reviewer name is 1-64 characters on one line, "
+                       f"got {name!r}")
+    token = secrets.token_urlsafe(32)
+    with self._connect() as db:
+      try:
+        db.execute("INSERT INTO reviewers VALUES (?, ?, ?)",
+                   (name, token_hash(token), _now()))
+      except sqlite3.IntegrityError as e:
+        raise StoreError(f"reviewer {name!r} exists already") from e
+    return token
+
+  def reviewer_of(self, token: str | None) -> str | None:
+    """The reviewer a token belongs to, or None."""
+    if not token:
+      return None
+    wanted = token_hash(token)
+    with self._connect() as db:
+      rows = db.execute("SELECT name, token_sha256 FROM reviewers").fetchall()
+    found = None
+    for row in rows:  # Every row, no early exit: constant time per row.
+      if hmac.compare_digest(row["token_sha256"], wanted):
+        found = row["name"]
+    return found
+
+  # ----------------------------------------------------------- decisions --
+
+  def decide(self, product_id: str, status: str, label: str | None, *,
+             reviewer: str, export: str, base_version: int) -> Decision:
+    """Records a decision made on top of ``base_version``; raises
+    :class:`Conflict` (and writes nothing) if that is not the current one."""
+    if status not in STATUSES:
+      raise StoreError(f"unknown status {status!r} (one of "
+                       f"{', '.join(STATUSES)})")
+    if (label is None) != (status == UNCLEAR):
+      raise StoreError(f"status {status} {'takes no' if status == UNCLEAR else 'needs a'} label")
+    with self._connect() as db:
+      db.execute("BEGIN IMMEDIATE")
+      try:
+        current = self._current(db, product_id)
+        seen = current.version if current else 0
+        if seen != base_version:
+          raise Conflict(current, base_version)
+        decision = Decision(product_id, status, label, reviewer, export,
+                            _now(), seen + 1)
+        db.execute("INSERT OR REPLACE INTO decisions VALUES "
+                   "(?, ?, ?, ?, ?, ?, ?)", (
+                       decision.product_id, decision.status, decision.label,
+                       decision.reviewer, decision.export,
+                       decision.decided_at, decision.version))
+        db.execute("INSERT INTO history (product_id, status, label, "
+                   "reviewer, export, decided_at, version, replaced_version)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
+                       decision.product_id, decision.status, decision.label,
+                       decision.reviewer, decision.export,
+                       decision.decided_at, decision.version, seen))
+        db.execute("COMMIT")
+      except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return decision
+
+  @staticmethod
+  def _current(db: sqlite3.Connection, product_id: str) -> Decision | None:
+    row = db.execute("SELECT * FROM decisions WHERE product_id = ?",
+                     (product_id,)).fetchone()
+    return Decision(**dict(row)) if row else None
+
+  def decision(self, product_id: str) -> Decision | None:
+    with self._connect() as db:
+      return self._current(db, product_id)
+
+  def decisions(self) -> dict[str, Decision]:
+    """Every current decision, by product id."""
+    with self._connect() as db:
+      rows = db.execute("SELECT * FROM decisions ORDER BY product_id")
+      return {r["product_id"]: Decision(**dict(r)) for r in rows}
+
+  def history(self, product_id: str | None = None) -> list[dict[str, Any]]:
+    """Every decision ever recorded (of one product), oldest first."""
+    with self._connect() as db:
+      if product_id is None:
+        rows = db.execute("SELECT * FROM history ORDER BY id")
+      else:
+        rows = db.execute("SELECT * FROM history WHERE product_id = ? "
+                          "ORDER BY id", (product_id,))
+      return [dict(r) for r in rows]
+
+
+CSV_COLUMNS = ("product_id", "status", "label", "reviewer", "export",
+               "decided_at", "version")
+
+
+def csv_text(store: Store) -> str:
+  """The current decisions as CSV (what ``prepare --corrections`` also
+  reads)."""
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+  writer.writeheader()
+  for d in store.decisions().values():
+    writer.writerow(d.as_dict())
+  return out.getvalue()
+
+
+def write_csv(store: Store, path: str | os.PathLike[str]) -> int:
+  """Writes :func:`csv_text` to ``path`` whole or not at all; returns how
+  many decisions it holds."""
+  out = pathlib.Path(path)
+  tmp = out.with_name(f".{out.name}.tmp")
+  text = csv_text(store)
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, out)
+  return len(list(csv.DictReader(io.StringIO(text))))

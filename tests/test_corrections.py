@@ -1,0 +1,130 @@
+"""prepare --corrections: reviewed labels replace the catalogue's, splits stay.
+
+The catalogue has title groups split by stratified assignment (no split
+column), so a correction applied before the splits were chosen would move
+groups between splits; the test relabels whole groups to make that show.
+"""
+
+import json
+
+import pytest
+
+from data_prep import corrections
+from mic_jax.reviewing import store as store_lib
+from test_data_prep import _dup_catalogue, _read, _run, _split_of, _tokenizer
+
+
+def _args(tmp_path, out, *extra):
+  return ["--input", _dup_catalogue(tmp_path), "--title_column=title",
+          "--label_column=label", "--tokenizer", _tokenizer(tmp_path),
+          "--max_length=8", "--examples_per_shard=16", "--output_dir",
+          tmp_path / out, *extra]
+
+
+def _labels(out):
+  return {pid: (ex["label/name"].decode(), int(ex["label"]))
+          for pid, ex in _read(out, 8).items()}
+
+
+def _write_csv(path, rows):
+  path.write_text("product_id,status,label\n" + "".join(
+      f"{p},{s},{l}\n" for p, s, l in rows))
+  return path
+
+
+def test_corrections_relabel_products_and_never_move_them(tmp_path):
+  _run(_args(tmp_path, "base"))
+  before, where = _labels(tmp_path / "base"), _split_of(tmp_path / "base")
+  labels = (tmp_path / "base" / "labels.txt").read_text().splitlines()
+  # Every "shirt" group (4 rows each, ids 4g..4g+3) becomes "bag": applied
+  # before the split, these groups would join the bag stratum.
+  shirts = sorted((p for p, (l, _) in before.items() if l == "shirt"), key=int)
+  rows = [(p, "relabelled", "bag") for p in shirts[:24]]
+  rows += [(shirts[24], "accepted", "shirt"),      # Confirms the catalogue.
+           (shirts[25], "unclear", ""),            # Left as it was.
+           (shirts[26], "relabelled", "hat"),      # Not a class.
+           ("nope", "relabelled", "bag"),           # Not a product.
+           ("rare", "relabelled", "shoe")]          # Rejected by prepare.
+  fix = _write_csv(tmp_path / "decisions.csv", rows)
+  stats = _run(_args(tmp_path, "fixed", f"--corrections={fix}"))
+  after = _labels(tmp_path / "fixed")
+  assert _split_of(tmp_path / "fixed") == where  # Nobody moved.
+  assert set(after) == set(before)
+  for p in shirts[:24]:
+    assert after[p] == ("bag", labels.index("bag"))
+  for p in set(before) - set(shirts[:24]):
+    assert after[p] == before[p]
+  info = json.loads((tmp_path / "fixed" / "dataset_info.json").read_text())
+  record = info["corrections"]
+  assert record == stats["corrections"]
+  assert record["source"] == str(fix.resolve())
+  assert record["sha256"] == corrections.load(fix).sha256
+  assert {k: record[k] for k in ("decisions", "relabelled", "confirmed",
+                                 "unclear_kept", "rejected")} == {
+      "decisions": 29, "relabelled": 24, "confirmed": 1, "unclear_kept": 1,
+      "rejected": {"unknown_label": 1, "unknown_product": 2}}
+  assert {(e["id"], e["reason"]) for e in record["rejected_examples"]} == {
+      (shirts[26], "unknown_label"), ("nope", "unknown_product"),
+      ("rare", "unknown_product")}
+  # The class counts the trainer reads follow the new labels.
+  counts = {s: sum(sh["class_counts"][labels.index("bag")]
+                   for sh in info["shards"][s]) for s in info["shards"]}
+  base_info = json.loads((tmp_path / "base" / "dataset_info.json"
+                          ).read_text())
+  base = {s: sum(sh["class_counts"][labels.index("bag")]
+                 for sh in base_info["shards"][s]) for s in info["shards"]}
+  assert sum(counts.values()) == sum(base.values()) + 24
+  assert "corrections" not in base_info
+
+
+def test_the_database_and_its_csv_give_the_same_corrections(tmp_path):
+  store = store_lib.Store(tmp_path / "review.sqlite")
+  store.add_reviewer("ann")
+  store.decide("3", "relabelled", "bag", reviewer="ann", export="e",
+               base_version=0)
+  store.decide("3", "accepted", "shoe", reviewer="ann", export="e",
+               base_version=1)  # Only the current decision counts.
+  store.decide("5", "unclear", None, reviewer="ann", export="e",
+               base_version=0)
+  store_lib.write_csv(store, tmp_path / "d.csv")
+  from_db = corrections.load(tmp_path / "review.sqlite")
+  from_csv = corrections.load(tmp_path / "d.csv")
+  assert from_db.decisions == from_csv.decisions == {
+      "3": ("accepted", "shoe"), "5": ("unclear", None)}
+  assert from_db.sha256 == from_csv.sha256
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("id,label\n1,bag\n", "no column(s) product_id, status"),
+    ("product_id,status,label\n1,maybe,bag\n", "d.csv:2: unknown status"),
+    ("product_id,status,label\n1,relabelled,\n", "d.csv:2: status relabelled "
+     "without a label"),
+    ("product_id,status,label\n1,accepted,bag\n1,unclear,\n",
+     "d.csv:3: product '1' decided twice"),
+])
+def test_a_bad_corrections_file_stops_prepare_naming_the_line(
+    tmp_path, text, needle):
+  (tmp_path / "d.csv").write_text(text)
+  with pytest.raises(SystemExit, match=needle.replace("(", r"\(").replace(
+      ")", r"\)")):
+    _run(_args(tmp_path, "out", f"--corrections={tmp_path / 'd.csv'}"))
+  assert not (tmp_path / "out" / "dataset_info.json").exists()
+
+
+def test_changed_corrections_are_not_resumed_over(tmp_path):
+  """A preparation interrupted with one set of decisions is not finished
+  with another (the fingerprint holds the decisions' hash)."""
+  fix = _write_csv(tmp_path / "d.csv", [("0", "relabelled", "bag")])
+  args = _args(tmp_path, "out", f"--corrections={fix}")
+  _run(args)
+  (tmp_path / "out" / "dataset_info.json").unlink()
+  (tmp_path / "out" / ".work").mkdir()
+  from data_prep import prepare  # pylint: disable=g-import-not-at-top
+  fingerprint = prepare._fingerprint(prepare.build_parser().parse_args(
+      [str(a) for a in args]))
+  fingerprint["corrections_sha256"] = corrections.load(fix).sha256
+  (tmp_path / "out" / ".work" / "arguments.json").write_text(
+      json.dumps(fingerprint))
+  _write_csv(fix, [("0", "relabelled", "shoe")])
+  with pytest.raises(SystemExit, match="differs in: corrections_sha256"):
+    _run(args)

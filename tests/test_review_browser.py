@@ -1,0 +1,132 @@
+"""The review page driven as a person uses it, in a real headless Chromium.
+
+Debian's ``chromium`` through Playwright's Python client (Playwright's own
+browser download is not used). Without either the tests skip and say how
+to install them. The screenshot is kept as a test artifact in
+``$MIC_JAX_ARTIFACTS`` (default ``test-artifacts/`` in the repository,
+git-ignored).
+"""
+
+import os
+import pathlib
+
+import pytest
+import requests
+
+import review_helpers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LABELS = ["bag", "belt", "hat", "scarf", "shirt", "shoe", "sock", "watch"]
+TAXONOMY = {"levels": ["group", "type"],
+            "parents": {l: {("apparel" if l in ("shirt", "sock") else
+                             "footwear" if l == "shoe" else "accessories"): 1}
+                        for l in LABELS}}
+
+
+def _artifacts() -> pathlib.Path:
+  path = pathlib.Path(os.environ.get("MIC_JAX_ARTIFACTS",
+                                     REPO / "test-artifacts"))
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+@pytest.fixture()
+def browser():
+  sync_api, executable = review_helpers.chromium_or_skip()
+  with sync_api.sync_playwright() as p:
+    b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+    try:
+      yield b
+    finally:
+      b.close()
+
+
+@pytest.fixture()
+def site(tmp_path):
+  with review_helpers.sample_site(tmp_path, LABELS, TAXONOMY,
+                                  ("ann", "ben")) as s:
+    yield s
+
+
+def expect(locator):
+  """Playwright's assertions (they wait), which the page's CSP allows."""
+  from playwright.sync_api import expect as playwright_expect  # pylint: disable=g-import-not-at-top
+  return playwright_expect(locator)
+
+
+def _current_title(page) -> str:
+  return page.inner_text("#title")
+
+
+def test_review_three_by_keyboard_one_by_search_and_reload(browser, site):
+  page = browser.new_page(viewport={"width": 1100, "height": 640})
+  page.goto(site["url"] + "/")
+  assert "Sign in" in page.title()  # Nothing else without a token.
+  review_helpers.sign_in(page, site["url"], site["tokens"]["ann"])
+  assert "decided 0 / 5" in page.inner_text("#progress")
+  # Abstained products first, the least confident first: p2, p1, p4.
+  assert _current_title(page) == "product number 2"
+  assert page.get_attribute("#photo img", "src") == "/api/photo/p2"
+  expect(page.locator("#photo img")).to_have_js_property("complete", True,
+                                                         timeout=60_000)
+  assert page.locator("#photo img").evaluate("i => i.naturalWidth") == 60
+  top = page.inner_text("#topk li:first-child")
+  assert top.split("\n")[1:] == ["hat", "accessories > hat", "30.0%"]
+
+  page.keyboard.press("Enter")                 # p2: accept the top label.
+  expect(page.locator("#title")).to_have_text("product number 1")
+  page.keyboard.press("2")                     # p1: accept the 2nd label.
+  expect(page.locator("#title")).to_have_text("product number 4")
+  page.keyboard.press("u")                     # p4: unclear.
+  expect(page.locator("#title")).to_have_text("product number 0")
+  # p0: a label outside its top 5, found by search.
+  shown = [e["label"] for e in site["rows"][0]["top_k"]]
+  other = next(l for l in LABELS if l not in shown)
+  page.keyboard.press("/")
+  page.keyboard.type(other[:3])
+  page.wait_for_selector("#matches li")
+  assert page.inner_text("#matches li:first-child").startswith(other)
+  page.keyboard.press("Enter")
+  expect(page.locator("#progress")).to_contain_text("decided 4 / 5")
+  page.screenshot(path=str(_artifacts() / "review_page.png"))
+
+  decided = {p: (d.status, d.label, d.reviewer)
+             for p, d in site["store"].decisions().items()}
+  rows = {r["id"]: r for r in site["rows"]}
+  assert decided == {
+      "p2": ("accepted", rows["p2"]["top_k"][0]["label"], "ann"),
+      "p1": ("accepted", rows["p1"]["top_k"][1]["label"], "ann"),
+      "p4": ("unclear", None, "ann"),
+      "p0": ("relabelled", other, "ann")}
+
+  page.reload()                                # Decisions are kept.
+  page.wait_for_selector("body[data-ready='1']")
+  assert "decided 4 / 5" in page.inner_text("#progress")
+  assert _current_title(page) == "product number 3"  # The one left.
+  assert page.locator("#list li.decided").count() == 4
+  page.click("#list li[data-id='p0']")
+  assert f"relabelled “{other}” by ann" in page.inner_text("#decision")
+
+
+def test_a_second_reviewer_sees_the_first_decision_and_may_override(
+    browser, site):
+  page = browser.new_page()
+  review_helpers.sign_in(page, site["url"], site["tokens"]["ben"])
+  assert _current_title(page) == "product number 2"
+  # Meanwhile ann decides the same product.
+  r = requests.post(site["url"] + "/api/decisions", timeout=30, json={
+      "product": "p2", "status": "unclear", "label": None, "base_version": 0},
+                    headers={"Authorization": f"Bearer {site['tokens']['ann']}"})
+  assert r.status_code == 200
+  page.keyboard.press("Enter")                 # ben accepts the top label.
+  page.wait_for_selector("#banner:not([hidden])")
+  banner = page.inner_text("#banner")
+  assert "Already unclear by ann" in banner and "was not saved" in banner
+  assert site["store"].decision("p2").reviewer == "ann"
+  page.click("#override")
+  expect(page.locator("#progress")).to_contain_text("decided 1 / 5")
+  current = site["store"].decision("p2")
+  assert (current.reviewer, current.status, current.version) == (
+      "ben", "accepted", 2)
+  assert [h["reviewer"] for h in site["store"].history("p2")] == ["ann",
+                                                                  "ben"]

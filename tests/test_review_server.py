@@ -1,0 +1,295 @@
+"""The review server: tokens, bad input, two reviewers at once, photos.
+
+The real aiohttp app and SQLite store on a free port; the export is a
+bundle with labels and a manifest only (the server never runs the model),
+the scores are written as ``mic-jax-predict`` writes them.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import sqlite3
+
+import pytest
+import requests
+
+import review_helpers
+from mic_jax.reviewing import queue as queue_lib
+from mic_jax.reviewing import store as store_lib
+from mic_jax.serving import bundle
+
+LABELS = ["bag", "shirt", "shoe", "watch"]
+TAXONOMY = {"levels": ["group", "type"],
+            "parents": {"bag": {"accessories": 3}, "watch": {"accessories": 2},
+                        "shirt": {"apparel": 4}, "shoe": {"footwear": 5}}}
+
+
+@pytest.fixture()
+def setup(tmp_path):
+  with review_helpers.sample_site(tmp_path, LABELS, TAXONOMY,
+                                  ("alice", "bob"), max_body_bytes=4096) as s:
+    yield s
+
+
+def _auth(token):
+  return {"Authorization": f"Bearer {token}"}
+
+
+def _decide(s, token, **body):
+  return requests.post(s["url"] + "/api/decisions", json=body,
+                       headers=_auth(token), timeout=30)
+
+
+def test_without_a_valid_token_nothing_is_readable_or_writable(setup):
+  s = setup
+  reads = ["/", "/static/app.js", "/static/app.css", "/api/queue",
+           "/api/labels", "/api/photo/p1", "/api/decisions.csv", "/nope"]
+  for headers in ({}, _auth("not-a-token"), {"Cookie": "mic_review=x"},
+                  _auth(s["tokens"]["alice"][:-1])):
+    for path in reads:
+      r = requests.get(s["url"] + path, headers=headers, timeout=30,
+                       allow_redirects=False)
+      assert r.status_code == 401, (path, headers, r.status_code)
+      assert "product number" not in r.text and "shirt" not in r.text
+    r = requests.post(s["url"] + "/api/decisions", headers=headers,
+                      json={"product": "p1", "status": "accepted",
+                            "label": "bag", "base_version": 0}, timeout=30)
+    assert r.status_code == 401
+  assert s["store"].decisions() == {}
+  # The page's 401 is the sign-in form; a wrong token gets it again.
+  page = requests.get(s["url"] + "/", timeout=30)
+  assert 'action="/login"' in page.text
+  r = requests.post(s["url"] + "/login", data={"token": "wrong"},
+                    allow_redirects=False, timeout=30)
+  assert r.status_code == 401 and "not valid" in r.text
+
+
+def test_sign_in_sets_a_cookie_that_opens_everything(setup):
+  s = setup
+  session = requests.Session()
+  r = session.post(s["url"] + "/login", data={"token": s["tokens"]["bob"]},
+                   allow_redirects=False, timeout=30)
+  assert r.status_code == 303
+  cookie = r.headers["Set-Cookie"]
+  assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+  page = session.get(s["url"] + "/", timeout=30)
+  assert page.status_code == 200 and 'src="/static/app.js"' in page.text
+  assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+  assert session.get(s["url"] + "/static/app.js", timeout=30).ok
+  assert session.get(s["url"] + "/api/queue", timeout=30).json()[
+      "reviewer"] == "bob"
+  session.post(s["url"] + "/logout", timeout=30)
+  assert session.get(s["url"] + "/api/queue", timeout=30).status_code == 401
+
+
+def test_tokens_are_stored_only_as_hashes(setup):
+  s = setup
+  raw = b"".join(f.read_bytes() for f in s["db"].parent.glob(
+      "review.sqlite*"))
+  for token in s["tokens"].values():
+    assert token.encode() not in raw
+    assert hashlib.sha256(token.encode()).hexdigest().encode() in raw
+  assert s["store"].reviewer_of(s["tokens"]["alice"]) == "alice"
+  assert s["store"].reviewer_of("") is None
+  with pytest.raises(store_lib.StoreError, match="exists"):
+    s["store"].add_reviewer("alice")
+
+
+def test_queue_puts_abstentions_first_and_serves_the_scored_photos(setup):
+  s = setup
+  token = s["tokens"]["alice"]
+  queue = requests.get(s["url"] + "/api/queue", headers=_auth(token),
+                       timeout=30).json()
+  order = [p["id"] for p in queue["products"]]
+  assert order == ["p2", "p1", "p4", "p0", "p3"]  # Abstained, least sure first.
+  assert queue["progress"] == {"total": 5, "decided": 0, "remaining": 5,
+                               "abstained": 3, "abstained_decided": 0}
+  top = queue["products"][0]["top_k"][0]
+  assert top == {"label": "shoe", "prob": 0.3, "path": "footwear > shoe"}
+  for product, data in s["photos"].items():
+    r = requests.get(s["url"] + f"/api/photo/{product}", headers=_auth(token),
+                     timeout=30)
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["Content-Type"] == "image/jpeg"
+  for product, status in (("p0", 404), ("zz", 404)):
+    r = requests.get(s["url"] + f"/api/photo/{product}", headers=_auth(token),
+                     timeout=30)
+    assert r.status_code == status and product in r.json()["error"]
+  labels = requests.get(s["url"] + "/api/labels", headers=_auth(token),
+                        timeout=30).json()["labels"]
+  assert [l["label"] for l in labels] == LABELS
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"product": "p1", "status": "relabelled", "label": "hat"}, 400,
+     "unknown label 'hat'"),
+    ({"product": "p99", "status": "accepted", "label": "bag"}, 404,
+     "unknown product 'p99'"),
+    ({"product": "p1", "status": "maybe", "label": "bag"}, 400,
+     "unknown status 'maybe'"),
+    ({"product": "p1", "status": "unclear", "label": "bag"}, 400,
+     "takes no label"),
+    ({"product": "p1", "status": "accepted"}, 400, "unknown label None"),
+    ({"status": "accepted", "label": "bag"}, 400, "'product'"),
+    ({"product": "p1", "status": "accepted", "label": "bag",
+      "base_version": "1"}, 400, "base_version"),
+    ([1, 2], 400, "JSON object"),
+])
+def test_bad_decisions_get_a_4xx_naming_what(setup, body, status, needle):
+  s = setup
+  r = requests.post(s["url"] + "/api/decisions", json=body,
+                    headers=_auth(s["tokens"]["alice"]), timeout=30)
+  assert r.status_code == status, r.text
+  assert needle in r.json()["error"]
+  assert s["store"].decisions() == {}
+
+
+def test_malformed_oversized_and_non_json_bodies(setup):
+  s = setup
+  headers = {**_auth(s["tokens"]["alice"]),
+             "Content-Type": "application/json"}
+  url = s["url"] + "/api/decisions"
+  r = requests.post(url, data=b"{not json", headers=headers, timeout=30)
+  assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+  r = requests.post(url, data=b" " * 5000, headers=headers, timeout=30)
+  assert r.status_code == 413 and "4096" in r.json()["error"]
+  r = requests.post(url, data={"product": "p1"},
+                    headers=_auth(s["tokens"]["alice"]), timeout=30)
+  assert r.status_code == 415
+  assert s["store"].decisions() == {}
+
+
+def test_two_reviewers_at_once_one_wins_and_the_other_sees_it(setup):
+  s = setup
+  alice, bob = s["tokens"]["alice"], s["tokens"]["bob"]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = [pool.submit(_decide, s, token, product="p2", status=status,
+                           label=label, base_version=0)
+               for token, status, label in (
+                   (alice, "accepted", "shoe"), (bob, "relabelled", "bag"))]
+    replies = [f.result() for f in futures]
+  codes = sorted(r.status_code for r in replies)
+  assert codes == [200, 409], [r.text for r in replies]
+  won = next(r for r in replies if r.status_code == 200).json()["decision"]
+  lost = next(r for r in replies if r.status_code == 409).json()
+  assert lost["current"] == won  # The second sees the first decision.
+  assert won["reviewer"] in lost["error"] and "version 1" in lost["error"]
+  loser = bob if won["reviewer"] == "alice" else alice
+  # Deciding again on an outdated version is refused too ...
+  assert _decide(s, loser, product="p2", status="unclear", label=None,
+                 base_version=0).status_code == 409
+  # ... and overriding with the version seen is recorded, not lost.
+  r = _decide(s, loser, product="p2", status="unclear", label=None,
+              base_version=1)
+  assert r.status_code == 200 and r.json()["decision"]["version"] == 2
+  history = s["store"].history("p2")
+  assert [(h["version"], h["replaced_version"]) for h in history] == [
+      (1, 0), (2, 1)]
+  assert [h["reviewer"] for h in history] == [won["reviewer"],
+                                               "bob" if loser == bob
+                                               else "alice"]
+  assert r.json()["progress"]["decided"] == 1
+  assert all(h["export"] == bundle.identity(s["export"]) for h in history)
+
+
+def test_many_concurrent_writers_lose_nothing(setup):
+  """Twenty threads on five products, each on the version it read: each
+  write either lands (and is in the history) or gets a 409."""
+  s = setup
+  tokens = list(s["tokens"].values())
+
+  def attempt(i):
+    product = f"p{i % 5}"
+    current = s["store"].decision(product)
+    return _decide(s, tokens[i % 2], product=product, status="accepted",
+                   label="bag", base_version=current.version if current
+                   else 0).status_code
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    codes = list(pool.map(attempt, range(20)))
+  assert set(codes) <= {200, 409}
+  history = s["store"].history()
+  assert len(history) == codes.count(200)
+  for product, decision in s["store"].decisions().items():
+    versions = [h["version"] for h in history if h["product_id"] == product]
+    assert versions == list(range(1, decision.version + 1))
+
+
+def test_decisions_csv_and_program_flags(setup):
+  s = setup
+  _decide(s, s["tokens"]["alice"], product="p1", status="relabelled",
+          label="watch", base_version=0)
+  r = requests.get(s["url"] + "/api/decisions.csv",
+                   headers=_auth(s["tokens"]["bob"]), timeout=30)
+  lines = r.text.splitlines()
+  assert lines[0] == ",".join(store_lib.CSV_COLUMNS)
+  assert lines[1].startswith("p1,relabelled,watch,alice,")
+
+
+def test_scores_of_another_export_are_refused(setup, tmp_path):
+  s = setup
+  other = review_helpers.fake_export(tmp_path / "other", LABELS + ["hat"])
+  with pytest.raises(queue_lib.QueueError, match=r"scores\.jsonl:1: scored "
+                     r"with export .* review with the export"):
+    queue_lib.load(s["scores"], other)
+  bad = tmp_path / "bad.jsonl"
+  row = dict(s["rows"][0], top_k=[{"label": "hat", "prob": 1.0}])
+  bad.write_text(json.dumps(row) + "\n")
+  with pytest.raises(queue_lib.QueueError, match=r"bad\.jsonl:1: labels "
+                     r"\['hat'\]"):
+    queue_lib.load(bad, s["export"])
+
+
+def test_the_database_is_in_wal_mode(setup):
+  db = sqlite3.connect(setup["db"])
+  assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+  db.close()
+
+
+def test_the_program_adds_reviewers_serves_and_exports(setup, tmp_path):
+  """mic-jax-review as a user runs it: --add-reviewer prints a token once,
+  the server answers with it, --decisions_csv writes the decisions."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  db = tmp_path / "cli.sqlite"
+  program = [sys.executable, "-m", "mic_jax.review", f"--db={db}"]
+  added = subprocess.run(program + ["--add-reviewer", "carla"], check=True,
+                         capture_output=True, text=True, timeout=120)
+  token = added.stdout.splitlines()[-1]
+  assert "shown only now" in added.stdout and len(token) >= 40
+  assert store_lib.Store(db).reviewer_of(token) == "carla"
+  again = subprocess.run(program + ["--add-reviewer=carla"],
+                         capture_output=True, text=True, timeout=120)
+  assert again.returncode != 0 and "exists already" in again.stderr
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen(
+      program + [f"--scores={setup['scores']}",
+                 f"--export={setup['export']}", f"--port={port}"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+      try:
+        requests.get(url + "/", timeout=5)
+        break
+      except requests.ConnectionError:
+        assert server.poll() is None, server.stdout.read()
+        time.sleep(0.2)
+    assert requests.get(url + "/api/queue", timeout=30).status_code == 401
+    r = requests.post(url + "/api/decisions", headers=_auth(token),
+                      timeout=30, json={"product": "p3", "status":
+                                        "accepted", "label": "watch"})
+    assert r.status_code == 200, r.text
+  finally:
+    server.terminate()
+    server.wait(30)
+  csv_out = tmp_path / "d.csv"
+  done = subprocess.run(program + [f"--decisions_csv={csv_out}"], check=True,
+                        capture_output=True, text=True, timeout=120)
+  assert "wrote 1 decisions" in done.stdout
+  assert csv_out.read_text().splitlines()[1].startswith(
+      "p3,accepted,watch,carla,")
