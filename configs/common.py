@@ -148,7 +148,11 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.image.remat = False
   # When optim.freeze covers the whole image tower, compute its outputs once
   # per (tower weights, image size, data) and reuse them in every epoch and
-  # run; "" = ~/.cache/mic_jax/image_features (or $MIC_JAX_CACHE).
+  # run; "" = ~/.cache/mic_jax/image_features (or $MIC_JAX_CACHE; a gs://
+  # path works). Skipped, with a warning, when the tower has dropout
+  # (image.dropout > 0 or a checkpoint's attention dropout): the cached
+  # tokens are eval-mode, so the tower then runs on pixels to keep the
+  # configured dropout. Guarantees: docs/reliability.md.
   c.image.cache_features = True
   c.image.feature_cache_dir = ""
 

@@ -49,6 +49,8 @@ EMPTY_TITLE = "empty_title"
 MISSING_ID = "missing_id"
 MISSING_LABEL = "missing_label"
 UNKNOWN_LABEL = "unknown_label"
+# labels.txt holds one class per line (mic_jax.data.records.label_problem).
+LABEL_LINE_BREAK = "label_line_break"
 DUPLICATE_ID = "duplicate_id"
 BAD_SPLIT = "bad_split_value"
 RARE_CLASS = "rare_class"
@@ -156,10 +158,12 @@ class _Rejects:
 
   def add(self, row: readers.RawRow, reason: str, detail: str = "") -> None:
     self.counts[reason] += 1
-    self._f.write(json.dumps(
+    line = json.dumps(
         {"source": row.source, "id": row.product_id, "reason": reason,
-         "detail": detail, "title": row.title[:200]},
-        ensure_ascii=False) + "\n")
+         "detail": detail, "title": row.title[:200]}, ensure_ascii=False)
+    # JSON allows raw U+2028/U+2029, but str.splitlines() breaks there.
+    self._f.write(line.replace("\u2028", "\\u2028").replace(
+        "\u2029", "\\u2029") + "\n")
 
   def close(self) -> None:
     self._f.close()
@@ -263,6 +267,9 @@ def pass1(args: argparse.Namespace, work: pathlib.Path) -> Pass1:
         continue
       if not row.label:
         rejects.add(row, MISSING_LABEL)
+        continue
+      if records.label_problem(row.label):
+        rejects.add(row, LABEL_LINE_BREAK, row.label)
         continue
       if fixed is not None and row.label not in fixed:
         rejects.add(row, UNKNOWN_LABEL, row.label)

@@ -48,7 +48,8 @@ def _define_flags() -> None:
                     "Parameter dtype of the export.")
   flags.DEFINE_float("target_precision", 0.95, "Precision the abstain "
                      "threshold aims for on validation.")
-  flags.DEFINE_bool("overwrite", False, "Replace --output.")
+  flags.DEFINE_bool("overwrite", False, "Replace --output if it is an export "
+                    "bundle (never a run directory or other files).")
   flags.DEFINE_bool("saved_model", False, "Also write a TF SavedModel "
                     "(jax2tf) for TF Serving.")
   flags.mark_flags_as_required(["workdir", "output"])

@@ -36,8 +36,9 @@ member before mixing and re-tempers the mix, ``p ∝ p_mix ** (1 / T_mix)``.
 The abstain threshold is chosen on these calibrated probabilities.
 
 The output is written to a temporary directory and renamed when complete
-(an existing one, with ``--overwrite``, is renamed away first and deleted
-after), so a directory named ``--output`` is always whole; the Predictor
+(an existing export bundle, with ``--overwrite``, is renamed away first and deleted
+after; anything else, such as a run directory, is refused), so a directory
+named ``--output`` is always whole; the Predictor
 also checks every file against the manifest's sizes and hashes before
 loading. Exporting the same checkpoint again gives byte-identical files.
 """
@@ -338,15 +339,35 @@ def _validation_probs(serialized: bytes, params: Any, data_dir: pathlib.Path,
   return np.concatenate(probs), np.concatenate(labels)
 
 
+def _replaceable(out: pathlib.Path) -> bool:
+  """Whether ``--overwrite`` may replace ``out``: an export bundle (it
+  holds a manifest) or an empty directory; never a file or a run."""
+  if not out.is_dir():
+    return False
+  return (out / bundle.MANIFEST).is_file() or not any(out.iterdir())
+
+
 def export_run(workdir: str, output: str, *, step: int | None = None,
                dtype: str = "float32", target_precision: float = 0.95,
                overwrite: bool = False, saved_model: bool = False
                ) -> dict[str, Any]:
   """Exports ``workdir`` to ``output``; returns the manifest."""
+  if "://" in output:
+    # pathlib would write a local "gs:" folder; the bundle is published by
+    # local renames (serving/bundle.py), which object stores do not have.
+    raise ExportError(
+        f"--output={output}: exports are written to a local directory; "
+        "export locally, then copy the whole directory (e.g. gsutil -m cp "
+        "-r), manifest.json included")
   work = pathlib.Path(workdir)
   out = pathlib.Path(output)
   if out.exists() and not overwrite:
     raise ExportError(f"{out} exists; choose another --output or --overwrite")
+  if out.exists() and not _replaceable(out):
+    raise ExportError(
+        f"{out} is not an export bundle (no {bundle.MANIFEST}), so "
+        "--overwrite will not delete it; it could be a run directory or "
+        "anything else. Choose another --output, or remove it yourself")
   if dtype not in ("float32", "bfloat16"):
     raise ExportError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
   if not 0 < target_precision <= 1:
@@ -400,6 +421,8 @@ def export_run(workdir: str, output: str, *, step: int | None = None,
     if saved_model:
       write_saved_model(tmp, infer, params, max_length, image_size)
     tokenizer = _copy_tokenizer(info, tmp)
+    # A labels.txt that would read back wrong stops here, naming the file.
+    records.read_labels(data_dir, info.get("num_classes"))
     taxonomy = bundle.copy_labels(
         tmp, data_dir / records.LABELS_FILE,
         data_dir / info["taxonomy_file"] if info.get("taxonomy_file")

@@ -150,15 +150,23 @@ def _apply(mode: str) -> str:
   libc = _glibc()
   if libc is None:
     return "system (not glibc: nothing to tune)"
-  ok = all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
-      (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
+  # Each setting is tried (no short cut): one refused must not hide the
+  # others that took effect.
+  settings = (("one arena", _M_ARENA_MAX, 1), ("no mmap", _M_MMAP_MAX, 0),
+              ("no trim", _M_TRIM_THRESHOLD, _NEVER_TRIM))
+  results = [(name, libc.mallopt(param, value) == 1)
+             for name, param, value in settings]
+  applied = [name for name, ok in results if ok]
+  refused = [name for name, ok in results if not ok]
   libc.gnu_get_libc_version.restype = ctypes.c_char_p
   version = libc.gnu_get_libc_version().decode()
-  if not ok:
+  if not applied:
     return f"system (glibc {version} refused mallopt)"
   threads = native_thread_count()
   # Threads started earlier (e.g. numpy's OpenBLAS pool) keep their arenas.
   late = (f"; {threads - 1} earlier thread(s) keep their own arena"
           if threads > 1 else "")
-  return f"tuned (glibc {version}: one arena, no mmap, no trim{late})"
+  if refused:
+    return (f"partly tuned (glibc {version}: {', '.join(applied)}; refused: "
+            f"{', '.join(refused)}{late})")
+  return f"tuned (glibc {version}: {', '.join(applied)}{late})"

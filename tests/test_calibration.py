@@ -8,9 +8,6 @@ import pytest
 
 from mic_jax.train import calibration, metrics, steps
 
-optimize = pytest.importorskip("scipy.optimize")
-
-
 def _sampled(seed, n=600, num_classes=12, sharpen=1.0):
   """Logits and labels drawn from softmax(logits): calibrated at T = 1.
 
@@ -28,6 +25,9 @@ def _sampled(seed, n=600, num_classes=12, sharpen=1.0):
 @pytest.mark.parametrize("seed,sharpen", [(0, 1.0), (1, 3.0), (2, 0.4),
                                           (3, 8.0)])
 def test_temperature_matches_scipy(seed, sharpen):
+  # Only this test needs scipy (the test extra declares it; calibration
+  # itself does not use it), so a missing scipy fails here, nowhere else.
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
   logits, labels = _sampled(seed, sharpen=sharpen)
   got = calibration.fit_temperature(logits, labels)
   ref = optimize.minimize_scalar(
@@ -73,6 +73,11 @@ def test_temperature_never_changes_the_argmax(t):
   logits, _ = _sampled(6, n=2000)
   np.testing.assert_array_equal(calibration.scale(logits, t).argmax(-1),
                                 logits.argmax(-1))
+  # ... and divides: softmax(logits / t), by hand for logits (0, log 4).
+  two = np.array([[0.0, np.log(4.0)]])
+  p = 4.0 ** (1 / t) / (1 + 4.0 ** (1 / t))
+  np.testing.assert_allclose(calibration.scale(two, t), [[1 - p, p]],
+                             rtol=1e-12)
 
 
 def test_ece_by_hand():

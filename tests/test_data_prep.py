@@ -276,6 +276,31 @@ def test_given_splits_are_kept(tmp_path):
     assert where[str(i)][0] == ["train", "train", "validation", "test"][i % 4]
 
 
+def test_label_with_a_line_break_is_rejected_and_counted(tmp_path):
+  """A class name with a line break would read back from labels.txt as
+  two classes; such rows are rejected with their own reason, and the
+  prepared set reads back with exactly its classes."""
+  rows = [[str(i), f"shirt {i}", ["a", "b", "c"][i % 3]] for i in range(30)]
+  rows += [["n1", "red shirt", "x\ny"], ["n2", "red shoe", "p\u2028q"],
+           ["n3", "blue shoe", "p\u2028q"]]
+  path = tmp_path / "breaks.csv"
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows([["id", "title", "label"], *rows])
+  out = tmp_path / "o"
+  stats = _run(["--input", path, "--title_column=title",
+                "--label_column=label", "--tokenizer", _tokenizer(tmp_path),
+                "--max_length=8", "--min_examples_per_class=1",
+                "--output_dir", out])
+  assert stats["rejected"] == {"label_line_break": 3}
+  assert stats["num_classes"] == 3
+  rejected = [json.loads(l) for l in
+              (out / "rejected.jsonl").read_text("utf-8").splitlines()]
+  assert sorted((r["id"], r["reason"]) for r in rejected) == [
+      ("n1", "label_line_break"), ("n2", "label_line_break"),
+      ("n3", "label_line_break")]
+  assert pipeline.DatasetInfo.load(str(out)).labels == ("a", "b", "c")
+
+
 class _Crash(Exception):
   pass
 

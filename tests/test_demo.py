@@ -12,7 +12,7 @@ import pytest
 
 from configs import common
 from mic_jax.data import demo
-from mic_jax.tools import photo_ablation
+from mic_jax.train import photo_ablation
 from mic_jax.train import trainer
 
 
@@ -59,6 +59,19 @@ def test_demo_job_beats_both_single_modality_ceilings(tmp_path):
     assert test["with_photos"][key] == pytest.approx(saved["test"][key])
   assert (test["photos_withheld"]["accuracy"]
           < saved["test"]["text_only_max_accuracy"] + 0.05), ablation
+  # The program: a quiet console (its table), the rest in its log file.
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  done = subprocess.run(
+      [sys.executable, "-m", "mic_jax.tools.photo_ablation",
+       f"--workdir={tmp_path / 'run'}", "--splits=test"],
+      capture_output=True, text=True, timeout=600, check=True)
+  console_text = done.stdout + done.stderr
+  assert "| split | macro-F1 with photos | photos withheld |" in done.stdout
+  assert "| test | " in done.stdout, done.stdout
+  for noise in ("INFO", "orbax", "absl", "oneDNN"):
+    assert noise not in console_text, console_text[-3000:]
+  log = (tmp_path / "run" / "photo_ablation.log").read_text()
+  assert "photo_ablation started" in log and " absl " in log, log[-3000:]
   with pytest.raises(ValueError, match="reads photos"):
     text_run = tmp_path / "text"
     text_run.mkdir()

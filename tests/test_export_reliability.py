@@ -270,6 +270,32 @@ def test_overwrite_swaps_whole_directories(run_dir, export_dir, tmp_path):
   Predictor(out)  # Whole: every listed file checks out.
 
 
+@pytest.mark.parametrize("kind", ["run_dir", "file", "other_dir"])
+def test_overwrite_refuses_what_is_not_an_export(tmp_path, kind):
+  """--overwrite replaces an export bundle, never a run directory (or any
+  directory without a manifest, or a file): checked before anything else."""
+  out = tmp_path / "out"
+  if kind == "file":
+    out.write_text("keep me")
+  else:
+    out.mkdir()
+    name = "results.json" if kind == "run_dir" else "notes.txt"
+    (out / name).write_text("keep me")
+  with pytest.raises(export.ExportError, match="not an export bundle"):
+    export.export_run(str(tmp_path / "no_run"), str(out), overwrite=True)
+  assert out.exists()
+  assert "keep me" in (out.read_text() if kind == "file" else
+                       next(out.iterdir()).read_text())
+
+
+def test_object_store_output_is_refused_not_written_locally(tmp_path,
+                                                           monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(export.ExportError, match="written to a local directory"):
+    export.export_run(str(tmp_path / "no_run"), "gs://bucket/export")
+  assert list(tmp_path.iterdir()) == []  # No local "gs:" folder.
+
+
 def test_export_resolves_a_hub_id_tokenizer(raw, prepared, run_dir, tmp_path,
                                             monkeypatch):
   """Issue 13 defect 8: data prepared with ``--tokenizer=org/name``.

@@ -68,6 +68,12 @@ def test_tuned_allocator_stops_per_step_page_faults():
                                                                 tuned)
 
 
+@pytest.fixture(autouse=True)
+def _restore_module_state(monkeypatch):
+  """configure() records what it did; no test leaves that set."""
+  monkeypatch.setattr(hostmem, "_configured", None)
+
+
 def test_auto_leaves_accelerator_runs_alone(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "tpu")
   assert hostmem.accelerator_expected()
@@ -90,3 +96,60 @@ def test_a_cpu_run_that_never_chose_an_allocator_is_warned(monkeypatch):
   # Any choice, even glibc's defaults on purpose, silences it.
   assert hostmem.configure("system") == hostmem.configured()
   assert hostmem.untuned_warning("cpu") is None
+
+
+def test_auto_without_jax_platforms_follows_the_installed_plugins(
+    monkeypatch):
+  """The other branch of auto: no JAX_PLATFORMS, a plugin package decides
+  (here a module that exists, and one that does not, stand for them)."""
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(hostmem, "_ACCELERATOR_MODULES", ("json",))
+  assert hostmem.accelerator_expected()
+  assert hostmem.configure("auto") == (
+      "system (an accelerator backend is expected)")
+  monkeypatch.setattr(hostmem, "_ACCELERATOR_MODULES",
+                      ("no_such_accelerator_plugin_mic_jax",))
+  assert not hostmem.accelerator_expected()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="the tuning is for glibc")
+def test_auto_tunes_a_cpu_process_without_jax_platforms():
+  """auto, JAX_PLATFORMS unset, no accelerator plugin: the allocator is
+  tuned (in a fresh process: the settings must precede JAX's threads)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run(
+      [sys.executable, "-c", "from mic_jax import hostmem; "
+       "print(hostmem.accelerator_expected()); print(hostmem.configure('auto'))"],
+      env=env, capture_output=True, text=True, check=True, timeout=120)
+  expected, done = out.stdout.strip().splitlines()[-2:]
+  if expected == "True":
+    pytest.skip("an accelerator plugin is installed here")
+  assert done.startswith("tuned (glibc "), done
+
+
+class _Libc:
+  """glibc's two entry points, refusing the settings named ``refuse``."""
+
+  def __init__(self, refuse):
+    self.refuse, self.calls = refuse, []
+    self.gnu_get_libc_version = lambda: b"2.99"
+
+  def mallopt(self, param, value):
+    self.calls.append(param)
+    return 0 if param in self.refuse else 1
+
+
+@pytest.mark.parametrize("refuse,want", [
+    ((hostmem._M_MMAP_MAX,),  # pylint: disable=protected-access
+     "partly tuned (glibc 2.99: one arena, no trim; refused: no mmap"),
+    ((hostmem._M_ARENA_MAX, hostmem._M_MMAP_MAX,  # pylint: disable=protected-access
+      hostmem._M_TRIM_THRESHOLD),  # pylint: disable=protected-access
+     "system (glibc 2.99 refused mallopt)"),
+    ((), "tuned (glibc 2.99: one arena, no mmap, no trim")])
+def test_partial_mallopt_failure_reports_what_changed(monkeypatch, refuse,
+                                                      want):
+  libc = _Libc(refuse)
+  monkeypatch.setattr(hostmem, "_glibc", lambda: libc)
+  assert hostmem.configure("tuned").startswith(want)
+  assert len(libc.calls) == 3  # Every setting was tried.

@@ -75,7 +75,7 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(demo_run):
   run, state = demo_run
   img = jax.device_get(state.params["img"])
   first = image_features.ensure(run.config, run.model.img, img, run.data_dir)
-  meta = first.directory / "cache.json"
+  meta = pathlib.Path(first.directory) / "cache.json"
   stamp = meta.stat().st_mtime_ns
   again = image_features.ensure(run.config, run.model.img, img, run.data_dir)
   assert again.directory == first.directory
@@ -136,6 +136,21 @@ def test_training_with_cache_keeps_tower_and_uses_tokens(tmp_path):
   for a, b in zip(jax.tree.leaves(init.params["img"]),
                   jax.tree.leaves(best["img"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The stream the loop trains on carries the cached tokens of its photos
+  # (no pixels): the same examples as the pixel stream, in the same order.
+  from mic_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  trainer.attach_image_features(run, init.params)
+  batch = next(run.train_batches(2))
+  assert "image" not in batch and "image_key" not in batch
+  keyed = next(pipeline.train_batches(
+      run.data_dir, batch_size=shd.per_host_batch_size(config.batch_size),
+      image_size=config.image.size, seed=config.seed, start_step=2,
+      shuffle_buffer=config.data.shuffle_buffer, image_keys=True))
+  np.testing.assert_array_equal(batch["label"], keyed["label"])
+  np.testing.assert_array_equal(batch["image_tokens"],
+                                run.features.lookup(keyed["image_key"]))
+  assert len(np.unique(keyed["image_key"])) > 1
 
 
 # ------------------------------------------------------- image dropout --
@@ -240,3 +255,186 @@ def test_repeated_photos_are_cached_once(tmp_path):
   tokens = cache.lookup(np.array([int(red), cache.no_photo, int(red)]))
   np.testing.assert_array_equal(tokens[0], tokens[2])
   assert not np.allclose(tokens[0], tokens[1])
+
+
+# --------------------------------------------- faults of the cache (#22) --
+
+
+@pytest.fixture
+def tiny(tmp_path):
+  """A 3-photo prepared set, a tiny ViT and a config whose cache is in tmp."""
+  from mic_jax.data import records  # pylint: disable=g-import-not-at-top
+  from mic_jax.models import vit  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  photos = [_jpeg((255, 0, 0)), _jpeg((0, 0, 255)), _jpeg((0, 255, 0)), b""]
+  splits = {"train": [records.Example(
+      product_id=str(i), title=f"t {i}", input_ids=[1, 2, 0, 0],
+      attention_mask=[1, 1, 0, 0], label=i % 2, image_jpeg=photos[i % 4])
+                      for i in range(12)]}
+  data = tmp_path / "data"
+  records.write_examples(data, splits, labels=["a", "b"], max_length=4)
+  tower = vit.get_vit("tiny")
+  params = tower.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  config = ml_collections.ConfigDict({"image": {
+      "size": 16, "feature_cache_dir": str(tmp_path / "cache")}})
+  return config, tower, params, str(data)
+
+
+def _ensure(tiny, **changes):
+  config, tower, params, data = tiny
+  config = config.copy_and_resolve_references()
+  for k, v in changes.items():
+    config.image[k] = v
+  return image_features.ensure(config, tower, params, data)
+
+
+def _entries(root):
+  return sorted(p.name for p in pathlib.Path(root).iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncated_tokens", "missing_keys",
+                                    "truncated_keys", "bad_marker"])
+def test_damaged_cache_is_moved_aside_and_rebuilt(tiny, damage, caplog):
+  good = _ensure(tiny)
+  want = good.lookup(good.keys)
+  directory = pathlib.Path(good.directory)
+  del good
+  if damage == "truncated_tokens":
+    tokens = directory / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-1000])
+  elif damage == "missing_keys":
+    (directory / "keys.npy").unlink()
+  elif damage == "truncated_keys":
+    keys = directory / "keys.npy"
+    keys.write_bytes(keys.read_bytes()[:-8])
+  else:
+    (directory / "cache.json").write_text("{")
+  with caplog.at_level("WARNING"):
+    again = _ensure(tiny)
+  assert str(directory) in caplog.text and "damaged" in caplog.text
+  np.testing.assert_array_equal(again.lookup(again.keys), want)
+  moved = [n for n in _entries(directory.parent) if n.startswith(".damaged-")]
+  assert len(moved) == 1 and moved[0].startswith(f".damaged-{directory.name}")
+  assert image_features.feature_store.problem(str(directory), 1) is None
+
+
+def test_cache_directory_is_readable_by_others(tiny):
+  """mkdtemp's 0700 would lock other users out of a shared $MIC_JAX_CACHE."""
+  old = os.umask(0o022)
+  try:
+    cache = _ensure(tiny)
+  finally:
+    os.umask(old)
+  mode = pathlib.Path(cache.directory).stat().st_mode & 0o777
+  assert mode == 0o755, oct(mode)
+  for name in ("keys.npy", "tokens.npy", "cache.json"):
+    assert (pathlib.Path(cache.directory) / name).stat().st_mode & 0o044
+
+
+def test_cache_on_an_object_store(tiny, tmp_path, monkeypatch):
+  """A ``scheme://`` root goes through tf.io.gfile (here TF's in-memory
+  ram:// filesystem), never to a local ``ram:/`` folder; it is reused."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  local = _ensure(tiny)
+  root = f"ram://{tmp_path.name}/cache"
+  remote = _ensure(tiny, feature_cache_dir=root)
+  assert str(remote.directory).startswith(root + "/")
+  assert tf.io.gfile.exists(str(remote.directory) + "/cache.json")
+  assert not (tmp_path / "ram:").exists()
+  np.testing.assert_array_equal(remote.lookup(local.keys),
+                                local.lookup(local.keys))
+  stamp = tf.io.gfile.stat(str(remote.directory) + "/tokens.npy").mtime_nsec
+  again = _ensure(tiny, feature_cache_dir=root)  # Reused, not rebuilt.
+  assert tf.io.gfile.stat(str(again.directory) + "/tokens.npy"
+                          ).mtime_nsec == stamp
+  tf.io.gfile.rmtree(f"ram://{tmp_path.name}")
+
+
+_BUILD_SCRIPT = """
+import sys, jax, jax.numpy as jnp, ml_collections
+sys.path.insert(0, {tests!r})
+from mic_jax.models import vit
+from mic_jax.train import image_features
+tower = vit.get_vit("tiny")
+params = tower.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+config = ml_collections.ConfigDict({{"image": {{"size": 16,
+    "feature_cache_dir": {cache!r}}}}})
+image_features.ensure(config, tower, params, {data!r})
+"""
+
+
+def _build_in_subprocess(tiny, fault):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  config, _, _, data = tiny
+  script = _BUILD_SCRIPT.format(tests=os.path.dirname(__file__),
+                                cache=config.image.feature_cache_dir,
+                                data=data)
+  env = {**os.environ, "MIC_JAX_FAULT": fault, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": ""}
+  return subprocess.run([sys.executable, "-c", script], env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_sigterm_during_build_removes_its_files(tiny):
+  done = _build_in_subprocess(tiny, "feature_build_batch:1:TERM")
+  assert done.returncode != 0
+  assert "SIGTERM while building the image feature cache" in done.stderr, (
+      done.stderr[-3000:])
+  assert _entries(tiny[0].image.feature_cache_dir) == []
+
+
+def test_killed_build_is_swept_on_the_next_start(tiny, caplog):
+  done = _build_in_subprocess(tiny, "feature_build_batch:1:KILL")
+  assert done.returncode == -9, done.stderr[-3000:]
+  root = tiny[0].image.feature_cache_dir
+  left = _entries(root)
+  assert len(left) == 1 and left[0].startswith(".")  # The partial build.
+  with caplog.at_level("WARNING"):
+    cache = _ensure(tiny)
+  assert "its writer is gone" in caplog.text
+  assert _entries(root) == [pathlib.Path(cache.directory).name]
+
+
+def test_sweep_keeps_live_builds_and_removes_silent_ones(tmp_path):
+  """A build elsewhere (another host) is judged by its last sign of life."""
+  store = image_features.feature_store
+  root = tmp_path / "cache"
+
+  def temp(name, host, pid, age):
+    path = root / name
+    path.mkdir(parents=True)
+    marker = path / store.WRITER
+    marker.write_text(json.dumps({"host": host, "pid": pid}))
+    os.utime(marker, (time_now - age, time_now - age))
+    return path
+
+  import time  # pylint: disable=g-import-not-at-top
+  time_now = time.time()
+  name = "0123456789abcdef01234567"
+  here = temp(f".{name}.mine.1.x", __import__("socket").gethostname(),
+              os.getpid(), 10 * store.STALE_SECONDS)
+  fresh = temp(f".{name}.other.1.y", "another-host", 1, 60)
+  silent = temp(f".{name}.other.1.z", "another-host", 1,
+                2 * store.STALE_SECONDS)
+  (root / name).mkdir()  # A finished cache: never touched.
+  old = time_now - 2 * store.STALE_SECONDS
+  (root / ".unrelated").mkdir()  # Not a build's name: never touched.
+  os.utime(root / ".unrelated", (old, old))
+  removed = store.sweep(str(root))
+  assert removed == [str(silent)]
+  assert here.exists() and fresh.exists() and (root / name).exists()
+  assert (root / ".unrelated").exists()
+
+
+def test_tower_with_dropout_is_not_cached(tmp_path):
+  """Cached tokens are eval-mode: with image dropout the tower runs."""
+  config = _config(tmp_path, **{"image.dropout": 0.1})
+  run = trainer.build_run(config, str(tmp_path / "run"))
+  assert image_features.train_mode_differs(run.model.img)
+  state, _ = trainer.init_state(run, checkpointing.RunCheckpoints(
+      str(tmp_path / "run"), keep=1, async_save=False))
+  trainer.attach_image_features(run, state.params)
+  assert run.features is None
+  assert not (tmp_path / "cache").exists()

@@ -63,6 +63,31 @@ def test_dataset_info(data_dir):
   assert len(info.files("train")) == 4
 
 
+@pytest.mark.parametrize("label", ["two\nlines", "para\u2028graph", "x\ry"])
+def test_label_with_a_line_break_is_never_written(tmp_path, label):
+  """labels.txt is one class per line: such a class list is refused."""
+  rng = np.random.default_rng(0)
+  with pytest.raises(records.LabelsError, match="labels.txt.*line break"):
+    records.write_examples(tmp_path, {"train": _examples(3, rng)},
+                           labels=["a", label, "c"], max_length=LENGTH)
+  assert not (tmp_path / records.LABELS_FILE).exists()
+  assert not (tmp_path / records.INFO_FILE).exists()
+
+
+@pytest.mark.parametrize("text", ["a\nb\nc\nd\n", "a\nb\u2028x\nc\n"])
+def test_labels_file_that_reads_back_wrong_is_named(data_dir, tmp_path, text):
+  """A labels.txt an older writer left with a class name holding a line
+  break (more lines than classes, or a U+2028 inside a line) stops at
+  load, naming the file, not later with a broadcasting error."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / "copy"
+  shutil.copytree(data_dir, copy)
+  (copy / records.LABELS_FILE).write_text(text, encoding="utf-8")
+  with pytest.raises(records.LabelsError,
+                     match=f"{copy / records.LABELS_FILE}.*prepare"):
+    pipeline.DatasetInfo.load(str(copy))
+
+
 def test_train_batch_contract(data_dir):
   batch = next(pipeline.train_batches(data_dir, batch_size=6, image_size=32,
                                       seed=0))
@@ -251,3 +276,27 @@ def test_missing_shard_is_named(damaged_dir):
     _first_epoch(path)
   with pytest.raises(pipeline.DamagedShardError, match=shard.name):
     list(pipeline.eval_batches(path, "train", batch_size=4, image_size=8))
+
+
+_LEFT_OPEN = """
+import sys
+from mic_jax.data import pipeline
+batches = pipeline.train_batches(sys.argv[1], batch_size=4, image_size=16,
+                                 seed=0)
+next(batches)  # Left open: closed by the garbage collector at exit.
+print("done")
+"""
+
+
+def test_stream_left_open_at_exit_closes_quietly(data_dir):
+  """A generator collected at interpreter exit used to print
+  "AttributeError: 'NoneType' object has no attribute 'errors'"."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  done = subprocess.run([sys.executable, "-c", _LEFT_OPEN, data_dir],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+  assert "Exception ignored" not in done.stderr, done.stderr[-2000:]
+  assert "Error" not in done.stderr.replace("TF_CPP", ""), done.stderr[-2000:]

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -340,6 +341,66 @@ def test_orbax_unscanned_checkpoint_restores_scanned_and_back(tmp_path):
       str(tmp_path / "b" / "checkpoints"), _abstract(unrolled.params))
   _assert_trees_close(from_states, unrolled.params, atol=0)
   second.close()
+
+
+# Every optimizer grouping the configs allow: frozen towers (their optimizer
+# state is all optax.MaskedNode) and learning-rate groups (each group's
+# moments are MaskedNode outside the group), alone and together.
+GROUPINGS = [("", ""), ("", "txt=0.25"), ("img", ""), ("txt", ""),
+             ("txt|img", ""), ("img", "txt=0.25,head=30"),
+             ("img/Transformer", "fusion=2,txt=0.5")]
+
+
+def _grouped_state(scan, freeze, multipliers, steps_taken=0, params=None):
+  """A train state whose optimizer groups follow ``freeze`` and
+  ``multipliers``, after ``steps_taken`` AdamW steps on fixed gradients."""
+  config = _cross_modal_config(scan)
+  with config.unlocked():
+    config.optim.freeze = freeze
+    config.optim.lr_multipliers = multipliers
+  if params is None:
+    params = _init(classifier.build_model(config), _batch(config))
+  tx, _ = optimizer.make_optimizer(config.optim, params, 100)
+  opt_state = tx.init(params)
+  for i in range(steps_taken):
+    grads = jax.tree.map(lambda x, i=i: jnp.full_like(x, 0.01 * (i + 1)),
+                         params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  return steps.TrainState(jnp.int32(steps_taken), params, opt_state), tx
+
+
+def _through_orbax(directory, state, like):
+  """``state`` saved as a run's step 2 and restored into ``like``'s layout."""
+  ckpts = checkpointing.RunCheckpoints(str(directory), keep=1,
+                                       async_save=False)
+  ckpts.save_state(2, state, force=True)
+  ckpts.wait()
+  restored = ckpts.restore_state(_abstract(like))
+  ckpts.close()
+  return restored
+
+
+@pytest.mark.parametrize("freeze,multipliers", GROUPINGS)
+def test_grouped_optimizer_state_resumes_scanned_and_back(tmp_path, freeze,
+                                                          multipliers):
+  """Unrolled -> scanned -> unrolled through real Orbax checkpoints, with
+  the optimizer's masked subtrees, then one more step in each layout."""
+  unrolled, tx_unrolled = _grouped_state(False, freeze, multipliers,
+                                         steps_taken=2)
+  scanned_target, tx_scanned = _grouped_state(True, freeze, multipliers)
+  restored = _through_orbax(tmp_path / "a", unrolled, scanned_target)
+  assert jax.tree.structure(restored) == jax.tree.structure(scanned_target)
+  _assert_trees_close(restored, _to_scanned(unrolled), atol=0)
+  back = _through_orbax(tmp_path / "b", restored, unrolled)
+  _assert_trees_close(back, unrolled, atol=0)
+
+  # The restored scanned state trains on like the unrolled one.
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.03), unrolled.params)
+  updates, _ = tx_unrolled.update(grads, unrolled.opt_state, unrolled.params)
+  scanned_updates, _ = tx_scanned.update(_to_scanned(grads),
+                                         restored.opt_state, restored.params)
+  _assert_trees_close(_to_unrolled(scanned_updates), updates)
 
 
 # ------------------------------------------------- sharded, 8 devices --

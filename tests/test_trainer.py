@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -198,7 +199,8 @@ def test_rerun_after_kill_between_best_and_state_save_finishes(
   assert [l["step"] for l in lines if "validation/macro_f1" in l] == [0, 2, 4]
 
 
-def test_nan_loss_stops_with_clear_message(tmp_path, caplog, monkeypatch):
+def test_nan_update_stops_with_clear_message(tmp_path, caplog, monkeypatch):
+  """A NaN learning rate: every loss is finite, the update is not."""
   # This process never chose a host allocator: the trainer says so.
   monkeypatch.setattr(hostmem, "_configured", None)
   config = _demo_config(**{"optim.lr": float("nan"), "total_steps": 4})
@@ -207,6 +209,31 @@ def test_nan_loss_stops_with_clear_message(tmp_path, caplog, monkeypatch):
                      r"\(NaN/Inf at step 2 in params"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
   assert "hostmem.configure('auto') before importing JAX" in caplog.text
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path):
+  """A loss that blows up is named as the loss, at its step, not as the
+  non-finite update it also causes. A learning rate of 1e30 keeps step 1's
+  update finite (AdamW's step is about lr) but step 2's loss is not."""
+  config = _demo_config(**{"optim.lr": 1e30, "optim.warmup_steps": 0,
+                           "total_steps": 4})
+  with pytest.raises(trainer.TrainingError,
+                     match=r"^loss is (nan|inf) at step 2: training stopped"):
+    trainer.train_and_evaluate(config, str(tmp_path / "nan"))
+  assert not (tmp_path / "nan" / "checkpoints" / "2").exists()
+
+
+def test_check_finite_names_the_first_bad_step_and_kind():
+  """Each branch of the check, and the order (the earliest step wins)."""
+  ok = (1, np.float32(0.5), np.True_)
+  trainer._check_finite(3, [ok, ok], None)  # pylint: disable=protected-access
+  with pytest.raises(trainer.TrainingError, match="^loss is inf at step 2"):
+    trainer._check_finite(  # pylint: disable=protected-access
+        3, [ok, (2, np.float32("inf"), np.False_), (3, 1.0, np.False_)], None)
+  with pytest.raises(trainer.TrainingError, match="update of step 2 made"):
+    trainer._check_finite(  # pylint: disable=protected-access
+        3, [ok, (2, np.float32(0.1), np.False_)],
+        types.SimpleNamespace(params={"w": np.array([np.nan])}, opt_state={}))
 
 
 @pytest.mark.realdata
@@ -351,3 +378,23 @@ def test_focal_loss_reaches_the_train_step(tmp_path):
     _, metrics = trainer.jit_train_step(run, donate=False)(state, batch)
   np.testing.assert_allclose(float(metrics["train/loss"]),
                              (focal * w).sum() / w.sum(), rtol=1e-5)
+
+
+def test_metrics_log_on_an_object_store(tmp_path, monkeypatch):
+  """metrics.jsonl in a scheme:// workdir (TF's in-memory ram:// here, as
+  gs:// in production) goes through tf.io.gfile, not a local open()."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import reporting  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  workdir = f"ram://{tmp_path.name}/run"
+  tf.io.gfile.makedirs(workdir)
+  log = reporting.MetricsLog(workdir)
+  log.append({"step": 1, "train/loss": 2.0})
+  log.append({"step": 2, "train/loss": 1.5})
+  log.close()
+  assert [r["step"] for r in reporting.read_metrics(workdir)] == [1, 2]
+  assert list(tmp_path.iterdir()) == []  # No local "ram:" folder.
+  again = reporting.MetricsLog(workdir, keep_through_step=1)  # A resume.
+  again.close()
+  assert [r["step"] for r in reporting.read_metrics(workdir)] == [1]
+  tf.io.gfile.rmtree(f"ram://{tmp_path.name}")

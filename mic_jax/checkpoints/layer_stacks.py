@@ -37,13 +37,27 @@ UNROLLED = "unrolled"
 def _map_mappings(fn: Callable[[dict[str, Any]], dict[str, Any]],
                   tree: Any) -> Any:
   """Applies ``fn`` bottom-up to every mapping inside any pytree."""
+  return _map_mappings_with_path(lambda _, node: fn(node), tree)
+
+
+def _map_mappings_with_path(
+    fn: Callable[[tuple[str, ...], dict[str, Any]], dict[str, Any]],
+    tree: Any, path: tuple[str, ...] = ()) -> Any:
+  """``_map_mappings`` whose ``fn`` also gets the mapping's name path.
+
+  The path holds the keys of the mappings above it up to the nearest
+  non-mapping container: inside an optimizer state, ``mu`` and ``nu``
+  of every learning-rate group give ``("img", "Transformer")`` for the
+  same node as the params do.
+  """
   if isinstance(tree, Mapping):
-    return fn({k: _map_mappings(fn, v) for k, v in tree.items()})
+    return fn(path, {k: _map_mappings_with_path(fn, v, path + (str(k),))
+                     for k, v in tree.items()})
   children, treedef = jax.tree_util.tree_flatten(
       tree, is_leaf=lambda x: x is not tree)
   if jax.tree_util.treedef_is_leaf(treedef):
     return tree
-  return treedef.unflatten([_map_mappings(fn, c) for c in children])
+  return treedef.unflatten([_map_mappings_with_path(fn, c) for c in children])
 
 
 def _layer_keys(node: Mapping[str, Any], name: str) -> list[str]:
@@ -105,28 +119,66 @@ def stack_layers(tree: Any, name: str) -> Any:
   return _map_mappings(fn, tree)
 
 
-def _num_layers(stacked: Any, name: str) -> int:
+def _num_layers(stacked: Any, name: str) -> int | None:
+  """The leading layer axis shared by ``stacked``'s leaves; None without
+  leaves (an optimizer state's ``MaskedNode`` hole, a frozen tower's)."""
   sizes = {leaf.shape[0] if leaf.shape else None
            for leaf in jax.tree.leaves(stacked)}
+  if not sizes:
+    return None
   if len(sizes) != 1 or None in sizes:
     raise CheckpointError(f"stacked {name!r} leaves do not share one leading "
                           f"layer axis: sizes {sorted(map(str, sizes))}")
   return sizes.pop()
 
 
+def _layer_counts(tree: Any, name: str) -> dict[tuple[str, ...], int]:
+  """Layer count of each stacked ``{name}`` with leaves, by its name path."""
+  counts: dict[tuple[str, ...], int] = {}
+
+  def fn(path, node):
+    if name in node and isinstance(node[name], Mapping):
+      count = _num_layers(node[name], name)
+      if count is not None:
+        if counts.setdefault(path, count) != count:
+          raise CheckpointError(
+              f"stacked {'/'.join(path + (name,))!r} has {count} layers in "
+              f"one place and {counts[path]} in another")
+    return node
+  _map_mappings_with_path(fn, tree)
+  return counts
+
+
 def unstack_layers(tree: Any, name: str) -> Any:
-  """One stacked ``{name}`` sub-tree -> ``{name}_0 .. {name}_{n-1}``."""
-  def fn(node):
+  """One stacked ``{name}`` sub-tree -> ``{name}_0 .. {name}_{n-1}``.
+
+  A stack without leaves (every entry a ``MaskedNode`` or None: the
+  optimizer state of a frozen tower, or of the parameters another
+  learning-rate group holds) has no layer axis to read; it takes the count
+  of the stack with leaves at the same name path (the params' own), so it
+  is converted as it is: n copies of its holes.
+  """
+  counts = _layer_counts(tree, name)
+
+  def fn(path, node):
     if name not in node or not isinstance(node[name], Mapping):
       return node
     stacked = node[name]
     count = _num_layers(stacked, name)
+    if count is None:
+      count = counts.get(path)
+      if count is None and len(set(counts.values())) == 1:
+        count = next(iter(counts.values()))
+      if count is None:
+        raise CheckpointError(
+            f"stacked {'/'.join(path + (name,))!r} holds no arrays and no "
+            "other stack of that name gives its layer count")
     rest = {k: v for k, v in node.items() if k != name}
     for i in range(count):
       rest[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: _unstack_leaf(x, i),
                                          stacked)
     return rest
-  return _map_mappings(fn, tree)
+  return _map_mappings_with_path(fn, tree)
 
 
 def layout(tree: Any) -> dict[str, str]:

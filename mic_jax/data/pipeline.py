@@ -59,8 +59,7 @@ class DatasetInfo:
     """Raises FileNotFoundError when ``data_dir`` is not a prepared set."""
     path = pathlib.Path(data_dir)
     info = records.read_info(path)
-    labels = tuple((path / records.LABELS_FILE).read_text(
-        encoding="utf-8").splitlines())
+    labels = records.read_labels(path, info.get("num_classes"))
     taxonomy = None
     if info.get("taxonomy_file"):
       taxonomy = json.loads((path / info["taxonomy_file"]).read_text(
@@ -243,6 +242,10 @@ def _named_read_errors(batches: Iterator[Batch], info: DatasetInfo,
   """
   try:
     yield from batches
+  except GeneratorExit:
+    # Closed, also by the garbage collector at interpreter exit, when the
+    # module globals (tf) may already be gone: look nothing up.
+    raise
   except (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
           tf.errors.NotFoundError) as e:
     problems = _damaged_shards(info, split)

@@ -2,7 +2,8 @@
 
 A prepared data set is a directory with sharded TFRecord files
 ``{split}.tfrecord-{index:05d}-of-{count:05d}`` of ``tf.train.Example``s,
-``labels.txt`` (one class per line; line number = label id) and
+``labels.txt`` (one class per line; line number = label id; a label can
+hold no line break, :func:`label_problem`) and
 ``dataset_info.json`` (max_length, labels, per-shard example, class and
 token-length counts; the last is what length buckets are chosen from). Keeping
 the feature spec here means data_prep, the synthetic demo writer and the
@@ -43,6 +44,32 @@ def length_counts(lengths: Iterable[int] | dict[Any, int], max_length: int
       raise ValueError(f"token length {n} outside [0, {max_length}]")
     counts[int(n)] += int(c)
   return counts
+
+
+# Every character str.splitlines() breaks a line at: a label holding one
+# would read back from labels.txt as two classes (and shift every later id).
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+class LabelsError(ValueError):
+  """A class list that labels.txt cannot hold, or a labels.txt that does not
+  match its dataset_info.json."""
+
+
+def label_problem(name: str) -> str | None:
+  """Why ``name`` cannot be a class name in ``labels.txt``, or None."""
+  breaks = sorted({f"U+{ord(c):04X}" for c in name if c in LINE_BREAKS})
+  if breaks:
+    return f"contains a line break ({', '.join(breaks)})"
+  if not name:
+    return "is empty"
+  return None
+
+
+def _bad_labels(labels: Sequence[str]) -> list[tuple[int, str, str]]:
+  """``(index, name, why)`` of each class name labels.txt cannot hold."""
+  return [(i, name, why) for i, name in enumerate(labels)
+          if (why := label_problem(name))]
 
 
 def feature_spec(max_length: int) -> dict[str, Any]:
@@ -152,6 +179,13 @@ def write_info(data_dir: str | os.PathLike[str], *, labels: Sequence[str],
     extra: more keys to record (e.g. the tokenizer, taxonomy file name).
   """
   data_dir = pathlib.Path(data_dir)
+  bad = _bad_labels(labels)
+  if bad:
+    i, name, why = bad[0]
+    raise LabelsError(
+        f"{data_dir / LABELS_FILE}: {len(bad)} class name(s) cannot be "
+        f"written one per line; the first, class {i} {name!r}, {why}. "
+        "data_prep rejects such rows (reason label_line_break)")
   tmp = data_dir / (LABELS_FILE + ".tmp")
   tmp.write_text("".join(f"{name}\n" for name in labels), encoding="utf-8")
   os.replace(tmp, data_dir / LABELS_FILE)
@@ -167,6 +201,35 @@ def read_info(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
   if not info_file.exists():
     raise FileNotFoundError(f"{info_file} not found")
   return json.loads(info_file.read_text(encoding="utf-8"))
+
+
+def read_labels(data_dir: str | os.PathLike[str],
+                num_classes: int | None = None) -> tuple[str, ...]:
+  """The class names of ``labels.txt`` (index = label id).
+
+  Read back exactly as :func:`write_info` writes them (one per ``\n``).
+  A file that would not read back as written (a label holding a line
+  break, as an older writer allowed) or whose count differs from
+  ``num_classes`` (``dataset_info.json``'s) raises :class:`LabelsError`
+  naming the file, instead of a shape error much later.
+  """
+  path = pathlib.Path(data_dir) / LABELS_FILE
+  text = path.read_text(encoding="utf-8")
+  labels = tuple(text[:-1].split("\n") if text.endswith("\n") else
+                 text.split("\n") if text else ())
+  bad = _bad_labels(labels)
+  if bad:
+    i, name, why = bad[0]
+    raise LabelsError(
+        f"{path}: line {i + 1} ({name!r}) {why}; labels.txt holds one class "
+        "name per line. Prepare the data set again with python -m "
+        "data_prep.prepare, which rejects such labels")
+  if num_classes is not None and len(labels) != num_classes:
+    raise LabelsError(
+        f"{path} has {len(labels)} lines but {INFO_FILE} says {num_classes} "
+        "classes (a class name with a line break, or a file edited by hand); "
+        "prepare the data set again with python -m data_prep.prepare")
+  return labels
 
 
 def write_examples(data_dir: str | os.PathLike[str],

@@ -9,16 +9,25 @@ exactly what the model sees for a product that has no photo). A fused
 model whose figures do not move has learned to ignore the photos, however
 well it scores: its gain over text-only comes from elsewhere. Prints a
 markdown table and writes ``WORKDIR/photo_ablation.json``.
+
+Like the other programs the console shows only that; Orbax's, absl's and
+TensorFlow's lines go to ``WORKDIR/photo_ablation.log`` (``--verbose``
+shows them too).
 """
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 from absl import flags
 
-# The library (also used by mic_jax.reproduce); re-exported for callers.
-from mic_jax.train.photo_ablation import markdown
-from mic_jax.train.photo_ablation import photo_ablation
+from mic_jax import console
+from mic_jax import hostmem
+
+# The library is mic_jax.train.photo_ablation (also used by
+# mic_jax.reproduce); it is imported in main, after the console session
+# sends TensorFlow's and JAX's start-up lines to the log file.
 
 FLAGS = flags.FLAGS
 
@@ -30,15 +39,24 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A finished training run.")
   flags.DEFINE_list("splits", ["validation", "test"], "Splits to evaluate.")
   flags.mark_flag_as_required("workdir")
+  console.define_verbose_flag()
+  hostmem.define_flag()
 
 
 def main(argv):
   del argv
   workdir, splits = FLAGS.workdir, FLAGS.splits
-  results = photo_ablation(workdir, splits)
-  print(f"{results['model']} run {workdir}, best step "
-        f"{results['best_step']}\n")
-  print(markdown(results, splits))
+  with console.session("photo_ablation", workdir,
+                       verbose=console.verbose_requested()) as session:
+    console.say("photo_ablation %s (log: %s)", workdir, session.log_path)
+    # Before TensorFlow and JAX start their threads (see mic_jax/hostmem.py).
+    hostmem.configure(hostmem.flag_value())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from mic_jax.train import photo_ablation  # pylint: disable=g-import-not-at-top
+    results = photo_ablation.photo_ablation(workdir, splits)
+    console.say("%s run %s, best step %s\n", results["model"], workdir,
+                results["best_step"])
+    console.say("%s", photo_ablation.markdown(results, splits))
 
 
 if __name__ == "__main__":

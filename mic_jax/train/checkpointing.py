@@ -122,8 +122,11 @@ class RunCheckpoints:
     raise RuntimeError(
         f"no restorable train state in {self.latest.directory} ("
         + "; ".join(f"step {s}: {why[:500]}" for s, why in broken)
-        + "); nothing was moved. Move that directory away to start the run "
-        "again from its beginning") from first_error
+        + "); nothing was moved. If the config changed since these steps "
+        "were written, run with the one that wrote them (config.json in the "
+        "workdir); only if the steps themselves are damaged, move that "
+        "directory away, which starts the run again from its beginning and "
+        "discards the trained state") from first_error
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves broken steps out of ``checkpoints/`` (process 0; all wait)."""

@@ -15,7 +15,9 @@ started), ``best_saving`` (the best save started, its write in flight),
 ``before_state_save`` (every best save durable, the state save not
 started), ``state_saving`` (the state save started, its write in flight),
 ``trained`` (every save committed, final report not started),
-``after_results`` (``results.json`` written).
+``after_results`` (``results.json`` written); and in a frozen image
+tower's feature-cache build, ``feature_build_batch`` (after each batch of
+rows is written to the temporary build).
 
 Without the variable ``point`` is a dictionary lookup and nothing else. It
 exists so the fault-injection tests can kill a run at a precise moment

@@ -15,21 +15,23 @@ tower is the usual linear-probe / feature-extraction practice. The tokens
 are exactly the tower's eval-mode output in float32, so evaluation is
 unchanged (tested).
 
+Not used when the tower would train differently from its eval mode
+(dropout > 0 in the tower: :func:`train_mode_differs`): cached eval-mode
+tokens would silently drop the configured dropout, so such a run feeds
+pixels and says why.
+
 A cache is keyed by the tower's weights (a hash of every parameter), its
 config, the image size and the prepared data (``dataset_info.json`` and
-shard sizes), so changing any of them builds a new one; a cache is written
-to a temporary directory and renamed into place when complete, so a killed
-build is never read. Each host builds its own (hosts may not share a disk).
+shard sizes), so changing any of them builds a new one. Its files, key,
+atomic writes, checks on open and the sweep of killed builds live in
+:mod:`mic_jax.train.feature_store`. Each host builds its own (hosts may not
+share a disk; docs/scaling.md gives the cost).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import os
-import pathlib
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -39,21 +41,26 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 
 from mic_jax.data import pipeline
 from mic_jax.data import preprocess
 from mic_jax.data import records
+from mic_jax.train import feature_store
 from mic_jax.train import optimizer
+from mic_jax.train import reporting
 
 FORMAT_VERSION = 1
-_KEYS, _TOKENS, _META = "keys.npy", "tokens.npy", "cache.json"
 
 
-def default_root() -> pathlib.Path:
-  """``$MIC_JAX_CACHE/image_features``, else ``~/.cache/mic_jax/...``."""
+def default_root() -> str:
+  """``$MIC_JAX_CACHE/image_features``, else ``~/.cache/mic_jax/...``.
+
+  ``$MIC_JAX_CACHE`` may be a ``gs://`` path (read via a local copy).
+  """
   base = os.environ.get("MIC_JAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "mic_jax")
-  return pathlib.Path(base) / "image_features"
+  return feature_store.join(base, "image_features")
 
 
 def tower_is_frozen(config: ml_collections.ConfigDict,
@@ -66,40 +73,64 @@ def tower_is_frozen(config: ml_collections.ConfigDict,
   return all(l == optimizer.FROZEN for l in jax.tree.leaves(labels))
 
 
+def train_mode_differs(tower: nn.Module) -> str | None:
+  """Why ``tower(train=True)`` differs from its eval mode, or None.
+
+  A tower config's ``*dropout*`` rates (ViT's ``dropout`` from
+  ``image.dropout``, a checkpoint's ``attention_dropout``) act only in
+  training; BiT has none.
+  """
+  config = getattr(tower, "config", None)
+  if config is None or not dataclasses.is_dataclass(config):
+    return None
+  rates = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+           if "dropout" in f.name}
+  active = {k: v for k, v in rates.items() if v}
+  if not active:
+    return None
+  return ("the image tower trains with " + ", ".join(
+      f"{k}={v:g}" for k, v in sorted(active.items())))
+
+
 def wanted(config: ml_collections.ConfigDict,
-           abstract_params: dict[str, Any]) -> bool:
-  """Whether a run reads cached image tokens instead of running its tower."""
-  return bool(config.image.get("cache_features", True)) and tower_is_frozen(
-      config, abstract_params)
+           abstract_params: dict[str, Any],
+           tower: nn.Module | None = None) -> bool:
+  """Whether a run reads cached image tokens instead of running its tower.
+
+  Also False (with a warning) when ``tower`` has dropout: eval-mode tokens
+  would change training.
+  """
+  if not (bool(config.image.get("cache_features", True))
+          and tower_is_frozen(config, abstract_params)):
+    return False
+  why = train_mode_differs(tower) if tower is not None else None
+  if why:
+    logging.warning(
+        "image features: not caching the frozen image tower's outputs: %s, "
+        "and cached tokens are its eval-mode output (no dropout). The tower "
+        "runs on pixels every step instead; set image.dropout=0 (and no "
+        "attention dropout) to use the cache.", why)
+    return False
+  return True
 
 
 def cache_key(img_params: Any, tower: nn.Module, image_size: int,
               data_dir: str) -> str:
   """Hex digest naming one (weights, tower config, size, data) combination."""
-  digest = hashlib.sha256()
-  digest.update(f"v{FORMAT_VERSION} size={image_size} tower={tower!r}".encode())
-  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(img_params))[0]
-  for path, leaf in flat:
-    array = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(f"{array.dtype}{array.shape}".encode())
-    digest.update(array.tobytes())
-  data = pathlib.Path(data_dir)
-  digest.update((data / records.INFO_FILE).read_bytes())
-  info = pipeline.DatasetInfo.load(data_dir)
-  for split in sorted(info.shards):
-    for name in info.files(split):
-      digest.update(f"{os.path.basename(name)}:{os.path.getsize(name)}".encode())
-  return digest.hexdigest()
+  return feature_store.key(
+      f"v{FORMAT_VERSION} size={image_size} tower={tower!r}", img_params,
+      data_dir)
 
 
 class ImageFeatureCache:
   """Image-tower tokens ``[K, T, D]`` (float32) looked up by photo key."""
 
-  def __init__(self, directory: pathlib.Path):
+  def __init__(self, directory: str | os.PathLike[str]):
+    """Opens a cache that :func:`feature_store.problem` found complete."""
     self.directory = directory
-    keys = np.load(directory / _KEYS)
-    self.tokens = np.load(directory / _TOKENS, mmap_mode="r")
+    local = feature_store.local_copy(os.fspath(directory), FORMAT_VERSION)
+    keys = np.load(local / feature_store.KEYS)
+    self.tokens = np.load(local / feature_store.ROWS, mmap_mode="r")
     if len(keys) > len(self.tokens):
       raise ValueError(f"{directory}: {len(keys)} keys but only "
                        f"{len(self.tokens)} token rows")
@@ -174,73 +205,65 @@ def _count_photos(data_dir: str) -> int:
   return sum(info.split_size(s) for s in records.SPLITS)
 
 
-def build(directory: pathlib.Path, tower: nn.Module, img_params: Any,
-          data_dir: str, image_size: int, *, batch_size: int = 64) -> None:
+def build(directory: str | os.PathLike[str], tower: nn.Module,
+          img_params: Any, data_dir: str, image_size: int, *,
+          batch_size: int = 64) -> None:
   """Runs ``tower`` over every distinct photo and writes the cache.
 
-  Written to a temporary sibling directory and renamed when complete.
+  Written as :class:`feature_store.Writer` does (complete or absent, also
+  on SIGTERM).
   """
   apply = jax.jit(lambda p, x: tower.apply({"params": p}, x, train=False))
   params = jax.device_get(img_params)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.",
-                                      dir=directory.parent))
+  directory = os.fspath(directory)
   total = _count_photos(data_dir) + 1
-  try:
-    keys, rows, token_file = [], 0, None
-    start, last = time.monotonic(), 0.0
+  with feature_store.Writer(directory, total,
+                            feature_store.mirror_root()) as writer:
+    last = 0.0
     for batch_keys, pixels in _unique_photos(data_dir, image_size,
                                              batch_size):
       n = len(batch_keys)
       padded = np.zeros((batch_size, *pixels.shape[1:]), np.float32)
       padded[:n] = pixels  # One compiled shape.
       tokens = np.asarray(apply(params, padded))[:n].astype(np.float32)
-      if token_file is None:
-        token_file = np.lib.format.open_memmap(
-            tmp / _TOKENS, mode="w+", dtype=np.float32,
-            shape=(total, *tokens.shape[1:]))
-      token_file[rows:rows + n] = tokens
-      keys.append(batch_keys)
-      rows += n
+      writer.add(batch_keys, tokens)
       now = time.monotonic()
       if now - last > 30:
         last = now
-        rate = rows / max(now - start, 1e-9)
+        rate = writer.count / max(now - writer.started, 1e-9)
         logging.info("image features: %d photos done (at most %d), %.1f/s",
-                     rows, total, rate)
-    token_file.flush()
-    del token_file
-    keys = np.concatenate(keys)
+                     writer.count, total, rate)
     # Row i of tokens.npy belongs to keys[i]; rows past len(keys) are unused.
-    np.save(tmp / _KEYS, keys)
-    (tmp / _META).write_text(json.dumps({
-        "format_version": FORMAT_VERSION, "photos": rows,
-        "image_size": image_size, "data_dir": os.path.abspath(data_dir),
-        "tower": repr(tower), "seconds": round(time.monotonic() - start, 1)},
-        indent=1))
-    try:
-      os.replace(tmp, directory)
-    except OSError:
-      if not (directory / _META).exists():
-        raise
-      shutil.rmtree(tmp)  # Another process finished the same cache first.
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  logging.info("image features: cached %d photos in %s (%.0f s)", rows,
-               directory, time.monotonic() - start)
+    writer.commit({"image_size": image_size,
+                   "data_dir": os.path.abspath(data_dir)
+                   if not reporting.is_remote(data_dir) else data_dir,
+                   "tower": repr(tower)}, FORMAT_VERSION)
+    logging.info("image features: cached %d photos in %s (%.0f s)",
+                 writer.count, directory, time.monotonic() - writer.started)
 
 
 def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
            img_params: Any, data_dir: str) -> ImageFeatureCache:
-  """The cache of this run's frozen tower, built first if it is missing."""
-  root = pathlib.Path(config.image.get("feature_cache_dir") or default_root())
+  """The cache of this run's frozen tower, built first if it is missing.
+
+  Sweeps abandoned builds first; a cache that fails its checks on open is
+  moved aside with a warning and built again.
+  """
+  root = os.fspath(config.image.get("feature_cache_dir") or default_root())
   size = int(config.image.size)
-  directory = root / cache_key(img_params, tower, size, data_dir)[:24]
-  if not (directory / _META).exists():
-    logging.info("image features: computing the frozen image tower's "
-                 "outputs once for every photo -> %s", directory)
-    build(directory, tower, img_params, data_dir, size)
-  else:
-    logging.info("image features: reusing %s", directory)
+  feature_store.sweep(root)
+  if reporting.is_remote(root):  # Its builds are staged on local disk.
+    feature_store.sweep(str(feature_store.mirror_root()))
+  directory = feature_store.directory(
+      root, cache_key(img_params, tower, size, data_dir))
+  marker = feature_store.join(directory, feature_store.META)
+  if tf.io.gfile.exists(marker):
+    why = feature_store.problem(directory, FORMAT_VERSION)
+    if why is None:
+      logging.info("image features: reusing %s", directory)
+      return ImageFeatureCache(directory)
+    feature_store.quarantine(directory, why)
+  logging.info("image features: computing the frozen image tower's "
+               "outputs once for every photo -> %s", directory)
+  build(directory, tower, img_params, data_dir, size)
   return ImageFeatureCache(directory)

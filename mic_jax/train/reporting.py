@@ -82,7 +82,7 @@ class MetricsLog:
                      len(lines) - len(self._lines), keep_through_step)
         write_text(self.path, "".join(l + "\n" for l in self._lines))
     self._file = open(self.path, "a", encoding="utf-8") if is_writer() and \
-        not workdir.startswith("gs://") else None
+        not is_remote(workdir) else None
 
   def append(self, record: Mapping[str, Any]) -> None:
     line = json.dumps(_plain(dict(record)), sort_keys=True)
@@ -191,6 +191,11 @@ def ensure_dir(path: str) -> None:
     tf.io.gfile.makedirs(path)
 
 
+def is_remote(path: str) -> bool:
+  """True for gs:// and other ``scheme://`` paths (tf.io.gfile only)."""
+  return "://" in os.fspath(path)
+
+
 def local_path(path: str) -> pathlib.Path | None:
   """A pathlib path for local directories, None for gs:// and the like."""
-  return None if "://" in path else pathlib.Path(path)
+  return None if is_remote(path) else pathlib.Path(path)

@@ -256,7 +256,8 @@ def attach_image_features(run: Run, params: Any) -> None:
   Then the train and eval streams carry cached tower outputs instead of
   pixels (:mod:`mic_jax.train.image_features`).
   """
-  if not image_features.wanted(run.config, run.abstract_state.params):
+  if not image_features.wanted(run.config, run.abstract_state.params,
+                               run.model.img):
     return
   img = params["img"]
   if not all(getattr(x, "is_fully_addressable", True)

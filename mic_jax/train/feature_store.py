@@ -1,0 +1,395 @@
+"""Where and how per-photo arrays are cached: keys, file layout, atomicity.
+
+One place for everything a cache directory is on disk, so that a second
+kind of cached output (say, an intermediate block of the photo tower)
+reuses it with its own description string; :mod:`image_features` decides
+what is computed, this module how it is kept. A cache is
+
+  ROOT/<key[:24]>/keys.npy     int64 photo keys, one per row
+                  tokens.npy   float32 rows [R, ...]; row i is keys[i]'s
+                  cache.json   written last: its presence means complete
+
+The key (:func:`key`) is a hash of a description (what is computed, by
+which module config, at which size), every parameter, and the prepared
+data, so a change of any of them names another directory.
+
+Guarantees (docs/reliability.md lists them for the user):
+
+* Complete or absent. A build writes into ``ROOT/.<name>.<host>.<pid>.<rand>``
+  and renames it into place when complete (local disks); on an object store
+  (``gs://`` and other ``scheme://`` roots, through ``tf.io.gfile``) the
+  files are uploaded to the final directory with ``cache.json`` last.
+* A kill leaves nothing that is read. SIGTERM during a build removes the
+  temporary directory and exits (:class:`BuildInterrupted`); SIGKILL cannot
+  be caught, so every :func:`sweep` (each start) removes temporary builds
+  whose writer is gone (same host, process not running) or that have not
+  shown a sign of life (``writer.json``, touched while building) for
+  ``STALE_SECONDS``.
+* Checked on open. :func:`problem` compares every file's size with its
+  ``.npy`` header and ``cache.json``; a damaged cache is moved aside
+  (``ROOT/.damaged-<name>-<time>``) with a warning naming it and built again.
+* Shareable. Directories get the mode a plain ``mkdir`` would (umask
+  applied), not ``mkdtemp``'s 0700, so a ``$MIC_JAX_CACHE`` shared by several
+  users is readable by all of them. Two builders of the same key both
+  build; the first to finish publishes and the other drops its copy (the
+  contents are the same).
+* Remote roots are read through a local copy (:func:`mirror_of`), since the
+  rows are memory-mapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+
+from mic_jax.data import pipeline
+from mic_jax.data import records
+from mic_jax.train import faults
+from mic_jax.train import reporting
+
+KEYS, ROWS, META, WRITER = "keys.npy", "tokens.npy", "cache.json", "writer.json"
+NAME_LENGTH = 24
+DAMAGED_PREFIX = ".damaged-"
+# A temporary build that has not touched writer.json for this long is taken
+# for dead even when its writer's liveness cannot be checked (another host).
+STALE_SECONDS = 3600.0
+HEARTBEAT_SECONDS = 30.0
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{%d}(-[0-9a-f]{8})?\." % NAME_LENGTH)
+
+
+class BuildInterrupted(SystemExit):
+  """SIGTERM arrived during a build; its temporary files were removed."""
+
+
+def join(root: str | os.PathLike[str], *parts: str) -> str:
+  """``root/part/...`` that keeps ``gs://`` intact (pathlib would not)."""
+  return "/".join([os.fspath(root).rstrip("/"), *parts])
+
+
+def key(description: str, params: Any, data_dir: str) -> str:
+  """Hex digest of (what is computed, its weights, the prepared data)."""
+  digest = hashlib.sha256()
+  digest.update(description.encode())
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+  for path, leaf in flat:
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(array.tobytes())
+  with tf.io.gfile.GFile(join(data_dir, records.INFO_FILE), "rb") as f:
+    digest.update(f.read())
+  info = pipeline.DatasetInfo.load(data_dir)
+  for split in sorted(info.shards):
+    for name in info.files(split):
+      size = tf.io.gfile.stat(name).length
+      digest.update(f"{os.path.basename(name)}:{size}".encode())
+  return digest.hexdigest()
+
+
+def directory(root: str | os.PathLike[str], digest: str) -> str:
+  """The cache directory of key ``digest`` under ``root``."""
+  return join(root, digest[:NAME_LENGTH])
+
+
+# ---------------------------------------------------------------- check --
+
+
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+  """(shape, dtype, expected file size) from a ``.npy`` file's header."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read(f)
+    offset = f.tell()
+  return tuple(shape), dtype, offset + int(np.prod(shape)) * dtype.itemsize
+
+
+def problem(cache_dir: str, format_version: int) -> str | None:
+  """Why ``cache_dir`` cannot be read, or None (complete and consistent).
+
+  Checks what a truncated copy, a lost file or a half-upload breaks: the
+  marker file, each array's size against its header, and the row counts.
+  """
+  try:
+    with tf.io.gfile.GFile(join(cache_dir, META)) as f:
+      meta = json.load(f)
+    if meta.get("format_version") != format_version:
+      return (f"{META} has format_version {meta.get('format_version')}, "
+              f"this code reads {format_version}")
+    shapes = {}
+    for name in (KEYS, ROWS):
+      path = join(cache_dir, name)
+      if not tf.io.gfile.exists(path):
+        return f"{name} is missing"
+      shape, dtype, size = _npy_header(path)
+      have = tf.io.gfile.stat(path).length
+      if have != size:
+        return f"{name} has {have} bytes, its header ({shape}, {dtype}) needs {size}"
+      shapes[name] = (shape, dtype)
+    (key_shape, key_dtype), (row_shape, row_dtype) = shapes[KEYS], shapes[ROWS]
+    if len(key_shape) != 1 or key_dtype != np.int64 or row_dtype != np.float32:
+      return (f"unexpected arrays: {KEYS} {key_shape} {key_dtype}, {ROWS} "
+              f"{row_shape} {row_dtype}")
+    if key_shape[0] != meta.get("photos") or row_shape[0] < key_shape[0]:
+      return (f"{key_shape[0]} keys, {row_shape[0]} rows, {META} says "
+              f"{meta.get('photos')} photos")
+  except (ValueError, OSError, tf.errors.OpError, EOFError) as e:
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def quarantine(cache_dir: str, why: str) -> str:
+  """Moves a damaged cache aside (kept for a look) and returns where to."""
+  parent, name = cache_dir.rstrip("/").rsplit("/", 1)
+  target = join(parent, f"{DAMAGED_PREFIX}{name}-{int(time.time())}-"
+                f"{os.getpid()}")
+  logging.warning("image feature cache %s is damaged (%s); moving it to %s "
+                  "and building it again", cache_dir, why, target)
+  try:
+    tf.io.gfile.rename(cache_dir, target)
+  except (tf.errors.OpError, OSError) as e:  # Object stores: delete it.
+    logging.warning("could not move %s (%s); deleting it", cache_dir, e)
+    tf.io.gfile.rmtree(cache_dir)
+    return ""
+  return target
+
+
+# ----------------------------------------------------------------- sweep --
+
+
+def _writer_alive(info: dict[str, Any]) -> bool | None:
+  """Whether the recorded writer runs (None: another host, cannot tell)."""
+  if info.get("host") != socket.gethostname():
+    return None
+  try:
+    os.kill(int(info["pid"]), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, KeyError, ValueError, TypeError):
+    return True if isinstance(info.get("pid"), int) else None
+  return True
+
+
+def sweep(root: str, *, now: float | None = None) -> list[str]:
+  """Deletes temporary builds in ``root`` whose writer is dead or silent.
+
+  Returns the removed paths. Builds in progress are left alone: a writer
+  on this host that runs, or one elsewhere that touched ``writer.json``
+  within ``STALE_SECONDS``.
+  """
+  if not tf.io.gfile.isdir(root):
+    return []
+  now = time.time() if now is None else now
+  removed = []
+  for entry in tf.io.gfile.listdir(root):
+    name = entry.rstrip("/")
+    path = join(root, name)
+    # Only what Writer names ".<cache name>.<host>.<pid>.<random>".
+    if not _TEMP_NAME.match(name) or not tf.io.gfile.isdir(path):
+      continue
+    marker = join(path, WRITER)
+    try:
+      with tf.io.gfile.GFile(marker) as f:
+        info = json.load(f)
+      age = now - tf.io.gfile.stat(marker).mtime_nsec / 1e9
+    except (ValueError, OSError, tf.errors.OpError):
+      info, age = {}, None
+      try:  # No (readable) marker: judge by the directory itself.
+        age = now - tf.io.gfile.stat(path).mtime_nsec / 1e9
+      except (OSError, tf.errors.OpError):
+        pass
+    alive = _writer_alive(info) if info else None
+    if alive is False or (alive is None and age is not None
+                          and age > STALE_SECONDS):
+      logging.warning("removing an abandoned image feature cache build %s "
+                      "(%s)", path, "its writer is gone" if alive is False
+                      else f"no sign of life for {age:.0f} s")
+      tf.io.gfile.rmtree(path)
+      removed.append(path)
+  return removed
+
+
+# ----------------------------------------------------------------- write --
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _local_tmp(parent: pathlib.Path, name: str) -> pathlib.Path:
+  """A fresh temporary build directory with a plain mkdir's mode."""
+  parent.mkdir(parents=True, exist_ok=True)
+  prefix = f".{name}.{socket.gethostname()}.{os.getpid()}."
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+  os.chmod(tmp, 0o777 & ~_umask())
+  return tmp
+
+
+@dataclasses.dataclass
+class _Stop:
+  """SIGTERM during a build, as a flag checked between batches."""
+  requested: bool = False
+
+
+class Writer:
+  """Writes one cache: ``add`` row blocks, then ``commit`` (or nothing).
+
+  Use as a context manager; leaving it without ``commit`` (an error, a
+  SIGTERM) removes the temporary directory. ``capacity`` is an upper
+  bound on the rows (rows past the last added one stay unused).
+  """
+
+  def __init__(self, target: str, capacity: int, local_root: pathlib.Path):
+    self.target = target
+    self.capacity = int(capacity)
+    self.remote = reporting.is_remote(target)
+    name = target.rstrip("/").rsplit("/", 1)[1]
+    parent = (local_root if self.remote
+              else pathlib.Path(target).parent)
+    self.tmp = _local_tmp(parent, name)
+    self._keys: list[np.ndarray] = []
+    self._rows = None
+    self.count = 0
+    self._stop = _Stop()
+    self._previous_handler = None
+    self._last_beat = 0.0
+    self.started = time.monotonic()
+
+  # -- lifecycle --
+  def __enter__(self) -> Writer:
+    self._beat(force=True)
+    if threading.current_thread() is threading.main_thread():
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_term)
+    return self
+
+  def _on_term(self, signum, frame):
+    self._stop.requested = True
+    if callable(self._previous_handler):  # E.g. the trainer's own flag.
+      self._previous_handler(signum, frame)
+
+  def __exit__(self, *exc) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
+    if self.tmp.exists():
+      self._rows = None
+      shutil.rmtree(self.tmp, ignore_errors=True)
+
+  def _beat(self, force: bool = False) -> None:
+    """Touches writer.json: the sweeper's sign that the build is alive."""
+    now = time.monotonic()
+    if force or now - self._last_beat > HEARTBEAT_SECONDS:
+      self._last_beat = now
+      (self.tmp / WRITER).write_text(json.dumps(
+          {"host": socket.gethostname(), "pid": os.getpid(),
+           "target": self.target, "rows_done": self.count}))
+
+  def _check_stop(self) -> None:
+    if self._stop.requested:
+      raise BuildInterrupted(
+          f"SIGTERM while building the image feature cache {self.target}; "
+          "its partial files were removed. Rerun the same command to build "
+          "it again")
+
+  # -- rows --
+  def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+    """Appends ``rows`` (float32 ``[n, ...]``) for photo ``keys``."""
+    self._check_stop()
+    n = len(keys)
+    if self._rows is None:
+      self._rows = np.lib.format.open_memmap(
+          self.tmp / ROWS, mode="w+", dtype=np.float32,
+          shape=(self.capacity, *rows.shape[1:]))
+    if self.count + n > self.capacity:
+      raise ValueError(f"{self.count + n} rows for a cache of "
+                       f"{self.capacity}")
+    self._rows[self.count:self.count + n] = rows
+    self._keys.append(np.asarray(keys, np.int64))
+    self.count += n
+    self._beat()
+    faults.point("feature_build_batch")
+
+  def commit(self, meta: dict[str, Any], format_version: int) -> None:
+    """Writes keys and ``cache.json`` and publishes the cache."""
+    self._check_stop()
+    if self._rows is None:
+      raise ValueError(f"no rows were added to {self.target}")
+    self._rows.flush()
+    self._rows = None
+    np.save(self.tmp / KEYS, np.concatenate(self._keys))
+    meta = {"format_version": format_version, "photos": self.count,
+            "seconds": round(time.monotonic() - self.started, 1), **meta}
+    (self.tmp / META).write_text(json.dumps(meta, indent=1))
+    (self.tmp / WRITER).unlink()
+    if self.remote:
+      _upload(self.tmp, self.target)
+      self._publish_local(mirror_of(self.target))
+    else:
+      self._publish_local(pathlib.Path(self.target))
+
+  def _publish_local(self, final: pathlib.Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      os.replace(self.tmp, final)
+    except OSError:
+      if not (final / META).exists():
+        raise
+      logging.info("image features: %s was completed by another process "
+                   "first; using that one", final)
+
+
+def _upload(local: pathlib.Path, target: str) -> None:
+  """Copies a finished cache to an object store, ``cache.json`` last."""
+  tf.io.gfile.makedirs(target)
+  for name in (KEYS, ROWS, META):
+    tf.io.gfile.copy(str(local / name), join(target, name), overwrite=True)
+
+
+def mirror_root() -> pathlib.Path:
+  """Local directory for copies of caches kept on an object store."""
+  return pathlib.Path(os.path.expanduser("~")) / ".cache" / "mic_jax" / \
+      "image_features_mirror"
+
+
+def mirror_of(target: str) -> pathlib.Path:
+  """The local copy of the remote cache ``target``."""
+  digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+  return mirror_root() / f"{target.rstrip('/').rsplit('/', 1)[1]}-{digest}"
+
+
+def local_copy(cache_dir: str, format_version: int) -> pathlib.Path:
+  """``cache_dir`` itself if local, else a checked local copy of it."""
+  if not reporting.is_remote(cache_dir):
+    return pathlib.Path(cache_dir)
+  local = mirror_of(cache_dir)
+  if problem(str(local), format_version) is None:
+    return local
+  if local.exists():
+    shutil.rmtree(local)
+  tmp = _local_tmp(local.parent, local.name)
+  try:
+    for name in (KEYS, ROWS, META):
+      tf.io.gfile.copy(join(cache_dir, name), str(tmp / name), overwrite=True)
+    os.replace(tmp, local)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return local
