@@ -79,12 +79,15 @@ def photo_vectors(config: ml_collections.ConfigDict, workdir: str,
   params, loaded = towers.load_pretrained(run.config, params,
                                           run.state_shardings.params)
   trainer.attach_image_features(run, params)
-  if run.features is None or not any(s.startswith("img") for s in loaded):
+  if run.features is None:
     raise ValueError(
-        "the photo linear rows read a pretrained, frozen photo tower's class "
-        "token from the feature cache: set config.image.checkpoint and "
-        "freeze the tower (config.image.freeze / optim.freeze=img) with "
+        "the photo linear rows read a frozen photo tower's class token from "
+        "the feature cache: set config.image.checkpoint with "
+        "config.image.freeze_pretrained=True (or optim.freeze=img) and "
         "config.image.cache_features=True")
+  if not any(name.startswith("img") for name in loaded):
+    logging.warning("photo linear rows: the photo tower has no checkpoint, "
+                    "so its class token is a random projection")
   out = {}
   for split in splits:
     if not run.info.has_split(split):
