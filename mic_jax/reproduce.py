@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 
 from absl import app
 from absl import flags
@@ -126,6 +127,15 @@ def system_config(system: System, preset: str, data_dir: str, root: str,
   return config
 
 
+def photo_rows_possible(config) -> bool:
+  """Whether the photo linear rows can run: a pretrained tower, frozen and
+  cached (what :func:`mic_jax.train.linear_baseline.photo_vectors` reads)."""
+  config = common.resolve_auto(config)
+  freeze = str(config.optim.freeze)
+  return bool(config.image.checkpoint and config.image.cache_features and
+              freeze and re.match(freeze, "img/"))
+
+
 def run_system(system: System, root: str) -> dict:
   """Trains (unless finished) and returns the system's results.json."""
   # pylint: disable=g-import-not-at-top
@@ -206,6 +216,12 @@ def _reproduce():
                          f"{sorted(known)}")
   if FLAGS.systems:
     systems = [s for s in systems if s.subdir in FLAGS.systems]
+  elif not photo_rows_possible(system_config(
+      IMAGE_ONLY, FLAGS.preset, FLAGS.data_dir, root, FLAGS.set)):
+    console.say("photo linear rows left out: they need a pretrained, frozen "
+                "photo tower (--set=image.checkpoint=DIR)")
+    systems = [s for s in systems
+               if not (s.module == "linear" and "photo" in s.arg)]
   rows = []
   for system in systems:
     results = run_system(system, root)

@@ -124,6 +124,20 @@ def test_reproduce_rows_configs():
   assert not rows["text_only"].fused
 
 
+def test_photo_rows_need_a_pretrained_frozen_tower():
+  row = next(s for s in reproduce.SYSTEMS if s.subdir == "image_only")
+  config = lambda sets: reproduce.system_config(row, "small", "/d", "/r", sets)
+  assert not reproduce.photo_rows_possible(config([]))  # Scratch tower.
+  assert not reproduce.photo_rows_possible(config(["image.checkpoint=ckpt"]))
+  assert reproduce.photo_rows_possible(config(["image.checkpoint=ckpt",
+                                               "optim.freeze=img"]))
+  assert reproduce.photo_rows_possible(config(["image.checkpoint=ckpt",
+                                               "image.freeze_pretrained=1"]))
+  assert not reproduce.photo_rows_possible(config([
+      "image.checkpoint=ckpt", "optim.freeze=img",
+      "image.cache_features=false"]))
+
+
 def test_markdown_table_has_ablation_column():
   system = next(s for s in reproduce.SYSTEMS if s.subdir == "cross_modal")
   r = {"validation": {"macro_f1": 0.5}, "test": {"macro_f1": 0.6,
