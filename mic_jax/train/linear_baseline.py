@@ -35,12 +35,15 @@ from mic_jax.data import records
 from mic_jax.train import evaluation, metrics, reporting, rundir
 
 FEATURES = ("title", "photo", "title+photo")
-C_GRID = (3.0, 10.0, 30.0, 100.0)
+# The grids reach past where the real catalogues chose (fashion's title row
+# and H&M's title+photo row chose C = 100 and the smallest image weight of
+# narrower grids).
+C_GRID = (3.0, 10.0, 30.0, 100.0, 300.0)
 # Photo-only: a dense 384-768 d input wants a much smaller C than TF-IDF.
 PHOTO_C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 # title+photo: the standardized photo block (norm ~ sqrt(D)) against L2-
 # normalized TF-IDF rows (norm 1).
-IMAGE_WEIGHTS = (0.025, 0.05, 0.1, 0.2)
+IMAGE_WEIGHTS = (0.01, 0.025, 0.05, 0.1)
 SPLITS = ("train", "validation", "test")
 
 
