@@ -80,6 +80,45 @@ def override(config: ml_collections.ConfigDict, dotted_key: str,
   setattr(node, leaf, value)
 
 
+# image.size = 0 resolves to one of these (see resolve_auto).
+PRETRAINED_IMAGE_SIZE = 224
+SCRATCH_IMAGE_SIZE = 64
+
+
+def resolve_auto(config: ml_collections.ConfigDict
+                 ) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the fields that depend on others filled in.
+
+  Presets may leave a choice to the photo tower a user names, so that
+  ``--config.image.checkpoint=DIR`` alone gives the recipe chosen for a
+  pretrained tower: ``image.size = 0`` becomes
+  :data:`PRETRAINED_IMAGE_SIZE` for a tower loaded from a checkpoint and
+  :data:`SCRATCH_IMAGE_SIZE` for one trained from scratch, and
+  ``image.freeze_pretrained`` adds the image tower to ``optim.freeze`` when
+  it is loaded from a checkpoint. An explicit value always wins; resolving
+  twice changes nothing. The trainer resolves every config it builds.
+  """
+  config = config.copy_and_resolve_references()
+  image = config.get("image")
+  if image is None:
+    return config
+  pretrained = bool(image.get("checkpoint"))
+  with config.unlocked():
+    if int(image.get("size", 0)) <= 0:
+      image.size = PRETRAINED_IMAGE_SIZE if pretrained else SCRATCH_IMAGE_SIZE
+    if (pretrained and image.get("freeze_pretrained")
+        and kind_uses_image(config.model.kind)):
+      patterns = [p for p in str(config.optim.freeze).split("|") if p]
+      if "img" not in patterns:
+        config.optim.freeze = "|".join(patterns + ["img"])
+  return config
+
+
+def kind_uses_image(kind: str) -> bool:
+  """Whether a model of ``kind`` has a photo tower."""
+  return kind in ("image_only", "early", "cross_modal")
+
+
 def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """The full, locked config of one system under a preset."""
   if kind not in KINDS:
@@ -107,6 +146,11 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # Modality dropout: the probability that a training example's photo is
   # withheld (image_present = 0), so the model learns to do without one.
   c.model.image_dropout = 0.0
+  # The opposite: the probability that a training example that has its photo
+  # is shown without its title (only the first token, [CLS], is kept), so
+  # the photo path has to learn on its own where titles are weak
+  # (mic_jax.train.steps.withhold_titles). Needs a text tower and a photo.
+  c.model.title_dropout = 0.0
   # How every attention layer (BERT, ViT, fusion) runs: "einsum" (written
   # out; the reference), "xla" (jax.nn.dot_product_attention, any backend)
   # or "cudnn" (its fused kernel, NVIDIA GPUs). The fused ones have no
@@ -143,7 +187,11 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.image.kind = options.get("image", "vit")
   c.image.variant = "L/16" if c.image.kind == "vit" else "R152x4"
   c.image.checkpoint = PAPER_VIT if c.image.kind == "vit" else PAPER_BIT
-  c.image.size = 224
+  c.image.size = 224         # 0: 224 for a pretrained tower, 64 for scratch.
+  # Freeze a tower loaded from image.checkpoint (its outputs are then cached,
+  # below); a tower trained from scratch is always trained. Adds to
+  # optim.freeze. Off here: the paper fine-tunes ViT-L/16.
+  c.image.freeze_pretrained = False
   c.image.dropout = 0.0
   c.image.remat = False
   # When optim.freeze covers the whole image tower, compute its outputs once
@@ -162,6 +210,10 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.fusion.dropout = 0.1
   c.fusion.pool = "sum"      # Eq. (4) sums h'_i; "mean" is an option.
   c.fusion.mlp_dim = 512     # Early-fusion MLP width.
+  # cross_modal: the head reads the photo's global token (LayerNorm(v_0))
+  # next to the pooled fused text state, a documented deviation from eq. (4)
+  # (mic_jax.models.fusion.CrossModalAttention.image_to_output).
+  c.fusion.image_to_head = False
   # Bias on the output layer; None: off for cross_modal (eq. 4 has none),
   # on for the other kinds.
   c.fusion.head_bias = ml_collections.FieldReference(None, field_type=bool)

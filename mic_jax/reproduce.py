@@ -11,8 +11,12 @@ continues where it stopped.
 
 Besides the paper's five systems the table has
 
-* the classical title baseline a practitioner tries first (TF-IDF of word
-  1-2 grams + logistic regression, :mod:`mic_jax.train.title_baseline`);
+* the linear anchors a practitioner tries first
+  (:mod:`mic_jax.train.linear_baseline`): logistic regression on the title's
+  TF-IDF (word 1-2 grams), on the frozen photo tower's class token, and on
+  both side by side; every deep row must beat them. The photo rows need a
+  pretrained, frozen photo tower (they read the shared feature cache);
+  without one they are left out;
 * for every fused system, its test macro-F1 with every photo withheld
   (:mod:`mic_jax.tools.photo_ablation`): how much the photos count;
 * a cross-modal model trained with every photo withheld
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 
 from absl import app
 from absl import flags
@@ -44,7 +49,7 @@ from mic_jax.train import rundir
 class System:
   """One row of the table."""
   name: str          # Row label.
-  module: str        # configs/<module>.py, or "title_baseline".
+  module: str        # configs/<module>.py, or "linear" (arg: the features).
   subdir: str        # Run directory under the root.
   arg: str = ""      # Extra config argument, e.g. "image=bit".
   overrides: tuple[tuple[str, object], ...] = ()
@@ -55,8 +60,12 @@ class System:
 
 
 SYSTEMS = (
-    System("Title TF-IDF + logistic regression", "title_baseline",
-           "title_baseline"),
+    System("Title TF-IDF + logistic regression", "linear", "title_baseline",
+           arg="title"),
+    System("Photo class token + logistic regression", "linear",
+           "linear_photo", arg="photo"),
+    System("Title TF-IDF + photo class token, one logistic regression",
+           "linear", "linear_title_photo", arg="title+photo"),
     System("Text-BERT", "text_only", "text_only"),
     System("Image-ViT", "image_only", "image_only"),
     System("Fusion-late", "late_fusion", "late_fusion"),
@@ -65,6 +74,7 @@ SYSTEMS = (
     System("Fusion cross-modal, photos withheld in training", "cross_modal",
            "cross_modal_no_photos", overrides=(("model.image_dropout", 1.0),)),
 )
+IMAGE_ONLY = next(s for s in SYSTEMS if s.subdir == "image_only")
 BIT = System("Image-BiT", "image_only", "image_only_bit", arg="image=bit")
 
 FLAGS = flags.FLAGS
@@ -117,20 +127,31 @@ def system_config(system: System, preset: str, data_dir: str, root: str,
   return config
 
 
+def photo_rows_possible(config) -> bool:
+  """Whether the photo linear rows can run: a pretrained tower, frozen and
+  cached (what :func:`mic_jax.train.linear_baseline.photo_vectors` reads)."""
+  config = common.resolve_auto(config)
+  freeze = str(config.optim.freeze)
+  return bool(config.image.checkpoint and config.image.cache_features and
+              freeze and re.match(freeze, "img/"))
+
+
 def run_system(system: System, root: str) -> dict:
   """Trains (unless finished) and returns the system's results.json."""
   # pylint: disable=g-import-not-at-top
-  from mic_jax.train import late_fusion, title_baseline, trainer
+  from mic_jax.train import late_fusion, linear_baseline, trainer
   # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
   if not rundir.has_results(workdir):
     console.say("=== %s -> %s", system.name, workdir)
-    if system.module == "title_baseline":
-      data_dir = FLAGS.data_dir
-      if not data_dir:
-        data_dir = trainer.resolve_data(system_config(
-            SYSTEMS[1], FLAGS.preset, "", root, FLAGS.set), workdir)[0]
-      title_baseline.train_and_evaluate(data_dir, workdir)
+    if system.module == "linear":
+      # The photo rows read the image-only system's frozen tower.
+      photo = system_config(IMAGE_ONLY, FLAGS.preset, FLAGS.data_dir, root,
+                            FLAGS.set)
+      data_dir = trainer.resolve_data(photo, workdir)[0]
+      linear_baseline.train_and_evaluate(
+          data_dir, workdir, features=system.arg,
+          photo_config=photo if "photo" in system.arg else None)
     else:
       config = system_config(system, FLAGS.preset, FLAGS.data_dir, root,
                              FLAGS.set)
@@ -195,6 +216,12 @@ def _reproduce():
                          f"{sorted(known)}")
   if FLAGS.systems:
     systems = [s for s in systems if s.subdir in FLAGS.systems]
+  elif not photo_rows_possible(system_config(
+      IMAGE_ONLY, FLAGS.preset, FLAGS.data_dir, root, FLAGS.set)):
+    console.say("photo linear rows left out: they need a pretrained, frozen "
+                "photo tower (--set=image.checkpoint=DIR)")
+    systems = [s for s in systems
+               if not (s.module == "linear" and "photo" in s.arg)]
   rows = []
   for system in systems:
     results = run_system(system, root)

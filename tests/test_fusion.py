@@ -286,3 +286,29 @@ def test_sharded_on_a_tensor_parallel_mesh():
                                         present))(
                                             jax.device_put(params, shardings))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL)
+
+
+def test_image_to_output_appends_the_normalized_photo_token():
+  """``image_to_output``: [eq. 4's pooled h', LayerNorm(v_0)], the token
+  zeroed for a product without a photo; the first block is unchanged."""
+  h, v, text_mask, present = _inputs(seed=7)
+  plain = fusion.CrossModalAttention(heads=2)
+  params = _params(plain, h, v, text_mask, present)
+  wide = fusion.CrossModalAttention(heads=2, image_to_output=True)
+  wide_params = _params(wide, h, v, text_mask, present)
+  assert set(wide_params) == set(params) | {"image_norm"}
+  wide_params = {**params, "image_norm": wide_params["image_norm"]}
+  out = np.asarray(plain.apply({"params": params}, h, v, text_mask, present))
+  both = np.asarray(wide.apply({"params": wide_params}, h, v, text_mask,
+                               present))
+  width = h.shape[-1]
+  assert both.shape == (h.shape[0], width + v.shape[-1])
+  np.testing.assert_array_equal(both[:, :width], out)
+  cls = v[:, 0].astype(np.float64)
+  normed = (cls - cls.mean(-1, keepdims=True)) / np.sqrt(
+      cls.var(-1, keepdims=True) + 1e-6)
+  norm = wide_params["image_norm"]  # Its bias was randomised by _params.
+  want = (normed * np.asarray(norm["scale"]) + np.asarray(norm["bias"])) * (
+      present > 0)[:, None]
+  np.testing.assert_allclose(both[:, width:], want, atol=1e-5, rtol=0)
+  assert not np.any(both[present == 0, width:])

@@ -438,3 +438,61 @@ def test_tower_with_dropout_is_not_cached(tmp_path):
   trainer.attach_image_features(run, state.params)
   assert run.features is None
   assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------- title dropout --
+
+
+def test_withhold_titles_keeps_the_first_token_where_a_photo_is_present():
+  n, length = 4000, 6
+  mask = jnp.asarray(np.tile([1, 1, 1, 1, 0, 0], (n, 1)), jnp.int32)
+  present = jnp.asarray(np.arange(n) % 4 != 0, jnp.int32)  # 1/4 no photo.
+  batch = {"attention_mask": mask, "image_present": present}
+  key = jax.random.key(4)
+  out = np.asarray(steps.withhold_titles(batch, key, 0.3)["attention_mask"])
+  dropped = (out != np.asarray(mask)).any(1)
+  # Only products with a photo lose their title, about 30% of them.
+  assert not dropped[np.asarray(present) == 0].any()
+  assert abs(dropped[np.asarray(present) > 0].mean() - 0.3) < 0.03
+  np.testing.assert_array_equal(out[dropped], np.tile([1, 0, 0, 0, 0, 0],
+                                                      (dropped.sum(), 1)))
+  np.testing.assert_array_equal(
+      out, steps.withhold_titles(batch, key, 0.3)["attention_mask"])
+  everything = np.asarray(steps.withhold_titles(batch, key, 1.0)[
+      "attention_mask"])
+  assert (everything[np.asarray(present) > 0].sum(1) == 1).all()
+
+
+def test_title_dropout_one_trains_like_empty_titles(demo_run):
+  """Rate 1 is the same step as a batch whose photo-bearing products show
+  only their first title token, and differs from the plain step."""
+  run, state = demo_run
+  from mic_jax.train import optimizer  # pylint: disable=g-import-not-at-top
+  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = run.config
+  tx, schedule = optimizer.make_optimizer(config.optim, state.params,
+                                          config.total_steps)
+  weights = np.ones(run.info.num_classes, np.float32)
+  batch = next(pipeline.train_batches(run.data_dir, batch_size=8,
+                                      image_size=config.image.size, seed=0))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  state = state.replace(step=jnp.asarray(5, jnp.int32))
+
+  def step_fn(rate):
+    return jax.jit(steps.make_train_step(
+        run.model, tx, schedule, seed=0, grad_accum_steps=1,
+        label_smoothing=0.0, loss_class_weights=weights, title_dropout=rate))
+
+  keep_first = (jnp.arange(batch["attention_mask"].shape[1]) == 0)[None]
+  emptied = {**batch, "attention_mask": jnp.where(
+      (batch["image_present"] > 0)[:, None], keep_first.astype(jnp.int32),
+      batch["attention_mask"])}
+  with jax.set_mesh(run.mesh):
+    _, dropped = step_fn(1.0)(state, batch)
+    _, by_hand = step_fn(0.0)(state, emptied)
+    _, plain = step_fn(0.0)(state, batch)
+  assert float(dropped["train/loss"]) == pytest.approx(
+      float(by_hand["train/loss"]), abs=1e-6)
+  assert abs(float(plain["train/loss"]) - float(dropped["train/loss"])) > 1e-6
+  with pytest.raises(ValueError, match="title_dropout"):
+    step_fn(-0.1)

@@ -11,6 +11,7 @@ import pytest
 
 from configs import common
 from mic_jax import sharding as shd
+from mic_jax.models import classifier
 from mic_jax.train import optimizer, steps
 
 
@@ -191,3 +192,39 @@ def test_dotted_override_sets_fields_and_rejects_typos():
   with config.unlocked():  # Not even an unlocked config grows a typo.
     with pytest.raises(AttributeError, match="batchsize"):
       common.override(config, "batchsize", 4)
+
+
+def test_auto_fields_follow_the_photo_tower():
+  """``image.size = 0`` and ``image.freeze_pretrained`` resolve from whether
+  the photo tower is loaded from a checkpoint; explicit values win, and
+  resolving twice changes nothing."""
+  config = common.make_config("cross_modal", "small")
+  with config.unlocked():
+    config.image.size = 0
+    config.image.freeze_pretrained = True
+  scratch = common.resolve_auto(config)
+  assert (scratch.image.size, scratch.optim.freeze) == (
+      common.SCRATCH_IMAGE_SIZE, "")
+  with config.unlocked():
+    config.image.checkpoint = "ckpt/dinov2"
+    config.optim.freeze = "txt/embeddings"
+  pretrained = common.resolve_auto(config)
+  assert pretrained.image.size == common.PRETRAINED_IMAGE_SIZE
+  assert pretrained.optim.freeze == "txt/embeddings|img"
+  assert common.resolve_auto(pretrained).to_dict() == pretrained.to_dict()
+  assert config.image.size == 0  # The input is not changed.
+  with config.unlocked():
+    config.image.size = 112
+    config.image.freeze_pretrained = False
+  explicit = common.resolve_auto(config)
+  assert (explicit.image.size, explicit.optim.freeze) == (112,
+                                                          "txt/embeddings")
+  text = common.make_config("text_only", "small")
+  with text.unlocked():
+    text.image.checkpoint, text.image.freeze_pretrained = "ckpt", True
+  assert common.resolve_auto(text).optim.freeze == ""  # No photo tower.
+  unresolved = config.copy_and_resolve_references()
+  with unresolved.unlocked():
+    unresolved.image.size = 0
+  with pytest.raises(ValueError, match="resolve the config first"):
+    classifier.example_batch(unresolved)

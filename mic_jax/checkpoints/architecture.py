@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
 from mic_jax.models import classifier
 
 
@@ -24,13 +25,16 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   (a :class:`~mic_jax.models.vit.ViTConfig`) when
   :func:`~mic_jax.models.classifier.vit_architecture_from_checkpoint` says
   the ViT comes from its checkpoint. Reading may download a hub id.
-  Other configs come back as an equal copy.
+  Fields a preset left to the photo tower (``image.size = 0``,
+  ``image.freeze_pretrained``) are filled in first
+  (:func:`configs.common.resolve_auto`). Other configs come back as an
+  equal copy.
   """
   # pylint: disable=g-import-not-at-top
   from mic_jax.checkpoints import bert as bert_ckpt
   from mic_jax.checkpoints import hub
   # pylint: enable=g-import-not-at-top
-  resolved = config.copy_and_resolve_references()
+  resolved = common.resolve_auto(config)
   kind = resolved.model.kind
   builds = kind in classifier.KINDS
   with resolved.unlocked():

@@ -109,6 +109,13 @@ class MultimodalClassifier(nn.Module):
     head_bias: bias on the output layer; eq. (4) has none, so
       :func:`build_model` turns it off for cross_modal.
     text_repr: "pooler", "cls" or "mean" (see the module docstring).
+    image_to_head: cross_modal only, a documented deviation from eq. (4):
+      the head reads ``[Σ_i h'_i, LayerNorm(v_0)]`` (the photo's global
+      token next to the fused text state; zeros for a product without a
+      photo) instead of ``Σ_i h'_i`` alone. In eq. (4) the photo reaches
+      the classifier only through the gated cross-attention of the title
+      tokens; a title that says little then lets little of the photo
+      through (:class:`fusion.CrossModalAttention`, ``image_to_output``).
     attention_impl: how the fusion's attention runs ("einsum", "xla",
       "cudnn"; :mod:`mic_jax.models.attention`); the towers carry their own
       in their configs.
@@ -126,6 +133,7 @@ class MultimodalClassifier(nn.Module):
   head_dropout: float = 0.0
   head_bias: bool = True
   text_repr: str = "pooler"
+  image_to_head: bool = False
   attention_impl: str = "einsum"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -146,7 +154,11 @@ class MultimodalClassifier(nn.Module):
       self.fusion = fusion_lib.CrossModalAttention(
           heads=self.fusion_heads, gate=self.fusion_gate,
           dropout=self.fusion_dropout, pool=self.fusion_pool,
-          return_stats=True, attention_impl=self.attention_impl, **kw)
+          image_to_output=self.image_to_head, return_stats=True,
+          attention_impl=self.attention_impl, **kw)
+    elif self.image_to_head:
+      raise ValueError("fusion.image_to_head is a cross_modal option "
+                       f"(kind is {self.kind!r})")
     elif self.kind == "early":
       self.fusion = fusion_lib.EarlyFusion(
           mlp_dim=self.mlp_dim, dropout=self.fusion_dropout, **kw)
@@ -383,6 +395,7 @@ def build_model(config: ml_collections.ConfigDict,
       head_dropout=float(head_dropout or 0.0),
       head_bias=bool(head_bias),
       text_repr=model_cfg.get("text_repr", "pooler"),
+      image_to_head=bool(fusion_cfg.get("image_to_head", False)),
       attention_impl=attention_impl(config),
       dtype=dtype, param_dtype=jnp.float32)
 
@@ -392,6 +405,10 @@ def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1
   """The model's input spec: a zero batch shaped as the data pipeline's
   (``config.text.max_length`` tokens, ``config.image.size`` pixels)."""
   length, size = int(config.text.max_length), int(config.image.size)
+  if size <= 0:
+    raise ValueError(f"config.image.size={size}: a preset left the image size "
+                     "to the photo tower; resolve the config first "
+                     "(configs.common.resolve_auto)")
   return {
       "input_ids": jnp.zeros((batch_size, length), jnp.int32),
       "attention_mask": jnp.ones((batch_size, length), jnp.int32),

@@ -192,6 +192,11 @@ class CrossModalAttention(nn.Module):
     pool: ``"sum"`` (eq. 4) or ``"mean"`` over the valid text tokens. The
       sum grows with the title length; mean is the option when titles vary
       a lot in length.
+    image_to_output: return ``[Σ_i h'_i, LayerNorm(v_0)]`` instead of the
+      pooled ``h'`` alone: the photo's global token reaches the classifier
+      directly, not only through the title tokens' gated cross-attention
+      (a documented deviation from eq. 4, off by default). The token is
+      zeroed for a product without a photo, as the cross term is.
     return_stats: also return a dict of monitoring scalars (gate mean).
     attention_impl: how both SA terms run (:mod:`mic_jax.models.attention`).
   """
@@ -201,6 +206,7 @@ class CrossModalAttention(nn.Module):
   qkv_bias: bool = False
   dropout: float = 0.0
   pool: str = "sum"
+  image_to_output: bool = False
   return_stats: bool = False
   attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
@@ -223,7 +229,8 @@ class CrossModalAttention(nn.Module):
       train: enables dropout (``dropout`` RNG).
 
     Returns:
-      ``Σ_i h'_i`` (or the mean) ``[B, Dt]`` in the compute dtype, and with
+      ``Σ_i h'_i`` (or the mean) ``[B, Dt]`` in the compute dtype (with
+      ``image_to_output``, ``[B, Dt + Dv]``: ``LayerNorm(v_0)`` appended), and with
       ``return_stats`` a dict with ``gate_mean`` (float32 scalar; the mean of
       ``VG`` over real tokens of examples with a photo). ``h'`` is sown as
       ``intermediates/h_prime`` and the gate as ``intermediates/gate``.
@@ -275,6 +282,14 @@ class CrossModalAttention(nn.Module):
     if self.pool == "mean":
       pooled = pooled / jnp.maximum(tokens.sum(-1, keepdims=True), 1.0)
     pooled = pooled.astype(self.dtype)
+    if self.image_to_output:
+      image_cls = nn.LayerNorm(
+          epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+          scale_init=P.logical(nn.initializers.ones, (P.NORM,)),
+          bias_init=P.logical(nn.initializers.zeros, (P.NORM,)),
+          name="image_norm")(v[:, 0])
+      pooled = jnp.concatenate([pooled, image_cls.astype(self.dtype) *
+                                flag[:, 0]], axis=-1)
     if not self.return_stats:
       return pooled
     weight = tokens * present.astype(jnp.float32)[:, None]

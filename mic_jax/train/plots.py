@@ -128,3 +128,36 @@ def reliability_diagram(path: str, before: Mapping[str, Any],
   hist.set_ylabel("examples")
   hist.set_yscale("symlog")
   _save(fig, path)
+
+
+def photo_contribution(path: str, results: Mapping[str, Any]) -> None:
+  """Gate histogram (when there is one) and per-class F1 with / without photos."""
+  rows = sorted(results["per_class"], key=lambda r: r["f1_with_photos"])
+  gate = results.get("gate")
+  height = min(max(3.0, 0.16 * len(rows) + 1), 30.0)
+  fig, axes = plt.subplots(1, 2 if gate else 1, figsize=(13 if gate else 8,
+                                                          height),
+                           squeeze=False)
+  ax = axes[0, 0]
+  y = np.arange(len(rows))
+  ax.barh(y, [r["f1_with_photos"] for r in rows], color="tab:blue",
+          label="with photos")
+  ax.scatter([r["f1_photos_withheld"] for r in rows], y, color="tab:red",
+             marker="|", s=60, label="photos withheld", zorder=3)
+  ax.set_yticks(y, [f"{r['label']} (n={r['support']})" for r in rows],
+                fontsize=max(4, 9 - len(rows) // 25))
+  ax.set_xlim(0, 1)
+  ax.set_xlabel("F1")
+  ax.set_title(f"{results['split']}: macro-F1 "
+               f"{results['macro_f1_with_photos']:.3f} with photos, "
+               f"{results['macro_f1_photos_withheld']:.3f} withheld")
+  ax.legend(loc="lower right")
+  if gate:
+    ax = axes[0, 1]
+    edges = np.asarray(gate["histogram"]["edges"])
+    ax.bar(edges[:-1], gate["histogram"]["counts"], width=np.diff(edges),
+           align="edge", color="tab:green")
+    ax.set_xlabel("visual gate (eq. 3), mean over a product's title tokens")
+    ax.set_ylabel("products")
+    ax.set_title(f"gate mean {gate['mean']:.3f}")
+  _save(fig, path)

@@ -102,9 +102,11 @@ def weighted_loss(logits: jnp.ndarray, labels: jnp.ndarray,
                    f"{kind!r}")
 
 
-# Stream of random bits for image dropout, separate from model dropout's
-# (which uses the step key itself), so turning it on changes nothing else.
+# Streams of random bits for image and title dropout, separate from model
+# dropout's (which uses the step key itself) and from each other, so turning
+# one on changes nothing else.
 _PHOTO_DROP = 0x5EED
+_TITLE_DROP = 0x717E
 
 
 def withhold_photos(batch: Batch, key: jax.Array, rate: float) -> Batch:
@@ -115,17 +117,36 @@ def withhold_photos(batch: Batch, key: jax.Array, rate: float) -> Batch:
                                               jnp.zeros_like(present))}
 
 
+def withhold_titles(batch: Batch, key: jax.Array, rate: float) -> Batch:
+  """``batch`` with the title withheld w.p. ``rate`` where a photo is present.
+
+  A withheld title keeps only its first token (BERT's ``[CLS]``): the text
+  tower then reads an empty title, and the fused model must classify from
+  the photo. Only examples that still have a photo lose their title, so no
+  example is left with neither.
+  """
+  mask = batch["attention_mask"]
+  drop = jax.random.bernoulli(key, rate, mask.shape[:1]) & (
+      batch["image_present"] > 0)
+  first = (jnp.arange(mask.shape[1]) == 0)[None, :]
+  return {**batch, "attention_mask": jnp.where(
+      drop[:, None], first.astype(mask.dtype), mask)}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int,
                     grad_accum_steps: int, label_smoothing: float,
                     loss_class_weights: np.ndarray, loss_kind: str = "xent",
-                    focal_gamma: float = 2.0, image_dropout: float = 0.0
+                    focal_gamma: float = 2.0, image_dropout: float = 0.0,
+                    title_dropout: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
 
   ``image_dropout`` withholds each training example's photo with that
   probability (``image_present`` set to 0, as for a product without one);
-  the draw is a pure function of (seed, step), so resume stays exact.
+  ``title_dropout`` then withholds the title of each example that still has
+  its photo with that probability (:func:`withhold_titles`). The draws are a
+  pure function of (seed, step), so resume stays exact.
   """
   if loss_kind not in LOSS_KINDS:
     raise ValueError(f"config.loss.kind must be one of {LOSS_KINDS}, got "
@@ -133,9 +154,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   if not focal_gamma >= 0:
     raise ValueError(f"config.loss.focal_gamma must be >= 0, got "
                      f"{focal_gamma}")
-  if not 0.0 <= image_dropout <= 1.0:
-    raise ValueError(f"model.image_dropout must be in [0, 1], got "
-                     f"{image_dropout}")
+  for name, rate in (("image_dropout", image_dropout),
+                     ("title_dropout", title_dropout)):
+    if not 0.0 <= rate <= 1.0:
+      raise ValueError(f"model.{name} must be in [0, 1], got {rate}")
   weights_table = jnp.asarray(loss_class_weights)
   base_key = jax.random.key(seed)
 
@@ -144,6 +166,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     if image_dropout > 0 and "image_present" in batch:
       batch = withhold_photos(batch, jax.random.fold_in(step_key, _PHOTO_DROP),
                               image_dropout)
+    if title_dropout > 0 and "image_present" in batch:
+      batch = withhold_titles(batch, jax.random.fold_in(step_key, _TITLE_DROP),
+                              title_dropout)
     weights = batch["mask"] * weights_table[batch["label"]]
     total_weight = jnp.maximum(weights.sum(), 1e-9)
 

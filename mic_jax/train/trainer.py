@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import common
 from mic_jax import hostmem
 from mic_jax import sharding as shd
 from mic_jax.checkpoints import architecture
@@ -144,8 +145,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
   ahead-of-time compile passes a stand-in with the label count); ``devices``
   the devices the mesh is built from (default: all).
   """
+  config = common.resolve_auto(config)
   data_dir, info = data if data is not None else resolve_data(config, workdir)
-  config = config.copy_and_resolve_references()
   buckets = pipeline.resolve_buckets(info, config.data.length_buckets,
                                      global_batch_size=config.batch_size)
   with config.unlocked():
@@ -235,7 +236,8 @@ def jit_train_step(run: Run, *, donate: bool = True):
       label_smoothing=config.loss.label_smoothing,
       loss_class_weights=weights, loss_kind=config.loss.kind,
       focal_gamma=float(config.loss.focal_gamma),
-      image_dropout=float(config.model.get("image_dropout", 0.0)))
+      image_dropout=float(config.model.get("image_dropout", 0.0)),
+      title_dropout=float(config.model.get("title_dropout", 0.0)))
 
   def checked_step(state, batch):
     state, metrics = train_step(state, batch)
