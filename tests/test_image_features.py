@@ -169,9 +169,8 @@ def test_withhold_photos_rate_and_determinism():
   assert int(steps.withhold_photos(none, key, 0.0)["image_present"].sum()) == 0
 
 
-def test_image_dropout_one_trains_like_no_photos(demo_run):
-  """Rate 1 is the same step as a batch whose products have no photo."""
-  run, state = demo_run
+def _one_step(run, state):
+  """(state at step 5, one training batch, jitted-step maker by options)."""
   from mic_jax.train import optimizer  # pylint: disable=g-import-not-at-top
   from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = run.config
@@ -181,12 +180,20 @@ def test_image_dropout_one_trains_like_no_photos(demo_run):
   batch = next(pipeline.train_batches(run.data_dir, batch_size=8,
                                       image_size=config.image.size, seed=0))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  state = state.replace(step=jnp.asarray(5, jnp.int32))  # Non-zero lr.
 
-  def step_fn(rate):
+  def make(**options):
     return jax.jit(steps.make_train_step(
         run.model, tx, schedule, seed=0, grad_accum_steps=1,
-        label_smoothing=0.0, loss_class_weights=weights, image_dropout=rate))
+        label_smoothing=0.0, loss_class_weights=weights, **options))
+
+  return state.replace(step=jnp.asarray(5, jnp.int32)), batch, make  # lr > 0
+
+
+def test_image_dropout_one_trains_like_no_photos(demo_run):
+  """Rate 1 is the same step as a batch whose products have no photo."""
+  run, state = demo_run
+  state, batch, make = _one_step(run, state)
+  step_fn = lambda rate: make(image_dropout=rate)
 
   with jax.set_mesh(run.mesh):
     dropped, m1 = step_fn(1.0)(state, batch)
@@ -467,21 +474,8 @@ def test_title_dropout_one_trains_like_empty_titles(demo_run):
   """Rate 1 is the same step as a batch whose photo-bearing products show
   only their first title token, and differs from the plain step."""
   run, state = demo_run
-  from mic_jax.train import optimizer  # pylint: disable=g-import-not-at-top
-  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = run.config
-  tx, schedule = optimizer.make_optimizer(config.optim, state.params,
-                                          config.total_steps)
-  weights = np.ones(run.info.num_classes, np.float32)
-  batch = next(pipeline.train_batches(run.data_dir, batch_size=8,
-                                      image_size=config.image.size, seed=0))
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  state = state.replace(step=jnp.asarray(5, jnp.int32))
-
-  def step_fn(rate):
-    return jax.jit(steps.make_train_step(
-        run.model, tx, schedule, seed=0, grad_accum_steps=1,
-        label_smoothing=0.0, loss_class_weights=weights, title_dropout=rate))
+  state, batch, make = _one_step(run, state)
+  step_fn = lambda rate: make(title_dropout=rate)
 
   keep_first = (jnp.arange(batch["attention_mask"].shape[1]) == 0)[None]
   emptied = {**batch, "attention_mask": jnp.where(

@@ -9,20 +9,32 @@ well it scores. The program is ``python -m mic_jax.tools.photo_ablation``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 from mic_jax.models import classifier
 from mic_jax.train import checkpointing, evaluation, reporting, rundir, trainer
 
+WAYS = (("with_photos", False), ("photos_withheld", True))
 
-def photo_ablation(workdir: str, splits: Sequence[str] = ("validation", "test")
-                   ) -> dict[str, Any]:
-  """``{split: {"with_photos": {...}, "photos_withheld": {...}}}`` of a run.
 
-  Each inner dict holds ``macro_f1``, ``micro_f1``, ``accuracy`` and
-  ``num_examples`` of the best checkpoint. Also written as
-  ``workdir/photo_ablation.json``.
-  """
+@dataclasses.dataclass(frozen=True)
+class BestModel:
+  """A fused run's best checkpoint, ready to score (feature cache attached)."""
+  run: trainer.Run
+  step: int
+  params: Any
+  evaluator: evaluation.Evaluator
+
+  def reports(self, split: str) -> dict[str, dict[str, Any]]:
+    """``{"with_photos": report, "photos_withheld": report}`` of ``split``."""
+    return {name: self.evaluator.evaluate(self.params, split,
+                                          withhold_images=withhold)
+            for name, withhold in WAYS}
+
+
+def restore_best(workdir: str) -> BestModel:
+  """The best checkpoint of a run whose model reads photos."""
   config = reporting.read_config(workdir)
   kind = config.model.kind
   if not classifier.uses_image(kind):  # text_only, or late (two runs).
@@ -37,13 +49,23 @@ def photo_ablation(workdir: str, splits: Sequence[str] = ("validation", "test")
   finally:
     checkpoints.close()
   trainer.attach_image_features(run, params)
-  evaluator = evaluation.Evaluator(run)
-  results: dict[str, Any] = {"model": kind, "best_step": step}
+  return BestModel(run, step, params, evaluation.Evaluator(run))
+
+
+def photo_ablation(workdir: str, splits: Sequence[str] = ("validation", "test")
+                   ) -> dict[str, Any]:
+  """``{split: {"with_photos": {...}, "photos_withheld": {...}}}`` of a run.
+
+  Each inner dict holds ``macro_f1``, ``micro_f1``, ``accuracy`` and
+  ``num_examples`` of the best checkpoint. Also written as
+  ``workdir/photo_ablation.json``.
+  """
+  best = restore_best(workdir)
+  results: dict[str, Any] = {"model": best.run.config.model.kind,
+                             "best_step": best.step}
   for split in splits:
-    results[split] = {}
-    for name, withhold in (("with_photos", False), ("photos_withheld", True)):
-      results[split][name] = evaluation.summarize(evaluator.evaluate(
-          params, split, withhold_images=withhold))
+    results[split] = {name: evaluation.summarize(report)
+                      for name, report in best.reports(split).items()}
   if reporting.is_writer():
     reporting.write_json(rundir.path(workdir, rundir.PHOTO_ABLATION),
                          results)

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from mic_jax import sharding as shd
 from mic_jax.data import pipeline
-from mic_jax.train import checkpointing, evaluation, reporting, trainer
+from mic_jax.train import photo_ablation, reporting
 
 GATE_BINS = 20
 
@@ -97,20 +97,11 @@ def _head_image_share(params: Any, text_width: int) -> float | None:
 def photo_contribution(workdir: str, split: str = "validation",
                        photo_linear_workdir: str = "") -> dict[str, Any]:
   """The three views above for the best checkpoint of ``workdir``."""
-  config = reporting.read_config(workdir)
-  run = trainer.build_run(config, workdir)
-  checkpoints = checkpointing.RunCheckpoints(workdir, keep=1,
-                                             async_save=False)
-  try:
-    step, params = checkpoints.restore_best(run.abstract_state.params)
-  finally:
-    checkpoints.close()
-  trainer.attach_image_features(run, params)
-  evaluator = evaluation.Evaluator(run)
+  best = photo_ablation.restore_best(workdir)
+  run, step, params = best.run, best.step, best.params
+  config = run.config
   labels = list(run.info.labels)
-  reports = {name: evaluator.evaluate(params, split, withhold_images=withhold)
-             for name, withhold in (("with_photos", False),
-                                    ("photos_withheld", True))}
+  reports = best.reports(split)
   with_f1, without_f1 = (np.asarray(reports[n]["f1"]) for n in reports)
   support = np.asarray(reports["with_photos"]["support"])
   per_class = sorted(
