@@ -15,6 +15,7 @@ typo in ``--config.some_field=...`` is an error, not a silently new field.
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import ml_collections
@@ -82,7 +83,56 @@ def override(config: ml_collections.ConfigDict, dotted_key: str,
 
 # image.size = 0 resolves to one of these (see resolve_auto).
 PRETRAINED_IMAGE_SIZE = 224
+# ... for a pretrained tower when most prepared photos are no larger than
+# SMALL_PHOTO_SIDE on their long side (the fashion catalogue's 60x80): 224 px
+# would upsample them 3x for 4x the tower's cost and no detail they have.
+SMALL_PHOTO_IMAGE_SIZE = 112
+SMALL_PHOTO_SIDE = 128
 SCRATCH_IMAGE_SIZE = 64
+
+
+def photo_sides(data_dir: str) -> dict[int, int]:
+  """``{long-side limit: photos}`` that data_prep recorded, or ``{}``.
+
+  Read from ``stats.json``'s ``image_size_histogram`` (buckets such as
+  ``"<=128"``, counted on the photos as found, before re-encoding); ``{}``
+  when the data set has no such record (older data, the demo data).
+  """
+  if not data_dir:
+    return {}
+  path = f"{data_dir.rstrip('/')}/stats.json"
+  try:
+    if "://" in data_dir:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with tf.io.gfile.GFile(path) as f:
+        stats = json.load(f)
+    else:
+      with open(path, encoding="utf-8") as f:
+        stats = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  sides = {}
+  for bucket, count in (stats.get("image_size_histogram") or {}).items():
+    if bucket.startswith("<="):
+      sides[int(bucket[2:])] = int(count)
+    else:  # ">2048"
+      sides[10**9] = sides.get(10**9, 0) + int(count)
+  return sides
+
+
+def pretrained_image_size(data_dir: str) -> int:
+  """The photo size of a pretrained tower for the photos of ``data_dir``.
+
+  :data:`SMALL_PHOTO_IMAGE_SIZE` when at least half of the photos are no
+  larger than :data:`SMALL_PHOTO_SIDE` on their long side, else
+  :data:`PRETRAINED_IMAGE_SIZE` (also when the data set has no record).
+  """
+  sides = photo_sides(data_dir)
+  total = sum(sides.values())
+  small = sum(n for side, n in sides.items() if side <= SMALL_PHOTO_SIDE)
+  if total and 2 * small >= total:
+    return SMALL_PHOTO_IMAGE_SIZE
+  return PRETRAINED_IMAGE_SIZE
 
 
 def resolve_auto(config: ml_collections.ConfigDict
@@ -92,7 +142,8 @@ def resolve_auto(config: ml_collections.ConfigDict
   Presets may leave a choice to the photo tower a user names, so that
   ``--config.image.checkpoint=DIR`` alone gives the recipe chosen for a
   pretrained tower: ``image.size = 0`` becomes
-  :data:`PRETRAINED_IMAGE_SIZE` for a tower loaded from a checkpoint and
+  :func:`pretrained_image_size` of the prepared photos (224, or 112 for
+  small photos) for a tower loaded from a checkpoint and
   :data:`SCRATCH_IMAGE_SIZE` for one trained from scratch, and
   ``image.freeze_pretrained`` adds the image tower to ``optim.freeze`` when
   it is loaded from a checkpoint. An explicit value always wins; resolving
@@ -105,7 +156,8 @@ def resolve_auto(config: ml_collections.ConfigDict
   pretrained = bool(image.get("checkpoint"))
   with config.unlocked():
     if int(image.get("size", 0)) <= 0:
-      image.size = PRETRAINED_IMAGE_SIZE if pretrained else SCRATCH_IMAGE_SIZE
+      image.size = (pretrained_image_size(str(config.data.get("dir", "")))
+                    if pretrained else SCRATCH_IMAGE_SIZE)
     if (pretrained and image.get("freeze_pretrained")
         and kind_uses_image(config.model.kind)):
       patterns = [p for p in str(config.optim.freeze).split("|") if p]
@@ -187,11 +239,18 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.image.kind = options.get("image", "vit")
   c.image.variant = "L/16" if c.image.kind == "vit" else "R152x4"
   c.image.checkpoint = PAPER_VIT if c.image.kind == "vit" else PAPER_BIT
-  c.image.size = 224         # 0: 224 for a pretrained tower, 64 for scratch.
+  # 0: for a pretrained tower 224, or 112 when the prepared photos are small
+  # (pretrained_image_size); 64 for a tower trained from scratch.
+  c.image.size = 224
   # Freeze a tower loaded from image.checkpoint (its outputs are then cached,
   # below); a tower trained from scratch is always trained. Adds to
   # optim.freeze. Off here: the paper fine-tunes ViT-L/16.
   c.image.freeze_pretrained = False
+  # With a pretrained ViT that is frozen and cached (above): fine-tune its top
+  # N blocks and final LayerNorm all the same. The cache then holds the
+  # tokens entering block depth - N, so only the top N blocks run in a step
+  # (mic_jax.train.image_features); 0 keeps the whole tower frozen.
+  c.image.train_top_blocks = 0
   c.image.dropout = 0.0
   c.image.remat = False
   # When optim.freeze covers the whole image tower, compute its outputs once
@@ -238,6 +297,9 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # "head"); the first matching pattern wins, unmatched params get 1.0.
   c.optim.lr_multipliers = ""
   c.optim.freeze = ""        # Regex (matched at path start) of fixed params.
+  # Regex of params trained although optim.freeze matches them; set from
+  # image.train_top_blocks when a run is built (that field is the knob).
+  c.optim.unfreeze = ""
 
   c.loss = ml_collections.ConfigDict()
   c.loss.label_smoothing = 0.0

@@ -148,6 +148,9 @@ def run_system(system: System, root: str) -> dict:
       # The photo rows read the image-only system's frozen tower.
       photo = system_config(IMAGE_ONLY, FLAGS.preset, FLAGS.data_dir, root,
                             FLAGS.set)
+      # They read the frozen tower's own output (its class token), also
+      # when the deep rows fine-tune its top blocks.
+      common.override(photo, "image.train_top_blocks", 0)
       data_dir = trainer.resolve_data(photo, workdir)[0]
       linear_baseline.train_and_evaluate(
           data_dir, workdir, features=system.arg,

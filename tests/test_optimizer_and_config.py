@@ -1,5 +1,6 @@
 """Optimizer groups, schedules, config parsing and sharding rules."""
 
+import json
 import subprocess
 import sys
 
@@ -228,3 +229,28 @@ def test_auto_fields_follow_the_photo_tower():
     unresolved.image.size = 0
   with pytest.raises(ValueError, match="resolve the config first"):
     classifier.example_batch(unresolved)
+
+
+@pytest.mark.parametrize("histogram, size", [
+    ({"<=128": 35346, "<=64": 4}, common.SMALL_PHOTO_IMAGE_SIZE),  # fashion
+    ({"<=512": 9345}, common.PRETRAINED_IMAGE_SIZE),                # H&M
+    ({"<=128": 4, "<=256": 5}, common.PRETRAINED_IMAGE_SIZE),
+    ({"<=64": 5, ">2048": 5}, common.SMALL_PHOTO_IMAGE_SIZE),
+    (None, common.PRETRAINED_IMAGE_SIZE),                           # no record
+])
+def test_auto_image_size_follows_the_prepared_photos(tmp_path, histogram,
+                                                     size):
+  """A pretrained tower's ``image.size = 0`` reads the photo sizes data_prep
+  recorded: small photos (most at most 128 px long) get 112 px, not 224."""
+  if histogram is not None:
+    (tmp_path / "stats.json").write_text(
+        json.dumps({"image_size_histogram": histogram}))
+  config = common.make_config("cross_modal", "small")
+  with config.unlocked():
+    config.image.size = 0
+    config.image.checkpoint = "ckpt/dinov2"
+    config.data.dir = str(tmp_path)
+  assert common.resolve_auto(config).image.size == size
+  with config.unlocked():
+    config.image.checkpoint = ""
+  assert common.resolve_auto(config).image.size == common.SCRATCH_IMAGE_SIZE

@@ -116,6 +116,11 @@ class MultimodalClassifier(nn.Module):
       the classifier only through the gated cross-attention of the title
       tokens; a title that says little then lets little of the photo
       through (:class:`fusion.CrossModalAttention`, ``image_to_output``).
+    image_start_block: the ViT block that a batch's ``image_hidden``
+      tokens enter (cached below the top blocks that
+      ``image.train_top_blocks`` trains; :mod:`mic_jax.train.
+      image_features`); 0 when the tower only ever sees pixels or its
+      whole output.
     attention_impl: how the fusion's attention runs ("einsum", "xla",
       "cudnn"; :mod:`mic_jax.models.attention`); the towers carry their own
       in their configs.
@@ -134,6 +139,7 @@ class MultimodalClassifier(nn.Module):
   head_bias: bool = True
   text_repr: str = "pooler"
   image_to_head: bool = False
+  image_start_block: int = 0
   attention_impl: str = "einsum"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -173,7 +179,8 @@ class MultimodalClassifier(nn.Module):
     Args:
       batch: ``input_ids``, ``attention_mask``, ``token_type_ids`` ``[B, L]``,
         ``image`` ``[B, H, W, 3]`` in [-1, 1] (or ``image_tokens`` ``[B, T,
-        D]``, the image tower's precomputed output), ``image_present``
+        D]``, the image tower's precomputed output, or ``image_hidden``,
+        its hidden tokens at ``image_start_block``), ``image_present``
         ``[B]``; a
         kind reads only the keys of the towers it has (other keys such as
         ``label`` and ``mask`` are ignored).
@@ -195,8 +202,16 @@ class MultimodalClassifier(nn.Module):
     if self.img is not None:
       # A frozen tower's outputs may come precomputed (mic_jax.train.
       # image_features); the tower then does not run at all.
-      tokens = (batch["image_tokens"] if "image_tokens" in batch
-                else self.img(batch["image"], train=train))
+      if "image_tokens" in batch:
+        tokens = batch["image_tokens"]
+      elif "image_hidden" in batch:  # Only the top blocks train and run.
+        if not self.image_start_block:
+          raise ValueError("a batch of image_hidden tokens needs "
+                           "image_start_block (image.train_top_blocks)")
+        tokens = self.img(batch["image_hidden"], train=train,
+                          start_block=self.image_start_block)
+      else:
+        tokens = self.img(batch["image"], train=train)
       image_cls = tokens[:, 0]
       aux["image_cls"] = image_cls
 
@@ -367,8 +382,12 @@ def build_model(config: ml_collections.ConfigDict,
                                remat=bool(config.text.get("remat", False)),
                                scan_layers=bool((config.get("model") or {}).get(
                                    "scan_layers", False)))
+  image_start_block = 0
   if uses_image(kind):
     img = build_image_tower(config, dtype)
+    top = int(config.image.get("train_top_blocks", 0) or 0)
+    if top and hasattr(img, "config") and hasattr(img.config, "depth"):
+      image_start_block = int(img.config.depth) - top
   fusion_cfg = config.get("fusion") or ml_collections.ConfigDict()
   head_bias = fusion_cfg.get("head_bias")
   if head_bias is None:
@@ -396,6 +415,7 @@ def build_model(config: ml_collections.ConfigDict,
       head_bias=bool(head_bias),
       text_repr=model_cfg.get("text_repr", "pooler"),
       image_to_head=bool(fusion_cfg.get("image_to_head", False)),
+      image_start_block=image_start_block,
       attention_impl=attention_impl(config),
       dtype=dtype, param_dtype=jnp.float32)
 

@@ -372,15 +372,31 @@ class Encoder1DBlock(_ViTModule):
 
 
 class Encoder(_ViTModule):
-  """Position embeddings, the block stack and the final LayerNorm."""
+  """Position embeddings, the block stack and the final LayerNorm.
+
+  ``first``/``last`` run only blocks ``first .. last - 1``: the position
+  embeddings are added only when the stack starts at block 0, the final
+  LayerNorm only when it ends at the top. A frozen lower part's output can
+  so be computed once (``last``) and the top blocks trained on it
+  (``first``; :mod:`mic_jax.train.image_features`).
+  """
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, *, train: bool, first: int = 0,
+               last: int | None = None) -> jnp.ndarray:
     cfg = self.config
-    posemb = PositionEmbedding(cfg, name="posembed_input",
-                               param_dtype=self.param_dtype)(x)
-    x = x + posemb.astype(x.dtype)
-    x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    last = cfg.depth if last is None else last
+    if not 0 <= first <= last <= cfg.depth:
+      raise ValueError(f"ViT blocks {first}..{last} are not within the "
+                       f"{cfg.depth} blocks of the tower")
+    if cfg.scan_layers and (first, last) != (0, cfg.depth):
+      raise ValueError("a scanned ViT (model.scan_layers) runs all its "
+                       "blocks at once; part of the stack needs it unscanned")
+    if first == 0:
+      posemb = PositionEmbedding(cfg, name="posembed_input",
+                                 param_dtype=self.param_dtype)(x)
+      x = x + posemb.astype(x.dtype)
+      x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
     block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,)) if cfg.remat
                  else Encoder1DBlock)
     if cfg.scan_layers:
@@ -388,8 +404,10 @@ class Encoder(_ViTModule):
       x, _ = stack(cfg, scan_body=True, name="encoderblock", **self.kw)(
           x, train)
     else:
-      for i in range(cfg.depth):
+      for i in range(first, last):
         x = block_cls(cfg, name=f"encoderblock_{i}", **self.kw)(x, train)
+    if last < cfg.depth:
+      return x
     return self.layer_norm("encoder_norm")(x)
 
 
@@ -426,19 +444,34 @@ class VisionTransformer(_ViTModule):
   """ViT image tower; see the module docstring for names and outputs."""
 
   @nn.compact
-  def __call__(self, images: jnp.ndarray, *, train: bool = False
+  def __call__(self, images: jnp.ndarray, *, train: bool = False,
+               stop_block: int | None = None, start_block: int = 0
                ) -> jnp.ndarray:
     """Encodes images scaled to [-1, 1].
 
     Args:
-      images: ``[B, H, W, 3]``; H and W multiples of the patch size.
+      images: ``[B, H, W, 3]``; H and W multiples of the patch size. With
+        ``start_block > 0``, the hidden tokens ``[B, T, D]`` entering that
+        block instead (what ``stop_block=start_block`` returned).
       train: enables dropout (uses the ``dropout`` RNG).
+      stop_block: return the hidden tokens after this many blocks (before
+        the final LayerNorm) instead of the tower's output.
+      start_block: resume from hidden tokens at this block (see ``images``).
+        ``tower(tower(x, stop_block=k), start_block=k)`` equals
+        ``tower(x)``.
 
     Returns:
       Tokens ``[B, 1+N, D]`` (N = H*W / patch^2), or logits
-      ``[B, num_classes]`` when the config has a head.
+      ``[B, num_classes]`` when the config has a head; the hidden tokens
+      with ``stop_block``.
     """
     cfg = self.config
+    if start_block:
+      if images.ndim != 3:
+        raise ValueError("start_block resumes from hidden tokens [B, T, D], "
+                         f"got shape {images.shape}")
+      return self._output(Encoder(cfg, name="Transformer", **self.kw)(
+          images.astype(self.dtype), train=train, first=start_block))
     if images.ndim != 4:
       raise ValueError(f"images must be [B, H, W, C], got {images.shape}")
     height, width = images.shape[1:3]
@@ -467,7 +500,15 @@ class VisionTransformer(_ViTModule):
       x = jnp.concatenate(
           [jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, dim)), x], axis=1)
     x = P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
-    x = Encoder(cfg, name="Transformer", **self.kw)(x, train=train)
+    x = Encoder(cfg, name="Transformer", **self.kw)(x, train=train,
+                                                     last=stop_block)
+    if stop_block is not None:
+      return x
+    return self._output(x)
+
+  def _output(self, x: jnp.ndarray) -> jnp.ndarray:
+    """The encoder's normalized tokens -> the tower's output (and head)."""
+    cfg = self.config
     if cfg.classifier == "gap":
       x = jnp.concatenate([jnp.mean(x, axis=1, keepdims=True), x], axis=1)
     tokens = P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))

@@ -9,6 +9,12 @@ disk; the train and eval streams then carry a photo's content key
 pixels, and the model reads ``image_tokens`` instead of running the tower
 (:class:`mic_jax.models.classifier.MultimodalClassifier`).
 
+``image.train_top_blocks = N`` fine-tunes the top N blocks of such a tower:
+the cache then holds the hidden tokens entering block ``depth - N`` (keyed by
+the frozen lower part's weights only), batches carry them as
+``image_hidden``, and each step runs just the top N blocks and the final
+LayerNorm on them. Export and serving run the whole tower on pixels.
+
 What changes against running the tower: training photos are not augmented
 (every epoch sees the eval transform of the photo), which for a frozen
 tower is the usual linear-probe / feature-extraction practice. The tokens
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -63,14 +70,96 @@ def default_root() -> str:
   return feature_store.join(base, "image_features")
 
 
+def top_blocks(config: ml_collections.ConfigDict) -> int:
+  """``image.train_top_blocks``: top ViT blocks trained above the cache."""
+  return int(config.image.get("train_top_blocks", 0) or 0)
+
+
+def top_block_pattern(tower: nn.Module, count: int) -> str:
+  """Regex of the parameters of ``tower``'s top ``count`` blocks and norm."""
+  depth = int(tower.config.depth)
+  blocks = "|".join(str(i) for i in range(depth - count, depth))
+  return f"img/Transformer/(encoderblock_({blocks})|encoder_norm)/"
+
+
+def resolve_top_blocks(config: ml_collections.ConfigDict,
+                       tower: nn.Module | None) -> ml_collections.ConfigDict:
+  """``config`` with ``optim.unfreeze`` covering the top blocks to train.
+
+  ``image.train_top_blocks = N`` keeps the top N blocks (and the final
+  LayerNorm) of a frozen pretrained ViT training; the rest stays frozen and
+  its output is what the feature cache holds. Raises when that cannot
+  hold: no frozen pretrained ViT, a scanned stack, N not below the depth.
+  Resolving twice changes nothing.
+  """
+  count = top_blocks(config)
+  if count == 0:
+    return config
+  from mic_jax.models import vit  # pylint: disable=g-import-not-at-top
+  where = f"image.train_top_blocks={count}"
+  if not isinstance(tower, vit.VisionTransformer):
+    raise ValueError(f"{where} needs a ViT photo tower (got "
+                     f"{type(tower).__name__})")
+  if tower.config.scan_layers:
+    raise ValueError(f"{where}: a scanned ViT (model.scan_layers) trains all "
+                     "its blocks or none")
+  if not 0 < count < tower.config.depth:
+    raise ValueError(f"{where}: the tower has {tower.config.depth} blocks; "
+                     "train fewer, or unfreeze the whole tower")
+  freeze = str(config.optim.freeze)
+  if not (freeze and re.match(freeze, "img/")):
+    raise ValueError(f"{where} trains the top of a frozen photo tower: set "
+                     "image.freeze_pretrained=True (or optim.freeze=img)")
+  pattern = top_block_pattern(tower, count)
+  patterns = [p for p in str(config.optim.unfreeze).split("|") if p]
+  config = config.copy_and_resolve_references()
+  if pattern not in str(config.optim.unfreeze):
+    with config.unlocked():
+      config.optim.unfreeze = "|".join(patterns + [pattern]) if patterns \
+          else pattern
+  return config
+
+
+def frozen_part(img_params: Any, depth: int | None) -> Any:
+  """The parameters the cached tokens depend on: all of them, or those of
+  the embedding and the first ``depth`` blocks (so the cache's key does not
+  change while the top blocks train, nor on resuming a run)."""
+  if depth is None:
+    return img_params
+  def below(name: str) -> bool:
+    if name == "encoder_norm":
+      return False
+    return not (name.startswith("encoderblock_") and
+                int(name.rsplit("_", 1)[1]) >= depth)
+  params = dict(img_params)
+  params["Transformer"] = {k: v for k, v in params["Transformer"].items()
+                           if below(k)}
+  return params
+
+
+def cached_depth(config: ml_collections.ConfigDict,
+                 tower: nn.Module) -> int | None:
+  """How many blocks the cache computes: None for the whole tower's output,
+  else the frozen lower blocks below ``image.train_top_blocks``."""
+  count = top_blocks(config)
+  return int(tower.config.depth) - count if count else None
+
+
 def tower_is_frozen(config: ml_collections.ConfigDict,
                     abstract_params: dict[str, Any]) -> bool:
-  """True when ``optim.freeze`` covers every parameter of the ``img`` tower."""
+  """True when ``optim.freeze`` covers every parameter of the ``img`` tower
+  (but for the top blocks ``image.train_top_blocks`` trains, which must
+  then all train)."""
   if "img" not in abstract_params or not config.optim.freeze:
     return False
-  labels, _ = optimizer.group_labels({"img": abstract_params["img"]},
-                                     config.optim)
-  return all(l == optimizer.FROZEN for l in jax.tree.leaves(labels))
+  img = {"img": abstract_params["img"]}
+  labels, _ = optimizer.group_labels(img, config.optim)
+  frozen = {path: label == optimizer.FROZEN for path, label in zip(
+      jax.tree.leaves(optimizer.tree_paths(img)), jax.tree.leaves(labels))}
+  if not top_blocks(config):
+    return all(frozen.values())
+  top = re.compile(str(config.optim.unfreeze))
+  return all(frozen[p] != bool(top.match(p)) for p in frozen)
 
 
 def train_mode_differs(tower: nn.Module) -> str | None:
@@ -115,19 +204,32 @@ def wanted(config: ml_collections.ConfigDict,
 
 
 def cache_key(img_params: Any, tower: nn.Module, image_size: int,
-              data_dir: str) -> str:
-  """Hex digest naming one (weights, tower config, size, data) combination."""
+              data_dir: str, depth: int | None = None) -> str:
+  """Hex digest naming one (weights, tower config, size, data, ``depth``:
+  the blocks computed, None for the whole tower) combination."""
+  stop = "" if depth is None else f" blocks={depth}"
   return feature_store.key(
-      f"v{FORMAT_VERSION} size={image_size} tower={tower!r}", img_params,
-      data_dir)
+      f"v{FORMAT_VERSION} size={image_size} tower={tower!r}{stop}",
+      img_params, data_dir)
+
+
+TOKENS = "image_tokens"   # The batch key of a whole tower's output,
+HIDDEN = "image_hidden"   # ... and of the tokens entering its top blocks.
 
 
 class ImageFeatureCache:
-  """Image-tower tokens ``[K, T, D]`` (float32) looked up by photo key."""
+  """Image-tower tokens ``[K, T, D]`` (float32) looked up by photo key.
 
-  def __init__(self, directory: str | os.PathLike[str]):
+  ``batch_key`` is what :meth:`attach` calls them in a batch:
+  :data:`TOKENS` for the tower's output, :data:`HIDDEN` for the hidden
+  tokens below the top blocks that ``image.train_top_blocks`` trains.
+  """
+
+  def __init__(self, directory: str | os.PathLike[str],
+               batch_key: str = TOKENS):
     """Opens a cache that :func:`feature_store.problem` found complete."""
     self.directory = directory
+    self.batch_key = batch_key
     local = feature_store.local_copy(os.fspath(directory), FORMAT_VERSION)
     keys = np.load(local / feature_store.KEYS)
     self.tokens = np.load(local / feature_store.ROWS, mmap_mode="r")
@@ -155,7 +257,7 @@ class ImageFeatureCache:
 
   def attach(self, batches: Iterable[dict[str, np.ndarray]],
              *, withhold: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Replaces each batch's ``image_key`` by ``image_tokens``.
+    """Replaces each batch's ``image_key`` by the tokens (``batch_key``).
 
     ``withhold`` scores every product as one without a photo (the tokens of
     the empty image, ``image_present = 0``), as the pixel path does.
@@ -166,7 +268,7 @@ class ImageFeatureCache:
       if withhold:
         keys = np.full_like(keys, self.no_photo)
         batch["image_present"] = np.zeros_like(batch["image_present"])
-      batch["image_tokens"] = self.lookup(keys)
+      batch[self.batch_key] = self.lookup(keys)
       yield batch
 
 
@@ -207,13 +309,16 @@ def _count_photos(data_dir: str) -> int:
 
 def build(directory: str | os.PathLike[str], tower: nn.Module,
           img_params: Any, data_dir: str, image_size: int, *,
-          batch_size: int = 64) -> None:
+          batch_size: int = 64, depth: int | None = None) -> None:
   """Runs ``tower`` over every distinct photo and writes the cache.
 
-  Written as :class:`feature_store.Writer` does (complete or absent, also
-  on SIGTERM).
+  ``depth``: only the first ``depth`` blocks (their hidden tokens are
+  cached); None: the whole tower. Written as :class:`feature_store.Writer`
+  does (complete or absent, also on SIGTERM).
   """
-  apply = jax.jit(lambda p, x: tower.apply({"params": p}, x, train=False))
+  kwargs = {} if depth is None else {"stop_block": depth}
+  apply = jax.jit(lambda p, x: tower.apply({"params": p}, x, train=False,
+                                           **kwargs))
   params = jax.device_get(img_params)
   directory = os.fspath(directory)
   total = _count_photos(data_dir) + 1
@@ -237,7 +342,7 @@ def build(directory: str | os.PathLike[str], tower: nn.Module,
     writer.commit({"image_size": image_size,
                    "data_dir": os.path.abspath(data_dir)
                    if not reporting.is_remote(data_dir) else data_dir,
-                   "tower": repr(tower)}, FORMAT_VERSION)
+                   "tower": repr(tower), "blocks": depth}, FORMAT_VERSION)
     logging.info("image features: cached %d photos in %s (%.0f s)",
                  writer.count, directory, time.monotonic() - writer.started)
 
@@ -251,19 +356,25 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
   """
   root = os.fspath(config.image.get("feature_cache_dir") or default_root())
   size = int(config.image.size)
+  depth = cached_depth(config, tower)
+  batch_key = TOKENS if depth is None else HIDDEN
   feature_store.sweep(root)
   if reporting.is_remote(root):  # Its builds are staged on local disk.
     feature_store.sweep(str(feature_store.mirror_root()))
   directory = feature_store.directory(
-      root, cache_key(img_params, tower, size, data_dir))
+      root, cache_key(frozen_part(img_params, depth), tower, size, data_dir,
+                      depth))
   marker = feature_store.join(directory, feature_store.META)
   if tf.io.gfile.exists(marker):
     why = feature_store.problem(directory, FORMAT_VERSION)
     if why is None:
       logging.info("image features: reusing %s", directory)
-      return ImageFeatureCache(directory)
+      return ImageFeatureCache(directory, batch_key)
     feature_store.quarantine(directory, why)
-  logging.info("image features: computing the frozen image tower's "
-               "outputs once for every photo -> %s", directory)
-  build(directory, tower, img_params, data_dir, size)
-  return ImageFeatureCache(directory)
+  what = ("outputs" if depth is None else
+          f"hidden tokens after block {depth} (the top "
+          f"{top_blocks(config)} train)")
+  logging.info("image features: computing the frozen image tower's %s once "
+               "for every photo -> %s", what, directory)
+  build(directory, tower, img_params, data_dir, size, depth=depth)
+  return ImageFeatureCache(directory, batch_key)

@@ -32,7 +32,8 @@ import tensorflow as tf
 
 from mic_jax.data import pipeline
 from mic_jax.data import records
-from mic_jax.train import evaluation, metrics, reporting, rundir
+from mic_jax.train import evaluation, image_features, metrics, reporting
+from mic_jax.train import rundir
 
 FEATURES = ("title", "photo", "title+photo")
 # The grids reach past where the real catalogues chose (fashion's title row
@@ -82,6 +83,11 @@ def photo_vectors(config: ml_collections.ConfigDict, workdir: str,
   params, loaded = towers.load_pretrained(run.config, params,
                                           run.state_shardings.params)
   trainer.attach_image_features(run, params)
+  if run.features is not None and run.features.batch_key != \
+      image_features.TOKENS:
+    raise ValueError("the photo linear rows read the frozen photo tower's "
+                     "class token; image.train_top_blocks caches hidden "
+                     "tokens below it: set image.train_top_blocks=0 for them")
   if run.features is None:
     raise ValueError(
         "the photo linear rows read a frozen photo tower's class token from "

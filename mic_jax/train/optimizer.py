@@ -3,7 +3,9 @@
 Parameter paths look like ``txt/encoder/layer_3/output/dense/kernel``; the
 towers' stable top-level names (``txt``, ``img``, ``fusion``, ``head``) make
 regexes such as ``txt`` or ``img/Transformer/encoderblock_(0|1)/`` enough to
-freeze a tower or give it its own learning rate.
+freeze a tower or give it its own learning rate; ``optim.unfreeze`` keeps
+some of what ``optim.freeze`` matches training (the top blocks of a frozen
+photo tower, ``image.train_top_blocks``).
 
 The chain is: zero the gradients of frozen parameters (so they do not count
 in the global norm) -> clip by global norm -> one AdamW per learning-rate
@@ -86,11 +88,13 @@ def group_labels(params: Any, optim: ml_collections.ConfigDict
     ``(labels tree, {label: lr multiplier})``.
   """
   freeze = re.compile(optim.freeze) if optim.freeze else None
+  unfreeze = (re.compile(optim.unfreeze) if optim.get("unfreeze") else None)
   multipliers = parse_multipliers(optim.lr_multipliers)
   groups: dict[str, float] = {}
 
   def label(path: str) -> str:
-    if freeze is not None and freeze.match(path):
+    if (freeze is not None and freeze.match(path) and
+        not (unfreeze is not None and unfreeze.match(path))):
       return FROZEN
     factor = next((f for r, f in multipliers if r.match(path)), 1.0)
     name = f"lr_x{factor:g}"

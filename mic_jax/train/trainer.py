@@ -162,6 +162,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
         f"({devices_per_batch}) times grad_accum_steps "
         f"({config.grad_accum_steps})")
   spec = classifier.build(architecture.resolve(config), info.num_classes)
+  # image.train_top_blocks: which of a frozen tower's blocks still train.
+  config = image_features.resolve_top_blocks(config, spec.model.img)
   param_shardings = shd.logical_shardings(spec.boxed_params, mesh, rules)
   abstract_params = spec.abstract_params
   tx, schedule = optimizer.make_optimizer(config.optim, abstract_params,

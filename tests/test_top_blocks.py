@@ -1,0 +1,125 @@
+"""Fine-tuning the top blocks of a frozen, cached photo tower.
+
+``image.train_top_blocks = N``: the cache holds the tokens entering block
+``depth - N``, each step runs only the top N blocks on them. That must
+change nothing but speed: the split tower equals the whole one, evaluation
+through the cached hidden tokens equals evaluation on pixels, training moves
+the top blocks and nothing below them, and the cache stays the same one
+while the top blocks train (so a resumed run reuses it).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import demo_configs
+from mic_jax.models import vit
+from mic_jax.train import checkpointing, evaluation, image_features, trainer
+
+
+def _config(tmp_path, **overrides):
+  overrides = {"optim.freeze": "img", "image.train_top_blocks": 1,
+               "image.feature_cache_dir": str(tmp_path / "cache"),
+               **overrides}
+  return demo_configs.short_demo(
+      "cross_modal", **{"total_steps": 4, "log_every": 2, "eval_every": 4,
+                        **overrides})
+
+
+@pytest.mark.parametrize("depth,split", [(2, 1), (3, 1), (3, 2)])
+def test_split_tower_equals_the_whole_one(depth, split):
+  model = vit.VisionTransformer(vit.ViTConfig(
+      patch_size=8, width=32, depth=depth, mlp_dim=64, num_heads=2))
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3),
+                              minval=-1, maxval=1)
+  params = model.init(jax.random.key(1), images)["params"]
+  whole = model.apply({"params": params}, images)
+  hidden = model.apply({"params": params}, images, stop_block=split)
+  assert hidden.shape == whole.shape
+  assert np.abs(np.asarray(hidden - whole)).max() > 1e-3  # Not the output.
+  top = model.apply({"params": params}, hidden, start_block=split)
+  np.testing.assert_allclose(np.asarray(top), np.asarray(whole), atol=1e-6)
+
+
+def test_scanned_tower_cannot_be_split():
+  model = vit.VisionTransformer(vit.ViTConfig(
+      patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=2,
+      scan_layers=True))
+  images = jnp.zeros((1, 32, 32, 3))
+  params = model.init(jax.random.key(1), images)["params"]
+  with pytest.raises(ValueError, match="scan"):
+    model.apply({"params": params}, images, stop_block=1)
+
+
+@pytest.fixture(scope="module")
+def top_run(tmp_path_factory):
+  """A cross-modal demo run with its top ViT block trained, 4 steps."""
+  tmp = tmp_path_factory.mktemp("top")
+  config = _config(tmp)
+  workdir = str(tmp / "run")
+  results = trainer.train_and_evaluate(config, workdir)
+  return tmp, config, workdir, results
+
+
+def test_top_block_trains_and_the_rest_stays(top_run):
+  tmp, config, workdir, results = top_run
+  assert 0 <= results["test"]["macro_f1"] <= 1
+  run = trainer.build_run(config, str(tmp / "fresh"))
+  assert run.config.optim.unfreeze == image_features.top_block_pattern(
+      run.model.img, 1)
+  init, _ = trainer.init_state(run, checkpointing.RunCheckpoints(
+      str(tmp / "fresh"), keep=1, async_save=False))
+  ckpt = checkpointing.RunCheckpoints(workdir, keep=1, async_save=False)
+  _, best = ckpt.restore_best(run.abstract_state.params)
+  ckpt.close()
+  before = jax.device_get(init.params["img"])
+  after = jax.device_get(best["img"])
+  moved = {}
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before),
+                          jax.tree.leaves(after)):
+    name = jax.tree_util.keystr(path)
+    moved[name] = not np.array_equal(np.asarray(a), np.asarray(b))
+  top = [n for n in moved if "encoderblock_1" in n or "encoder_norm" in n]
+  assert top and all(moved[n] for n in top if "kernel" in n)
+  assert not any(moved[n] for n in moved if n not in top)
+  # One cache, of the lower block's output, the same for the trained params
+  # (the demo data lives in the workdir, so ask for the trained run's).
+  caches = list((tmp / "cache").iterdir())
+  assert len(caches) == 1
+  run = trainer.build_run(config, workdir)
+  again = image_features.ensure(run.config, run.model.img, after,
+                                run.data_dir)
+  assert str(again.directory).rstrip("/") == str(caches[0]).rstrip("/")
+  assert again.batch_key == image_features.HIDDEN
+  whole = image_features.cache_key(after, run.model.img, config.image.size,
+                                   run.data_dir)
+  assert whole not in str(caches[0])
+
+
+def test_cached_hidden_tokens_evaluate_as_pixels(top_run):
+  tmp, config, workdir, _ = top_run
+  run = trainer.build_run(config, workdir)
+  ckpt = checkpointing.RunCheckpoints(workdir, keep=1, async_save=False)
+  _, params = ckpt.restore_best(run.abstract_state.params)
+  ckpt.close()
+  with jax.set_mesh(run.mesh):
+    pixel_probs, pixel_labels = evaluation.Evaluator(run).predict(
+        params, "validation")
+    trainer.attach_image_features(run, params)
+    assert run.features.batch_key == image_features.HIDDEN
+    cached_probs, cached_labels = evaluation.Evaluator(run).predict(
+        params, "validation")
+  np.testing.assert_array_equal(cached_labels, pixel_labels)
+  np.testing.assert_allclose(cached_probs, pixel_probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"optim.freeze": ""}, "freeze"),
+    ({"image.train_top_blocks": 2}, "2 blocks"),
+    ({"image.kind": "bit", "image.variant": "tiny"}, "ViT"),
+])
+def test_impossible_top_blocks_are_clear_errors(tmp_path, overrides, match):
+  config = _config(tmp_path, **overrides)
+  with pytest.raises(ValueError, match=match):
+    trainer.build_run(config, str(tmp_path / "run"))
