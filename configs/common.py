@@ -203,6 +203,11 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # the photo path has to learn on its own where titles are weak
   # (mic_jax.train.steps.withhold_titles). Needs a text tower and a photo.
   c.model.title_dropout = 0.0
+  # Fused kinds: > 0 adds a title-only and a photo-only head on the towers'
+  # vectors and this weight times their losses to the loss, so each tower
+  # also learns to classify alone (against one modality winning the whole
+  # training: the photo where titles are weak). The heads are not exported.
+  c.model.aux_loss_weight = 0.0
   # How every attention layer (BERT, ViT, fusion) runs: "einsum" (written
   # out; the reference), "xla" (jax.nn.dot_product_attention, any backend)
   # or "cudnn" (its fused kernel, NVIDIA GPUs). The fused ones have no
@@ -249,8 +254,14 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # With a pretrained ViT that is frozen and cached (above): fine-tune its top
   # N blocks and final LayerNorm all the same. The cache then holds the
   # tokens entering block depth - N, so only the top N blocks run in a step
-  # (mic_jax.train.image_features); 0 keeps the whole tower frozen.
+  # (mic_jax.train.image_features); 0 keeps the whole tower frozen, N = depth
+  # trains all of it from pixels. Their learning rate: optim.lr_multipliers
+  # (e.g. "txt=0.25,img=0.25").
   c.image.train_top_blocks = 0
+  # How the cache keeps its rows: "float32", or "bfloat16" for half the disk
+  # (the fashion catalogue's 224 px tokens: about 17 GB in float32); the
+  # model reads them back as float32. Part of the cache's key.
+  c.image.feature_cache_dtype = "float32"
   c.image.dropout = 0.0
   c.image.remat = False
   # When optim.freeze covers the whole image tower, compute its outputs once

@@ -134,6 +134,10 @@ def restore(workdir: pathlib.Path, step: int | None = None
                       f"{rundir.path(workdir, rundir.CONFIG)} "
                       f"disagree on {', '.join(bad[:5])}")
   logging.info("restored %s", path)
+  if model.aux_heads:  # Training aids only: the served model has no use.
+    model = model.clone(aux_heads=False)
+    params = {k: v for k, v in params.items()
+              if k not in classifier.AUX_HEADS}
   return model, jax.tree.map(np.asarray, params), step, config
 
 

@@ -490,3 +490,39 @@ def test_title_dropout_one_trains_like_empty_titles(demo_run):
   assert abs(float(plain["train/loss"]) - float(dropped["train/loss"])) > 1e-6
   with pytest.raises(ValueError, match="title_dropout"):
     step_fn(-0.1)
+
+
+def test_bfloat16_rows_take_half_the_disk_and_read_back_rounded(tiny):
+  """``image.feature_cache_dtype=bfloat16``: another cache (the dtype is in
+  its key), half the bytes of rows, and the same tokens rounded to bf16."""
+  full = _ensure(tiny)
+  half = _ensure(tiny, feature_cache_dtype="bfloat16")
+  assert half.directory != full.directory and half.row_dtype == "bfloat16"
+  rows = "tokens.npy"
+  full_bytes = (pathlib.Path(full.directory) / rows).stat().st_size
+  half_bytes = (pathlib.Path(half.directory) / rows).stat().st_size
+  assert half_bytes < 0.55 * full_bytes
+  want = full.lookup(full.keys)
+  got = half.lookup(full.keys)
+  assert got.dtype == np.float32
+  assert not np.array_equal(got, want)  # Really rounded ...
+  # ... to the nearest bf16 (8 bits of mantissa): relative error <= 2^-9.
+  np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=1e-30)
+  # Read back through a fresh open as well (the dtype comes from cache.json).
+  again = image_features.ImageFeatureCache(half.directory)
+  np.testing.assert_array_equal(again.lookup(full.keys), got)
+
+
+def test_unknown_cache_dtype_is_a_clear_error(tiny):
+  with pytest.raises(ValueError, match="float32, bfloat16"):
+    _ensure(tiny, feature_cache_dtype="float16")
+
+
+def test_cache_with_an_unknown_row_dtype_is_damaged(tiny):
+  good = _ensure(tiny)
+  marker = pathlib.Path(good.directory) / "cache.json"
+  meta = json.loads(marker.read_text())
+  meta["row_dtype"] = "int8"
+  marker.write_text(json.dumps(meta))
+  assert "row_dtype" in image_features.feature_store.problem(
+      str(good.directory), image_features.FORMAT_VERSION)

@@ -62,6 +62,15 @@ def top_run(tmp_path_factory):
   return tmp, config, workdir, results
 
 
+def _best(config, workdir):
+  """The run of ``config`` in ``workdir`` and its best checkpoint's params."""
+  run = trainer.build_run(config, workdir)
+  ckpt = checkpointing.RunCheckpoints(workdir, keep=1, async_save=False)
+  _, params = ckpt.restore_best(run.abstract_state.params)
+  ckpt.close()
+  return run, params
+
+
 def test_top_block_trains_and_the_rest_stays(top_run):
   tmp, config, workdir, results = top_run
   assert 0 <= results["test"]["macro_f1"] <= 1
@@ -98,11 +107,8 @@ def test_top_block_trains_and_the_rest_stays(top_run):
 
 
 def test_cached_hidden_tokens_evaluate_as_pixels(top_run):
-  tmp, config, workdir, _ = top_run
-  run = trainer.build_run(config, workdir)
-  ckpt = checkpointing.RunCheckpoints(workdir, keep=1, async_save=False)
-  _, params = ckpt.restore_best(run.abstract_state.params)
-  ckpt.close()
+  _, config, workdir, _ = top_run
+  run, params = _best(config, workdir)
   with jax.set_mesh(run.mesh):
     pixel_probs, pixel_labels = evaluation.Evaluator(run).predict(
         params, "validation")
@@ -114,9 +120,46 @@ def test_cached_hidden_tokens_evaluate_as_pixels(top_run):
   np.testing.assert_allclose(cached_probs, pixel_probs, atol=1e-5)
 
 
+def test_cache_key_changes_with_the_blocks_and_the_row_dtype(top_run):
+  _, config, workdir, _ = top_run
+  run, params = _best(config, workdir)
+  img, tower, size = params["img"], run.model.img, config.image.size
+  keys = {image_features.cache_key(img, tower, size, run.data_dir, depth,
+                                   dtype)
+          for depth in (None, 1, 0) for dtype in ("float32", "bfloat16")}
+  assert len(keys) == 6
+
+
+def test_training_every_block_equals_training_the_tower_from_pixels(tmp_path):
+  """``train_top_blocks`` = depth is the unfrozen tower: no cache, every
+  image parameter (embeddings too) trains, and the run follows the run with
+  nothing frozen step for step."""
+  steps = {"total_steps": 3, "eval_every": 3, "log_every": 1}
+  every = _config(tmp_path / "a", **{"image.train_top_blocks": 2, **steps})
+  free = _config(tmp_path / "b", **{"optim.freeze": "",
+                                    "image.train_top_blocks": 0, **steps})
+  params = {}
+  for name, config in (("every", every), ("free", free)):
+    workdir = str(tmp_path / name)
+    trainer.train_and_evaluate(config, workdir)
+    run = trainer.build_run(config, workdir)
+    ckpt = checkpointing.RunCheckpoints(workdir, keep=1, async_save=False)
+    params[name] = jax.device_get(
+        ckpt.restore_state(run.abstract_state).params)
+    ckpt.close()
+    assert run.features is None
+  assert not (tmp_path / "a" / "cache").exists()
+  flat_every = jax.tree_util.tree_leaves_with_path(params["every"])
+  flat_free = jax.tree.leaves(params["free"])
+  assert len(flat_every) == len(flat_free)
+  for (path, a), b in zip(flat_every, flat_free):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"optim.freeze": ""}, "freeze"),
-    ({"image.train_top_blocks": 2}, "2 blocks"),
+    ({"image.train_top_blocks": 3}, "2 blocks"),
     ({"image.kind": "bit", "image.variant": "tiny"}, "ViT"),
 ])
 def test_impossible_top_blocks_are_clear_errors(tmp_path, overrides, match):

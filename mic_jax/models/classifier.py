@@ -44,6 +44,9 @@ Batch = Mapping[str, jnp.ndarray]
 KINDS = ("text_only", "image_only", "early", "cross_modal")
 TOWERS = ("txt", "img", "fusion", "head")
 TEXT_REPRS = ("pooler", "cls", "mean")
+# The parameters of the auxiliary per-modality heads (``aux_heads``): trained,
+# never served.
+AUX_HEADS = ("aux_text_head", "aux_image_head")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}
 
@@ -116,6 +119,15 @@ class MultimodalClassifier(nn.Module):
       the classifier only through the gated cross-attention of the title
       tokens; a title that says little then lets little of the photo
       through (:class:`fusion.CrossModalAttention`, ``image_to_output``).
+    aux_heads: fused kinds only: a title-only and a photo-only classifier
+      on the towers' own vectors (``text_cls``, ``image_cls``), whose
+      logits go to ``aux`` (``text_logits``, ``image_logits``) for the
+      auxiliary losses of ``model.aux_loss_weight``
+      (:func:`mic_jax.train.steps.make_train_step`): each tower is then
+      also trained to classify on its own, so neither is left idle when
+      the other is easier to fit (the remedy of gradient blending and of
+      per-modality losses in the multimodal literature). The served model
+      drops them (:data:`AUX_HEADS`; ``mic_jax.exporter``).
     image_start_block: the ViT block that a batch's ``image_hidden``
       tokens enter (cached below the top blocks that
       ``image.train_top_blocks`` trains; :mod:`mic_jax.train.
@@ -139,6 +151,7 @@ class MultimodalClassifier(nn.Module):
   head_bias: bool = True
   text_repr: str = "pooler"
   image_to_head: bool = False
+  aux_heads: bool = False
   image_start_block: int = 0
   attention_impl: str = "einsum"
   dtype: Any = jnp.float32
@@ -171,6 +184,16 @@ class MultimodalClassifier(nn.Module):
     self.head = fusion_lib.ClassifierHead(
         self.num_classes, dropout=self.head_dropout, use_bias=self.head_bias,
         **kw)
+    if self.aux_heads:
+      if not (uses_text(self.kind) and uses_image(self.kind)):
+        raise ValueError("model.aux_loss_weight adds a title-only and a "
+                         "photo-only head to a fused model (kind is "
+                         f"{self.kind!r})")
+      # The names are AUX_HEADS.
+      self.aux_text_head = fusion_lib.ClassifierHead(
+          self.num_classes, dropout=self.head_dropout, **kw)
+      self.aux_image_head = fusion_lib.ClassifierHead(
+          self.num_classes, dropout=self.head_dropout, **kw)
 
   def __call__(self, batch: Batch, *, train: bool = False
                ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
@@ -227,6 +250,9 @@ class MultimodalClassifier(nn.Module):
                                     batch["image_present"], train=train)
       aux.update(stats)
     aux["features"] = features
+    if self.aux_heads:
+      aux["text_logits"] = self.aux_text_head(text_cls, train=train)
+      aux["image_logits"] = self.aux_image_head(image_cls, train=train)
     return self.head(features, train=train), aux
 
 
@@ -383,6 +409,8 @@ def build_model(config: ml_collections.ConfigDict,
                                scan_layers=bool((config.get("model") or {}).get(
                                    "scan_layers", False)))
   image_start_block = 0
+  aux_heads = float((config.get("model") or {}).get(
+      "aux_loss_weight", 0.0) or 0.0) > 0
   if uses_image(kind):
     img = build_image_tower(config, dtype)
     top = int(config.image.get("train_top_blocks", 0) or 0)
@@ -415,6 +443,7 @@ def build_model(config: ml_collections.ConfigDict,
       head_bias=bool(head_bias),
       text_repr=model_cfg.get("text_repr", "pooler"),
       image_to_head=bool(fusion_cfg.get("image_to_head", False)),
+      aux_heads=aux_heads,
       image_start_block=image_start_block,
       attention_impl=attention_impl(config),
       dtype=dtype, param_dtype=jnp.float32)

@@ -6,8 +6,11 @@ reuses it with its own description string; :mod:`image_features` decides
 what is computed, this module how it is kept. A cache is
 
   ROOT/<key[:24]>/keys.npy     int64 photo keys, one per row
-                  tokens.npy   float32 rows [R, ...]; row i is keys[i]'s
-                  cache.json   written last: its presence means complete
+                  tokens.npy   rows [R, ...]; row i is keys[i]'s: float32,
+                               or bfloat16 kept as its 16 raw bits (uint16,
+                               since .npy has no bfloat16): half the disk
+                  cache.json   written last: its presence means complete;
+                               ``row_dtype`` says which of the two
 
 The key (:func:`key`) is a hash of a description (what is computed, by
 which module config, at which size), every parameter, and the prepared
@@ -55,6 +58,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
@@ -70,6 +74,9 @@ DAMAGED_PREFIX = ".damaged-"
 # for dead even when its writer's liveness cannot be checked (another host).
 STALE_SECONDS = 3600.0
 HEARTBEAT_SECONDS = 30.0
+# How rows may be kept: their name in cache.json -> tokens.npy's dtype.
+ROW_DTYPES = {"float32": np.dtype(np.float32),
+              "bfloat16": np.dtype(np.uint16)}
 _TEMP_NAME = re.compile(r"\.[0-9a-f]{%d}(-[0-9a-f]{8})?\." % NAME_LENGTH)
 
 
@@ -100,6 +107,35 @@ def key(description: str, params: Any, data_dir: str) -> str:
       size = tf.io.gfile.stat(name).length
       digest.update(f"{os.path.basename(name)}:{size}".encode())
   return digest.hexdigest()
+
+
+def check_row_dtype(name: str) -> str:
+  """``name`` if rows can be kept so, else a ValueError naming the choices."""
+  if name not in ROW_DTYPES:
+    raise ValueError(f"feature cache row dtype {name!r}: use one of "
+                     f"{', '.join(ROW_DTYPES)}")
+  return name
+
+
+def to_stored(rows: np.ndarray, row_dtype: str) -> np.ndarray:
+  """``rows`` as kept on disk (bfloat16: rounded to nearest, its bits)."""
+  if row_dtype == "bfloat16":
+    return np.asarray(rows, np.float32).astype(ml_dtypes.bfloat16).view(
+        np.uint16)
+  return np.asarray(rows, np.float32)
+
+
+def from_stored(rows: np.ndarray, row_dtype: str) -> np.ndarray:
+  """Rows read from disk -> float32, what the model is fed."""
+  if row_dtype == "bfloat16":
+    return np.asarray(rows).view(ml_dtypes.bfloat16).astype(np.float32)
+  return np.asarray(rows, np.float32)
+
+
+def row_dtype_of(cache_dir: str | os.PathLike[str]) -> str:
+  """The ``row_dtype`` a complete cache's ``cache.json`` records."""
+  with tf.io.gfile.GFile(join(os.fspath(cache_dir), META)) as f:
+    return str(json.load(f).get("row_dtype", "float32"))
 
 
 def directory(root: str | os.PathLike[str], digest: str) -> str:
@@ -144,7 +180,10 @@ def problem(cache_dir: str, format_version: int) -> str | None:
         return f"{name} has {have} bytes, its header ({shape}, {dtype}) needs {size}"
       shapes[name] = (shape, dtype)
     (key_shape, key_dtype), (row_shape, row_dtype) = shapes[KEYS], shapes[ROWS]
-    if len(key_shape) != 1 or key_dtype != np.int64 or row_dtype != np.float32:
+    stored = ROW_DTYPES.get(str(meta.get("row_dtype", "float32")))
+    if stored is None:
+      return f"{META} has an unknown row_dtype {meta.get('row_dtype')!r}"
+    if len(key_shape) != 1 or key_dtype != np.int64 or row_dtype != stored:
       return (f"unexpected arrays: {KEYS} {key_shape} {key_dtype}, {ROWS} "
               f"{row_shape} {row_dtype}")
     if key_shape[0] != meta.get("photos") or row_shape[0] < key_shape[0]:
@@ -258,9 +297,11 @@ class Writer:
   bound on the rows (rows past the last added one stay unused).
   """
 
-  def __init__(self, target: str, capacity: int, local_root: pathlib.Path):
+  def __init__(self, target: str, capacity: int, local_root: pathlib.Path,
+               row_dtype: str = "float32"):
     self.target = target
     self.capacity = int(capacity)
+    self.row_dtype = check_row_dtype(row_dtype)
     self.remote = reporting.is_remote(target)
     name = target.rstrip("/").rsplit("/", 1)[1]
     parent = (local_root if self.remote
@@ -312,12 +353,14 @@ class Writer:
 
   # -- rows --
   def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
-    """Appends ``rows`` (float32 ``[n, ...]``) for photo ``keys``."""
+    """Appends ``rows`` (float32 ``[n, ...]``) for photo ``keys``, kept as
+    ``row_dtype``."""
     self._check_stop()
     n = len(keys)
+    rows = to_stored(rows, self.row_dtype)
     if self._rows is None:
       self._rows = np.lib.format.open_memmap(
-          self.tmp / ROWS, mode="w+", dtype=np.float32,
+          self.tmp / ROWS, mode="w+", dtype=ROW_DTYPES[self.row_dtype],
           shape=(self.capacity, *rows.shape[1:]))
     if self.count + n > self.capacity:
       raise ValueError(f"{self.count + n} rows for a cache of "
@@ -337,6 +380,7 @@ class Writer:
     self._rows = None
     np.save(self.tmp / KEYS, np.concatenate(self._keys))
     meta = {"format_version": format_version, "photos": self.count,
+            "row_dtype": self.row_dtype,
             "seconds": round(time.monotonic() - self.started, 1), **meta}
     (self.tmp / META).write_text(json.dumps(meta, indent=1))
     (self.tmp / WRITER).unlink()

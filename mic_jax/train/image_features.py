@@ -103,14 +103,16 @@ def resolve_top_blocks(config: ml_collections.ConfigDict,
   if tower.config.scan_layers:
     raise ValueError(f"{where}: a scanned ViT (model.scan_layers) trains all "
                      "its blocks or none")
-  if not 0 < count < tower.config.depth:
-    raise ValueError(f"{where}: the tower has {tower.config.depth} blocks; "
-                     "train fewer, or unfreeze the whole tower")
+  if not 0 < count <= tower.config.depth:
+    raise ValueError(f"{where}: the tower has {tower.config.depth} blocks")
   freeze = str(config.optim.freeze)
   if not (freeze and re.match(freeze, "img/")):
     raise ValueError(f"{where} trains the top of a frozen photo tower: set "
                      "image.freeze_pretrained=True (or optim.freeze=img)")
-  pattern = top_block_pattern(tower, count)
+  # All blocks: the whole tower trains, embeddings included, from pixels
+  # (nothing is left frozen to cache).
+  pattern = ("img/" if count == tower.config.depth
+             else top_block_pattern(tower, count))
   patterns = [p for p in str(config.optim.unfreeze).split("|") if p]
   config = config.copy_and_resolve_references()
   if pattern not in str(config.optim.unfreeze):
@@ -159,7 +161,9 @@ def tower_is_frozen(config: ml_collections.ConfigDict,
   if not top_blocks(config):
     return all(frozen.values())
   top = re.compile(str(config.optim.unfreeze))
-  return all(frozen[p] != bool(top.match(p)) for p in frozen)
+  # All blocks trained (train_top_blocks = depth): nothing below to cache.
+  return any(frozen.values()) and all(
+      frozen[p] != bool(top.match(p)) for p in frozen)
 
 
 def train_mode_differs(tower: nn.Module) -> str | None:
@@ -204,13 +208,24 @@ def wanted(config: ml_collections.ConfigDict,
 
 
 def cache_key(img_params: Any, tower: nn.Module, image_size: int,
-              data_dir: str, depth: int | None = None) -> str:
+              data_dir: str, depth: int | None = None,
+              row_dtype: str = "float32") -> str:
   """Hex digest naming one (weights, tower config, size, data, ``depth``:
-  the blocks computed, None for the whole tower) combination."""
+  the blocks computed, None for the whole tower, and the stored row dtype)
+  combination."""
   stop = "" if depth is None else f" blocks={depth}"
+  # float32 adds nothing, so the caches built before the choice existed
+  # keep their names.
+  kept = "" if row_dtype == "float32" else f" rows={row_dtype}"
   return feature_store.key(
-      f"v{FORMAT_VERSION} size={image_size} tower={tower!r}{stop}",
+      f"v{FORMAT_VERSION} size={image_size} tower={tower!r}{stop}{kept}",
       img_params, data_dir)
+
+
+def row_dtype(config: ml_collections.ConfigDict) -> str:
+  """``image.feature_cache_dtype``, checked: how the cache keeps its rows."""
+  return feature_store.check_row_dtype(
+      str(config.image.get("feature_cache_dtype", "float32") or "float32"))
 
 
 TOKENS = "image_tokens"   # The batch key of a whole tower's output,
@@ -231,6 +246,7 @@ class ImageFeatureCache:
     self.directory = directory
     self.batch_key = batch_key
     local = feature_store.local_copy(os.fspath(directory), FORMAT_VERSION)
+    self.row_dtype = feature_store.row_dtype_of(local)
     keys = np.load(local / feature_store.KEYS)
     self.tokens = np.load(local / feature_store.ROWS, mmap_mode="r")
     if len(keys) > len(self.tokens):
@@ -253,7 +269,8 @@ class ImageFeatureCache:
                      "data, so this means the data changed while in use")
     # Sorted, unique row reads are much faster from a memory map.
     unique, inverse = np.unique(self._order[rows], return_inverse=True)
-    return np.asarray(self.tokens[unique])[inverse]
+    return feature_store.from_stored(self.tokens[unique],
+                                     self.row_dtype)[inverse]
 
   def attach(self, batches: Iterable[dict[str, np.ndarray]],
              *, withhold: bool = False) -> Iterator[dict[str, np.ndarray]]:
@@ -309,12 +326,14 @@ def _count_photos(data_dir: str) -> int:
 
 def build(directory: str | os.PathLike[str], tower: nn.Module,
           img_params: Any, data_dir: str, image_size: int, *,
-          batch_size: int = 64, depth: int | None = None) -> None:
+          batch_size: int = 64, depth: int | None = None,
+          row_dtype: str = "float32") -> None:
   """Runs ``tower`` over every distinct photo and writes the cache.
 
   ``depth``: only the first ``depth`` blocks (their hidden tokens are
-  cached); None: the whole tower. Written as :class:`feature_store.Writer`
-  does (complete or absent, also on SIGTERM).
+  cached); None: the whole tower. ``row_dtype``: how the rows are kept
+  (:data:`feature_store.ROW_DTYPES`). Written as
+  :class:`feature_store.Writer` does (complete or absent, also on SIGTERM).
   """
   kwargs = {} if depth is None else {"stop_block": depth}
   apply = jax.jit(lambda p, x: tower.apply({"params": p}, x, train=False,
@@ -322,8 +341,8 @@ def build(directory: str | os.PathLike[str], tower: nn.Module,
   params = jax.device_get(img_params)
   directory = os.fspath(directory)
   total = _count_photos(data_dir) + 1
-  with feature_store.Writer(directory, total,
-                            feature_store.mirror_root()) as writer:
+  with feature_store.Writer(directory, total, feature_store.mirror_root(),
+                            row_dtype) as writer:
     last = 0.0
     for batch_keys, pixels in _unique_photos(data_dir, image_size,
                                              batch_size):
@@ -361,9 +380,10 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
   feature_store.sweep(root)
   if reporting.is_remote(root):  # Its builds are staged on local disk.
     feature_store.sweep(str(feature_store.mirror_root()))
+  kept = row_dtype(config)
   directory = feature_store.directory(
       root, cache_key(frozen_part(img_params, depth), tower, size, data_dir,
-                      depth))
+                      depth, kept))
   marker = feature_store.join(directory, feature_store.META)
   if tf.io.gfile.exists(marker):
     why = feature_store.problem(directory, FORMAT_VERSION)
@@ -376,5 +396,6 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
           f"{top_blocks(config)} train)")
   logging.info("image features: computing the frozen image tower's %s once "
                "for every photo -> %s", what, directory)
-  build(directory, tower, img_params, data_dir, size, depth=depth)
+  build(directory, tower, img_params, data_dir, size, depth=depth,
+        row_dtype=kept)
   return ImageFeatureCache(directory, batch_key)

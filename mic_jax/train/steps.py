@@ -138,7 +138,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     grad_accum_steps: int, label_smoothing: float,
                     loss_class_weights: np.ndarray, loss_kind: str = "xent",
                     focal_gamma: float = 2.0, image_dropout: float = 0.0,
-                    title_dropout: float = 0.0
+                    title_dropout: float = 0.0, aux_loss_weight: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
 
@@ -147,6 +147,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   ``title_dropout`` then withholds the title of each example that still has
   its photo with that probability (:func:`withhold_titles`). The draws are a
   pure function of (seed, step), so resume stays exact.
+
+  ``aux_loss_weight`` adds that weight times the losses of the model's
+  title-only and photo-only heads (``aux["text_logits"]``,
+  ``aux["image_logits"]``; :class:`~mic_jax.models.classifier.
+  MultimodalClassifier` ``aux_heads``) to the loss; the photo head's loss
+  counts only products that still have their photo in the step.
   """
   if loss_kind not in LOSS_KINDS:
     raise ValueError(f"config.loss.kind must be one of {LOSS_KINDS}, got "
@@ -154,6 +160,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   if not focal_gamma >= 0:
     raise ValueError(f"config.loss.focal_gamma must be >= 0, got "
                      f"{focal_gamma}")
+  if not aux_loss_weight >= 0:
+    raise ValueError(f"model.aux_loss_weight must be >= 0, got "
+                     f"{aux_loss_weight}")
   for name, rate in (("image_dropout", image_dropout),
                      ("title_dropout", title_dropout)):
     if not 0.0 <= rate <= 1.0:
@@ -173,11 +182,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     total_weight = jnp.maximum(weights.sum(), 1e-9)
 
     def micro_loss(params, micro, key):
-      logits, _ = model.apply({"params": params}, micro, train=True,
-                              rngs={"dropout": key})
+      logits, aux = model.apply({"params": params}, micro, train=True,
+                                rngs={"dropout": key})
       w = micro["mask"] * weights_table[micro["label"]]
-      return weighted_loss(logits, micro["label"], w, label_smoothing,
-                           loss_kind, focal_gamma) / total_weight
+      loss = weighted_loss(logits, micro["label"], w, label_smoothing,
+                           loss_kind, focal_gamma)
+      if aux_loss_weight:
+        with_photo = w * (micro["image_present"] > 0).astype(w.dtype)
+        for name, weights in (("text_logits", w), ("image_logits",
+                                                   with_photo)):
+          loss += aux_loss_weight * weighted_loss(
+              aux[name], micro["label"], weights, label_smoothing,
+              loss_kind, focal_gamma)
+      return loss / total_weight
 
     grad_fn = jax.value_and_grad(micro_loss)
     if grad_accum_steps == 1:

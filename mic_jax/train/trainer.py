@@ -239,7 +239,8 @@ def jit_train_step(run: Run, *, donate: bool = True):
       loss_class_weights=weights, loss_kind=config.loss.kind,
       focal_gamma=float(config.loss.focal_gamma),
       image_dropout=float(config.model.get("image_dropout", 0.0)),
-      title_dropout=float(config.model.get("title_dropout", 0.0)))
+      title_dropout=float(config.model.get("title_dropout", 0.0)),
+      aux_loss_weight=float(config.model.get("aux_loss_weight", 0.0)))
 
   def checked_step(state, batch):
     state, metrics = train_step(state, batch)
