@@ -50,7 +50,10 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from mic_jax.reviewing import store as store_lib
   # pylint: enable=g-import-not-at-top
-  store = store_lib.Store(FLAGS.db)
+  try:
+    store = store_lib.Store(FLAGS.db)
+  except store_lib.StoreError as e:
+    raise SystemExit(f"error: {e}") from e
   if FLAGS.add_reviewer is not None:
     try:
       token = store.add_reviewer(FLAGS.add_reviewer)
@@ -81,16 +84,26 @@ def _serve(store) -> None:
     queue = queue_lib.load(FLAGS.scores, FLAGS.export)
   except (queue_lib.QueueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
-  decided = sum(1 for p in store.decisions() if p in queue.by_id)
-  console.say("review   %s: %d products (%d abstained), %d decided; "
-              "export %s (%s...)", FLAGS.scores, len(queue.products),
-              sum(1 for p in queue.products if p.get("abstain")), decided,
-              FLAGS.export, queue.export[:12])
+  console.say("%s", summary(queue, store, FLAGS.scores))
+  console.say("export   %s (%s...)", FLAGS.export, queue.export[:12])
   console.say("serving  http://%s:%d (db %s; log: %s)", FLAGS.host,
               FLAGS.port, FLAGS.db, console.active().log_path)
   web.run_app(server.make_app(queue, store,
                               max_body_bytes=FLAGS.max_body_bytes),
               host=FLAGS.host, port=FLAGS.port, print=None)
+
+
+def summary(queue, store, scores: str) -> str:
+  """The start-up line: what is to review, and what was left out (rows
+  predict could not score are not silently dropped)."""
+  decided = sum(1 for p in store.decisions() if p in queue.by_id)
+  line = (f"review   {scores}: {len(queue.products)} products "
+          f"({sum(1 for p in queue.products if p.get('abstain'))} abstained),"
+          f" {decided} decided")
+  if queue.skipped_errors:
+    line += (f"; {queue.skipped_errors} rows skipped (predict could not "
+             "score them: they have 'error')")
+  return line
 
 
 def run():

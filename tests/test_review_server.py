@@ -293,3 +293,63 @@ def test_the_program_adds_reviewers_serves_and_exports(setup, tmp_path):
   assert "wrote 1 decisions" in done.stdout
   assert csv_out.read_text().splitlines()[1].startswith(
       "p3,accepted,watch,carla,")
+
+
+# ------------------------------------------------- issue 32: defects found --
+
+
+def _bad_scores(tmp_path, s, line: bytes):
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes(json.dumps(s["rows"][0]).encode() + b"\n" + line + b"\n")
+  return path
+
+
+@pytest.mark.parametrize("line,needle", [
+    (b'["a", "list"]', "a JSON object, got a list"),
+    (b'{"id": "x", "top_k": [{"prob": 0.5}]}', "top_k entry 1 has no label"),
+    (b'{"id": "x", "top_k": [{"label": "bag", "prob": "0.5"}]}',
+     "probability"),
+    (b'{"id": "x", "top_k": "bag"}', "'top_k' must be a list"),
+    (b'{"id": "\xff\xfe"}', "not UTF-8"),
+    (b'{"id": "x", "top_k": [{"label": "bag", "prob": 0.5}], '
+     b'"photo": "/a/b.jpg"}', "'photo' must be"),
+])
+def test_a_bad_scores_line_is_named_at_start_up(setup, tmp_path, line,
+                                                needle):
+  s = setup
+  identity = bundle.identity(s["export"])
+  line = line.replace(b'{"id"', b'{"export": "%s", "id"' % identity.encode())
+  with pytest.raises(queue_lib.QueueError, match=r"bad\.jsonl:2: ") as e:
+    queue_lib.load(_bad_scores(tmp_path, s, line), s["export"])
+  assert needle in str(e.value)
+
+
+def test_rows_predict_could_not_score_are_counted(setup, tmp_path):
+  s = setup
+  path = _bad_scores(tmp_path, s, b'{"id": "x", "error": "no title"}\n'
+                     b'{"error": "bad photo"}')
+  queue = queue_lib.load(path, s["export"])
+  assert len(queue.products) == 1 and queue.skipped_errors == 2
+  from mic_jax import review  # pylint: disable=g-import-not-at-top
+  summary = review.summary(queue, s["store"], str(path))
+  assert "2 rows skipped" in summary and "'error'" in summary
+
+
+def test_a_database_that_cannot_be_opened_is_named(tmp_path):
+  for bad in (tmp_path / "a_directory", tmp_path / "not_a_db"):
+    if bad.name == "a_directory":
+      bad.mkdir()
+    else:
+      bad.write_text("hello, not sqlite\n" * 100)
+    with pytest.raises(store_lib.StoreError, match=str(bad)):
+      store_lib.Store(bad)
+
+
+def test_the_queue_does_not_show_server_paths(setup):
+  s = setup
+  r = requests.get(s["url"] + "/api/queue",
+                   headers=_auth(s["tokens"]["alice"]), timeout=30)
+  assert str(s["db"].parent) not in r.text
+  photos = {p["id"]: p["photo"] for p in r.json()["products"]}
+  assert photos == {"p0": False, "p1": True, "p2": True, "p3": False,
+                    "p4": False}

@@ -152,7 +152,8 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
 
   async def products(request: web.Request) -> web.Response:
     decided = store.decisions()
-    rows = [{**p, "decision": decided[p["id"]].as_dict()
+    rows = [{**p, "photo": bool(p.get("photo")),  # Not the server's paths.
+             "decision": decided[p["id"]].as_dict()
              if p["id"] in decided else None} for p in queue.products]
     return web.json_response({
         "reviewer": request[REVIEWER], "export": queue.export,

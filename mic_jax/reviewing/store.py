@@ -107,10 +107,16 @@ class Store:
 
   def __init__(self, path: str | os.PathLike[str]):
     self.path = pathlib.Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    with self._connect() as db:
-      db.execute("PRAGMA journal_mode=WAL")
-      db.executescript(_SCHEMA)
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      with self._connect() as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
+    except (OSError, sqlite3.Error) as e:
+      # A read-only file or folder, a directory, not a database: say which
+      # file, not a traceback.
+      raise StoreError(f"review database {self.path}: {e} (give --db a "
+                       "writable SQLite file, or a new path)") from e
 
   @contextlib.contextmanager
   def _connect(self) -> Iterator[sqlite3.Connection]:
