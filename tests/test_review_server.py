@@ -353,3 +353,42 @@ def test_the_queue_does_not_show_server_paths(setup):
   photos = {p["id"]: p["photo"] for p in r.json()["products"]}
   assert photos == {"p0": False, "p1": True, "p2": True, "p3": False,
                     "p4": False}
+
+
+def test_non_utf8_tokens_and_cookies_get_401_not_500(setup):
+  s = setup
+  for headers in ({"Authorization": b"Bearer \xff\xfe-token"},
+                  {"Cookie": b"mic_review=\xff\xfe"},
+                  {"Authorization": "Bearer " + "\u00e9" * 50}):
+    for path in ("/", "/api/queue"):
+      r = requests.get(s["url"] + path, headers=headers, timeout=30)
+      assert r.status_code == 401, (headers, path, r.status_code)
+  r = requests.post(s["url"] + "/login", data=b"token=%FF%FE",
+                    headers={"Content-Type":
+                             "application/x-www-form-urlencoded"},
+                    timeout=30)
+  assert r.status_code in (400, 401, 403), r.status_code
+
+
+def test_an_impossible_base_version_is_a_4xx_the_page_can_show(setup):
+  s = setup
+  alice = s["tokens"]["alice"]
+  huge = _decide(s, alice, product="p1", status="accepted", label="bag",
+                 base_version=int("9" * 4000))
+  assert huge.status_code in (400, 413), huge.text
+  r = requests.post(s["url"] + "/api/decisions", data=(
+      '{"product": "p1", "status": "unclear", "label": null, '
+      '"base_version": ' + "9" * 4000 + "}").encode(),
+                    headers={**_auth(alice), "Content-Type":
+                             "application/json"}, timeout=30)
+  assert r.status_code in (400, 413), r.text
+  ahead = _decide(s, alice, product="p1", status="accepted", label="bag",
+                  base_version=3)
+  assert ahead.status_code == 400, ahead.text
+  assert "ahead of" in ahead.json()["error"] and "reload" in ahead.json()[
+      "error"]
+  assert s["store"].decisions() == {}
+  assert _decide(s, alice, product="p1", status="accepted", label="bag",
+                 base_version=0).status_code == 200
+  assert _decide(s, alice, product="p1", status="accepted", label="bag",
+                 base_version=2).status_code == 400

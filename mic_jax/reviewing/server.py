@@ -79,8 +79,10 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
 def _token(request: web.Request) -> str | None:
   header = request.headers.get("Authorization", "")
   if header.startswith("Bearer "):
-    return header[len("Bearer "):].strip()
-  return request.cookies.get(COOKIE)
+    token = header[len("Bearer "):].strip()
+  else:
+    token = request.cookies.get(COOKIE)
+  return token if store_lib.well_formed(token) else None
 
 
 def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
@@ -182,8 +184,8 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
       return _error(413, f"request body over {max_body_bytes} bytes")
     try:
       payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-      return _error(400, f"malformed JSON: {e}")
+    except (ValueError, RecursionError) as e:  # Over-long numbers too.
+      return _error(400, f"malformed JSON: {e}"[:300])
     if not isinstance(payload, dict):
       return _error(400, "the body must be a JSON object")
     product = payload.get("product")
@@ -203,9 +205,10 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
     elif not isinstance(label, str) or label not in known_labels:
       return _error(400, f"unknown label {label!r} (not one of the "
                     f"export's {len(queue.labels)} labels)")
-    if not isinstance(base, int) or isinstance(base, bool) or base < 0:
-      return _error(400, f"'base_version' must be a version number, got "
-                    f"{base!r}")
+    if (not isinstance(base, int) or isinstance(base, bool) or base < 0
+        or base > store_lib.MAX_VERSION):
+      return _error(400, f"'base_version' must be a version number "
+                    f"(0-{store_lib.MAX_VERSION}), got {str(base)[:40]!r}")
     loop = asyncio.get_running_loop()
     try:
       decision = await loop.run_in_executor(None, lambda: store.decide(

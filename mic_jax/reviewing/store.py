@@ -33,6 +33,7 @@ import hmac
 import io
 import os
 import pathlib
+import re
 import secrets
 import sqlite3
 from typing import Any, Iterator
@@ -41,6 +42,11 @@ ACCEPTED = "accepted"      # One of the model's labels is right.
 RELABELLED = "relabelled"  # Another label, chosen from the label list.
 UNCLEAR = "unclear"        # The reviewer cannot tell; no label.
 STATUSES = (ACCEPTED, RELABELLED, UNCLEAR)
+# Versions stay below 2**53, so the page's JavaScript numbers hold them.
+MAX_VERSION = 2 ** 53 - 1
+# What secrets.token_urlsafe makes; anything else (non-UTF-8 bytes, other
+# characters, an empty or huge value) is no token and is not looked up.
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviewers (
@@ -89,6 +95,12 @@ class Conflict(Exception):
                      f"{who}; you saw version {base_version}")
     self.current = current
     self.base_version = base_version
+
+
+def well_formed(token: str | None) -> bool:
+  """Whether ``token`` could be one this store made (checked before any
+  hashing, so odd bytes in a header give 401, not an error)."""
+  return isinstance(token, str) and bool(_TOKEN_SHAPE.fullmatch(token))
 
 
 def token_hash(token: str) -> str:
@@ -146,7 +158,7 @@ class Store:
 
   def reviewer_of(self, token: str | None) -> str | None:
     """The reviewer a token belongs to, or None."""
-    if not token:
+    if not well_formed(token):
       return None
     wanted = token_hash(token)
     with self._connect() as db:
@@ -173,6 +185,12 @@ class Store:
       try:
         current = self._current(db, product_id)
         seen = current.version if current else 0
+        if base_version > seen:
+          raise StoreError(
+              f"base_version {base_version} is ahead of product "
+              f"{product_id}'s current version {seen}"
+              f"{'' if current else ' (undecided)'}: this page is out of "
+              "date (another database?); reload the page")
         if seen != base_version:
           raise Conflict(current, base_version)
         decision = Decision(product_id, status, label, reviewer, export,
