@@ -130,3 +130,28 @@ def test_a_second_reviewer_sees_the_first_decision_and_may_override(
       "ben", "accepted", 2)
   assert [h["reviewer"] for h in site["store"].history("p2")] == ["ann",
                                                                   "ben"]
+
+
+# ------------------------------------------------- issue 32: defects found --
+
+
+def test_a_save_while_the_database_is_busy_is_shown_and_retried(browser,
+                                                                 site):
+  import sqlite3  # pylint: disable=g-import-not-at-top
+  site["store"].busy_timeout = 0.2
+  page = browser.new_page()
+  review_helpers.sign_in(page, site["url"], site["tokens"]["ann"])
+  holder = sqlite3.connect(site["db"], isolation_level=None)
+  holder.execute("BEGIN IMMEDIATE")  # Another program is writing.
+  try:
+    page.keyboard.press("Enter")
+    expect(page.locator("#banner")).to_contain_text("busy", timeout=10_000)
+    expect(page.locator("#banner")).to_contain_text("Saving again")
+    assert site["store"].decisions() == {}
+  finally:
+    holder.execute("ROLLBACK")
+    holder.close()
+  expect(page.locator("#progress")).to_contain_text("decided 1 / 5",
+                                                    timeout=10_000)
+  expect(page.locator("#banner")).to_be_hidden()
+  assert site["store"].decision("p2").reviewer == "ann"

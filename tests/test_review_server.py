@@ -392,3 +392,28 @@ def test_an_impossible_base_version_is_a_4xx_the_page_can_show(setup):
                  base_version=0).status_code == 200
   assert _decide(s, alice, product="p1", status="accepted", label="bag",
                  base_version=2).status_code == 400
+
+
+def _hold_the_database(path):
+  """Another process's write transaction (what the server waits for)."""
+  db = sqlite3.connect(path, isolation_level=None)
+  db.execute("BEGIN IMMEDIATE")
+  return db
+
+
+def test_a_save_while_the_database_is_busy_is_a_named_503(setup):
+  s = setup
+  s["store"].busy_timeout = 0.2
+  holder = _hold_the_database(s["db"])
+  try:
+    r = _decide(s, s["tokens"]["alice"], product="p1", status="accepted",
+                label="bag", base_version=0)
+  finally:
+    holder.execute("ROLLBACK")
+    holder.close()
+  assert r.status_code == 503, r.text
+  assert "busy" in r.json()["error"] and r.json()["retry_after"] > 0
+  assert int(r.headers["Retry-After"]) > 0
+  r = _decide(s, s["tokens"]["alice"], product="p1", status="accepted",
+              label="bag", base_version=0)
+  assert r.status_code == 200

@@ -19,6 +19,10 @@ JavaScript shipped in the package (``static/``), no build step.
   GET  /api/decisions.csv    the current decisions (for prepare
                              --corrections)
 
+A write that waits more than the store's ``busy_timeout`` for another
+process holding the database answers 503 ``{"error", "retry_after"}``
+(and ``Retry-After``); the page shows it and saves again.
+
 Bad input gets a 4xx naming it: malformed JSON or a missing field 400, an
 unknown label 400, an unknown product 404, a body over ``max_body_bytes``
 413, a POST that is not JSON 415 (which also keeps other sites' forms out).
@@ -44,6 +48,7 @@ _PAGE_CSP = ("default-src 'self'; img-src 'self'; style-src 'self'; "
 _SIGN_IN_CSP = ("default-src 'none'; style-src 'unsafe-inline'; "
                 "frame-ancestors 'none'; form-action 'self'")
 REVIEWER = web.RequestKey("reviewer", str)
+RETRY_AFTER = 1  # Seconds the page waits before saving again after a 503.
 
 
 def static_text(name: str) -> str:
@@ -71,9 +76,12 @@ button{{font:inherit;margin-top:.6rem;padding:.4rem 1rem}}.error{{color:#a00}}</
                                "Cache-Control": "no-store"})
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
+def _error(status: int, message: str, *,
+           headers: dict[str, str] | None = None, **extra: Any
+           ) -> web.Response:
   return web.json_response({"error": message, **extra}, status=status,
-                           headers={"Cache-Control": "no-store"})
+                           headers={"Cache-Control": "no-store",
+                                    **(headers or {})})
 
 
 def _token(request: web.Request) -> str | None:
@@ -100,6 +108,16 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
             "remaining": len(queue.products) - done,
             "abstained": len(abstained),
             "abstained_decided": sum(1 for p in abstained if p in decided)}
+
+  @web.middleware
+  async def busy(request: web.Request, handler):
+    """A store another process holds answers a named 503 the page retries,
+    never a plain-text 500."""
+    try:
+      return await handler(request)
+    except store_lib.Busy as e:
+      return _error(503, str(e), retry_after=RETRY_AFTER,
+                    headers={"Retry-After": str(RETRY_AFTER)})
 
   @web.middleware
   async def auth(request: web.Request, handler):
@@ -229,7 +247,7 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
                         headers={"Content-Disposition":
                                  'attachment; filename="decisions.csv"'})
 
-  app = web.Application(client_max_size=max_body_bytes, middlewares=[auth])
+  app = web.Application(client_max_size=max_body_bytes, middlewares=[busy, auth])
   app.add_routes([
       web.get("/", page), web.post("/login", login),
       web.post("/logout", logout), web.get("/static/{name}", static),

@@ -68,6 +68,11 @@ class StoreError(ValueError):
   """A request the store refuses (bad name, bad status); says why."""
 
 
+class Busy(Exception):
+  """Another process held the database longer than ``busy_timeout``; the
+  request may be tried again (the server answers 503)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
   """The current decision on one product."""
@@ -117,8 +122,12 @@ class Store:
   """One SQLite review database; a connection per call, so any thread
   (the server's executor, a test's threads) may use it."""
 
-  def __init__(self, path: str | os.PathLike[str]):
+  def __init__(self, path: str | os.PathLike[str], *,
+               busy_timeout: float = 5.0):
     self.path = pathlib.Path(path)
+    # How long a write waits for another process's transaction; after it,
+    # :class:`Busy` (a page would rather retry than hang for 30 s).
+    self.busy_timeout = busy_timeout
     try:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       with self._connect() as db:
@@ -132,10 +141,16 @@ class Store:
 
   @contextlib.contextmanager
   def _connect(self) -> Iterator[sqlite3.Connection]:
-    db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    db = sqlite3.connect(self.path, timeout=self.busy_timeout,
+                         isolation_level=None)
     db.row_factory = sqlite3.Row
     try:
       yield db
+    except sqlite3.OperationalError as e:
+      if "locked" in str(e) or "busy" in str(e):
+        raise Busy(f"the review database {self.path.name} is busy (another "
+                   f"program is writing to it); try again") from e
+      raise
     finally:
       db.close()
 

@@ -8,7 +8,10 @@ const $ = (id) => document.getElementById(id);
 async function api(path, options) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
   if (response.status === 401) { window.location.reload(); throw new Error("signed out"); }
-  const body = await response.json();
+  let body;
+  try { body = await response.json(); } catch (e) {  // Not JSON (a proxy's page).
+    body = { error: `the server answered ${response.status} ${response.statusText}` };
+  }
   return { status: response.status, body };
 }
 
@@ -92,34 +95,49 @@ function nextUndecided() {
 
 function hideBanner() { $("banner").hidden = true; $("banner").replaceChildren(); }
 
-async function decide(status, label, baseVersion) {
+function showBanner(...children) {
+  $("banner").replaceChildren(...children);
+  $("banner").hidden = false;
+}
+
+function decide(status, label, baseVersion) {
   const p = state.products[state.index];
-  if (!p) return;
+  if (p) save(p, status, label, baseVersion, 0);
+}
+
+// Saves a decision on product p; on a 503 (another program holds the
+// database) says so and saves again, even if the reviewer moved on.
+async function save(p, status, label, baseVersion, attempt) {
   const base = baseVersion !== undefined ? baseVersion : (p.decision ? p.decision.version : 0);
   const { status: code, body } = await api("/api/decisions", {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ product: p.id, status, label: status === "unclear" ? null : label,
                            base_version: base }) });
-  if (code === 409) {  // Someone else decided it: show theirs, offer to override.
+  if (code === 503) {
+    const wait = Math.max(1, Number(body.retry_after) || 1);
+    showBanner(`Not saved yet (“${p.title}”): ${body.error}. ` +
+               `Saving again in ${wait} s (attempt ${attempt + 1})…`);
+    setTimeout(() => save(p, status, label, base, attempt + 1), wait * 1000);
+    return;
+  }
+  const here = state.products[state.index] === p;
+  if (code === 409 && body.current) {  // Someone else decided it: show theirs, offer to override.
     p.decision = body.current;
+    if (!here) go(state.products.indexOf(p));
     render();
-    const banner = $("banner");
     const override = el("button", { type: "button", id: "override", textContent: "Override with mine" });
-    override.addEventListener("click", () => { hideBanner(); decide(status, label, body.current.version); });
-    banner.replaceChildren(`Already ${describe(body.current)}. Yours (${status}${label && status !== "unclear" ? ` “${label}”` : ""}) was not saved.`, override);
-    banner.hidden = false;
+    override.addEventListener("click", () => { hideBanner(); save(p, status, label, body.current.version, 0); });
+    showBanner(`Already ${describe(body.current)}. Yours (${status}${label && status !== "unclear" ? ` “${label}”` : ""}) was not saved.`, override);
     return;
   }
   if (code !== 200) {
-    const banner = $("banner");
-    banner.replaceChildren(`Not saved: ${body.error}`);
-    banner.hidden = false;
+    showBanner(`Not saved (“${p.title}”): ${body.error}`);
     return;
   }
   p.decision = body.decision;
   showProgress(body.progress);
   hideBanner();
-  state.index = nextUndecided();
+  if (here) state.index = nextUndecided();
   render();
 }
 
