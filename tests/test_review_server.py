@@ -60,13 +60,15 @@ def test_without_a_valid_token_nothing_is_readable_or_writable(setup):
   page = requests.get(s["url"] + "/", timeout=30)
   assert 'action="/login"' in page.text
   r = requests.post(s["url"] + "/login", data={"token": "wrong"},
-                    allow_redirects=False, timeout=30)
+                    headers={"Origin": s["url"]}, allow_redirects=False,
+                    timeout=30)
   assert r.status_code == 401 and "not valid" in r.text
 
 
 def test_sign_in_sets_a_cookie_that_opens_everything(setup):
   s = setup
   session = requests.Session()
+  session.headers["Origin"] = s["url"]  # As a browser sends it.
   r = session.post(s["url"] + "/login", data={"token": s["tokens"]["bob"]},
                    allow_redirects=False, timeout=30)
   assert r.status_code == 303
@@ -291,6 +293,11 @@ def test_the_program_adds_reviewers_serves_and_exports(setup, tmp_path):
   done = subprocess.run(program + [f"--decisions_csv={csv_out}"], check=True,
                         capture_output=True, text=True, timeout=120)
   assert "wrote 1 decisions" in done.stdout
+  revoked = subprocess.run(program + ["--revoke-reviewer", "carla"],
+                           check=True, capture_output=True, text=True,
+                           timeout=120)
+  assert "carla revoked" in revoked.stdout
+  assert store_lib.Store(db).reviewer_of(token) is None
   assert csv_out.read_text().splitlines()[1].startswith(
       "p3,accepted,watch,carla,")
 
@@ -417,3 +424,68 @@ def test_a_save_while_the_database_is_busy_is_a_named_503(setup):
   r = _decide(s, s["tokens"]["alice"], product="p1", status="accepted",
               label="bag", base_version=0)
   assert r.status_code == 200
+
+
+def _sign_in(s, token, origin=True):
+  headers = {"Origin": s["url"]} if origin is True else (
+      {"Origin": origin} if origin else {})
+  return requests.post(s["url"] + "/login", data={"token": token},
+                       headers=headers, allow_redirects=False, timeout=30)
+
+
+def test_the_cookie_is_a_session_that_sign_out_ends(setup):
+  s = setup
+  r = _sign_in(s, s["tokens"]["bob"])
+  assert r.status_code == 303
+  session = r.cookies["mic_review"]
+  assert session != s["tokens"]["bob"] and s["tokens"]["bob"] not in r.headers[
+      "Set-Cookie"]
+  raw = b"".join(f.read_bytes() for f in s["db"].parent.glob(
+      "review.sqlite*"))
+  assert session.encode() not in raw  # Stored only hashed.
+  cookie = {"Cookie": f"mic_review={session}"}
+  assert requests.get(s["url"] + "/api/queue", headers=cookie,
+                      timeout=30).json()["reviewer"] == "bob"
+  out = requests.post(s["url"] + "/logout", headers={**cookie,
+                                                     "Origin": s["url"]},
+                      allow_redirects=False, timeout=30)
+  assert out.status_code == 303
+  assert requests.get(s["url"] + "/api/queue", headers=cookie,
+                      timeout=30).status_code == 401
+  # The token itself is no cookie.
+  assert requests.get(s["url"] + "/api/queue", timeout=30, headers={
+      "Cookie": f"mic_review={s['tokens']['bob']}"}).status_code == 401
+
+
+def test_a_revoked_reviewer_loses_token_and_sessions(setup):
+  s = setup
+  session = _sign_in(s, s["tokens"]["bob"]).cookies["mic_review"]
+  assert s["store"].revoke_reviewer("bob") == 1
+  cookie = {"Cookie": f"mic_review={session}"}
+  for headers in (cookie, _auth(s["tokens"]["bob"])):
+    assert requests.get(s["url"] + "/api/queue", headers=headers,
+                        timeout=30).status_code == 401
+  assert _sign_in(s, s["tokens"]["bob"]).status_code == 401
+  assert requests.get(s["url"] + "/api/queue", headers=_auth(
+      s["tokens"]["alice"]), timeout=30).status_code == 200
+  with pytest.raises(store_lib.StoreError, match="no reviewer 'carl'"):
+    s["store"].revoke_reviewer("carl")
+  with pytest.raises(store_lib.StoreError, match="exists already"):
+    s["store"].add_reviewer("bob")  # Decisions keep naming one person.
+
+
+def test_a_sign_in_from_another_origin_is_refused(setup):
+  """Login CSRF: a form on another localhost port must not sign the
+  victim's browser in as someone else."""
+  s = setup
+  for origin in ("http://127.0.0.1:1", "null", None):
+    r = _sign_in(s, s["tokens"]["bob"], origin=origin)
+    assert r.status_code == 403, (origin, r.status_code)
+    assert "mic_review" not in r.cookies and "origin" in r.text.lower()
+  session = _sign_in(s, s["tokens"]["bob"]).cookies["mic_review"]
+  r = requests.post(s["url"] + "/logout", allow_redirects=False, timeout=30,
+                    headers={"Cookie": f"mic_review={session}",
+                             "Origin": "http://127.0.0.1:1"})
+  assert r.status_code == 403
+  assert requests.get(s["url"] + "/api/queue", timeout=30, headers={
+      "Cookie": f"mic_review={session}"}).status_code == 200

@@ -1,9 +1,14 @@
 """The review web app (aiohttp): a page, its JSON API and the photos.
 
-Every request needs a reviewer's token, as the ``mic_review`` cookie that
-signing in sets (``POST /login``) or an ``Authorization: Bearer`` header;
-without one, ``/`` answers 401 with the sign-in form (which shows nothing
-of the data) and everything else 401 JSON. The page is plain HTML, CSS and
+Every request needs a reviewer: an ``Authorization: Bearer TOKEN`` header
+(API clients), or the ``mic_review`` cookie that signing in with the
+token sets (``POST /login``). The cookie holds a server-side session
+(:mod:`mic_jax.reviewing.store`), never the token; ``POST /logout`` ends
+it. Without either, ``/`` answers 401 with the sign-in form (which shows
+nothing of the data) and everything else 401 JSON. A POST without a
+Bearer token must come from this page (``Origin`` is this host and
+port), else 403: no other site or localhost port can sign a browser in
+(login CSRF), out, or decide for it. The page is plain HTML, CSS and
 JavaScript shipped in the package (``static/``), no build step.
 
   GET  /                     the page
@@ -35,6 +40,7 @@ import html
 import importlib.resources
 import json
 from typing import Any
+import urllib.parse
 
 from aiohttp import web
 
@@ -84,13 +90,38 @@ def _error(status: int, message: str, *,
                                     **(headers or {})})
 
 
-def _token(request: web.Request) -> str | None:
+def _bearer(request: web.Request) -> str | None:
+  """The ``Authorization: Bearer`` token (API clients), if well formed."""
   header = request.headers.get("Authorization", "")
-  if header.startswith("Bearer "):
-    token = header[len("Bearer "):].strip()
-  else:
-    token = request.cookies.get(COOKIE)
+  if not header.startswith("Bearer "):
+    return None
+  token = header[len("Bearer "):].strip()
   return token if store_lib.well_formed(token) else None
+
+
+def _session(request: web.Request) -> str | None:
+  """The sign-in cookie's session id, if well formed."""
+  session = request.cookies.get(COOKIE)
+  return session if store_lib.well_formed(session) else None
+
+
+def _cross_origin() -> web.Response:
+  """A browser's POST (sign-in, sign-out, a decision) from another page,
+  e.g. a form on another localhost port (login CSRF)."""
+  return _error(403, "refused: this request's Origin is not this page's "
+                "(sign in from the review page itself)")
+
+
+def _same_origin(request: web.Request) -> bool:
+  """Whether a browser POST comes from this page: its ``Origin`` names
+  this host and port (another localhost port is another origin). Without
+  the header, no: browsers send it on every POST."""
+  origin = request.headers.get("Origin", "")
+  try:
+    netloc = urllib.parse.urlsplit(origin).netloc
+  except ValueError:
+    return False
+  return bool(netloc) and netloc == request.host
 
 
 def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
@@ -121,16 +152,25 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
 
   @web.middleware
   async def auth(request: web.Request, handler):
-    if request.path == "/login" and request.method == "POST":
-      return await handler(request)
     loop = asyncio.get_running_loop()
-    reviewer = await loop.run_in_executor(None, store.reviewer_of,
-                                          _token(request))
+    bearer = _bearer(request)
+    if request.path == "/login" and request.method == "POST":
+      if not _same_origin(request):
+        return _cross_origin()
+      return await handler(request)
+    if bearer is not None:
+      reviewer = await loop.run_in_executor(None, store.reviewer_of, bearer)
+    else:
+      reviewer = await loop.run_in_executor(None, store.session_reviewer,
+                                            _session(request))
     if reviewer is None:
       if request.path == "/" and request.method == "GET":
         return _sign_in_page()
       return _error(401, "sign in: a valid reviewer token is needed "
                     "(mic-jax-review --add-reviewer NAME prints one)")
+    if request.method == "POST" and bearer is None and not _same_origin(
+        request):
+      return _cross_origin()
     request[REVIEWER] = reviewer
     response = await handler(request)
     response.headers.setdefault("Cache-Control", "no-store")
@@ -144,15 +184,18 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
       return _error(413, f"request body over {max_body_bytes} bytes")
     token = str(form.get("token", "")).strip()
     loop = asyncio.get_running_loop()
-    if await loop.run_in_executor(None, store.reviewer_of, token) is None:
+    reviewer = await loop.run_in_executor(None, store.reviewer_of, token)
+    if reviewer is None:
       return _sign_in_page("That token is not valid.")
+    session = await loop.run_in_executor(None, store.start_session, reviewer)
     response = web.HTTPSeeOther("/")
-    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict",
-                        path="/")
+    response.set_cookie(COOKIE, session, httponly=True, samesite="Strict",
+                        path="/", max_age=store_lib.SESSION_DAYS * 86400)
     raise response
 
   async def logout(request: web.Request) -> web.StreamResponse:
-    del request
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.end_session, _session(request))
     response = web.HTTPSeeOther("/")
     response.del_cookie(COOKIE, path="/")
     raise response

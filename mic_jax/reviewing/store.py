@@ -2,7 +2,8 @@
 
 Tables::
 
-  reviewers  name, token_sha256, created
+  reviewers  name, token_sha256, created, revoked (when, or NULL)
+  sessions   id_sha256, reviewer, created: one per browser sign-in
   decisions  product_id, status, label, reviewer, export, decided_at,
              version: the current decision per product
   history    every decision ever made (the current one included), with
@@ -13,6 +14,11 @@ A token is ``secrets.token_urlsafe(32)`` (256 random bits), shown once by
 not needed for a secret that is not guessable to begin with; the lookup
 compares the hashes of every reviewer in constant time
 (``hmac.compare_digest``), so timing says nothing about a stored hash.
+
+The browser's cookie holds a session id (as random as a token, stored
+hashed too), never the token: signing out ends that session, and
+:meth:`Store.revoke_reviewer` ends a reviewer's token and every session.
+A session lasts :data:`SESSION_DAYS` days.
 
 A decision is written only against the version its author saw
 (``base_version``: 0 for an undecided product). When another reviewer
@@ -46,12 +52,15 @@ STATUSES = (ACCEPTED, RELABELLED, UNCLEAR)
 MAX_VERSION = 2 ** 53 - 1
 # What secrets.token_urlsafe makes; anything else (non-UTF-8 bytes, other
 # characters, an empty or huge value) is no token and is not looked up.
+SESSION_DAYS = 7
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviewers (
   name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE,
   created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+  id_sha256 TEXT PRIMARY KEY, reviewer TEXT NOT NULL, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (
   product_id TEXT PRIMARY KEY, status TEXT NOT NULL, label TEXT,
   reviewer TEXT NOT NULL, export TEXT NOT NULL, decided_at TEXT NOT NULL,
@@ -133,6 +142,10 @@ class Store:
       with self._connect() as db:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(_SCHEMA)
+        columns = {r["name"] for r in db.execute(
+            "PRAGMA table_info(reviewers)")}
+        if "revoked" not in columns:  # A database of an older version.
+          db.execute("ALTER TABLE reviewers ADD COLUMN revoked TEXT")
     except (OSError, sqlite3.Error) as e:
       # A read-only file or folder, a directory, not a database: say which
       # file, not a traceback.
@@ -165,8 +178,8 @@ class Store:
     token = secrets.token_urlsafe(32)
     with self._connect() as db:
       try:
-        db.execute("INSERT INTO reviewers VALUES (?, ?, ?)",
-                   (name, token_hash(token), _now()))
+        db.execute("INSERT INTO reviewers (name, token_sha256, created) "
+                   "VALUES (?, ?, ?)", (name, token_hash(token), _now()))
       except sqlite3.IntegrityError as e:
         raise StoreError(f"reviewer {name!r} exists already") from e
     return token
@@ -177,12 +190,65 @@ class Store:
       return None
     wanted = token_hash(token)
     with self._connect() as db:
-      rows = db.execute("SELECT name, token_sha256 FROM reviewers").fetchall()
+      rows = db.execute("SELECT name, token_sha256 FROM reviewers "
+                        "WHERE revoked IS NULL").fetchall()
     found = None
     for row in rows:  # Every row, no early exit: constant time per row.
       if hmac.compare_digest(row["token_sha256"], wanted):
         found = row["name"]
     return found
+
+  def revoke_reviewer(self, name: str) -> int:
+    """Ends ``name``'s token and sessions (the name stays taken, so past
+    decisions keep naming one person); returns how many sessions ended."""
+    with self._connect() as db:
+      db.execute("BEGIN IMMEDIATE")
+      try:
+        found = db.execute("UPDATE reviewers SET revoked = ? WHERE name = ? "
+                           "AND revoked IS NULL", (_now(), name)).rowcount
+        ended = db.execute("DELETE FROM sessions WHERE reviewer = ?",
+                           (name,)).rowcount
+        db.execute("COMMIT")
+      except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    if not found:
+      raise StoreError(f"no reviewer {name!r} (or revoked already) in "
+                       f"{self.path}")
+    return ended
+
+  # ------------------------------------------------------------ sessions --
+
+  def start_session(self, reviewer: str) -> str:
+    """A new session of ``reviewer``: its id (for the cookie; stored
+    only hashed)."""
+    session = secrets.token_urlsafe(32)
+    with self._connect() as db:
+      db.execute("INSERT INTO sessions VALUES (?, ?, ?)",
+                 (token_hash(session), reviewer, _now()))
+    return session
+
+  def session_reviewer(self, session: str | None) -> str | None:
+    """The reviewer of a live session (not ended, not expired, reviewer
+    not revoked), or None."""
+    if not well_formed(session):
+      return None
+    oldest = (datetime.datetime.now(datetime.timezone.utc) -
+              datetime.timedelta(days=SESSION_DAYS)).isoformat(
+                  timespec="seconds")
+    with self._connect() as db:
+      row = db.execute(
+          "SELECT s.reviewer FROM sessions s JOIN reviewers r ON "
+          "r.name = s.reviewer WHERE s.id_sha256 = ? AND s.created >= ? "
+          "AND r.revoked IS NULL", (token_hash(session), oldest)).fetchone()
+    return row["reviewer"] if row else None
+
+  def end_session(self, session: str | None) -> None:
+    """Signs a session out (nothing happens for an unknown one)."""
+    if well_formed(session):
+      with self._connect() as db:
+        db.execute("DELETE FROM sessions WHERE id_sha256 = ?",
+                   (token_hash(session),))
 
   # ----------------------------------------------------------- decisions --
 
