@@ -324,14 +324,28 @@ CSV_COLUMNS = ("product_id", "status", "label", "reviewer", "export",
                "decided_at", "version")
 
 
+# A cell starting with one of these is a formula to a spreadsheet (CSV
+# injection: a product id or reviewer name like =HYPERLINK(...)).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+  """``value`` as a CSV cell no spreadsheet runs: a leading quote before a
+  formula start, and before a leading quote (so reading back is exact:
+  ``prepare --corrections`` drops one leading quote)."""
+  text = "" if value is None else str(value)
+  return "'" + text if text.startswith(FORMULA_STARTS + ("'",)) else text
+
+
 def csv_text(store: Store) -> str:
   """The current decisions as CSV (what ``prepare --corrections`` also
-  reads)."""
+  reads), every cell through :func:`csv_cell`."""
   out = io.StringIO()
-  writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
-  writer.writeheader()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(CSV_COLUMNS)
   for d in store.decisions().values():
-    writer.writerow(d.as_dict())
+    row = d.as_dict()
+    writer.writerow([csv_cell(row[c]) for c in CSV_COLUMNS])
   return out.getvalue()
 
 
