@@ -101,7 +101,8 @@ def _serve(store) -> None:
               FLAGS.port, FLAGS.db, console.active().log_path)
   web.run_app(server.make_app(queue, store,
                               max_body_bytes=FLAGS.max_body_bytes),
-              host=FLAGS.host, port=FLAGS.port, print=None)
+              host=FLAGS.host, port=FLAGS.port, print=None,
+              **server.runner_options())
 
 
 def summary(queue, store, scores: str) -> str:

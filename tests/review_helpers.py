@@ -45,7 +45,7 @@ def chromium_or_skip():
 def running(app: web.Application) -> Iterator[str]:
   """Serves ``app`` on 127.0.0.1 in a thread; yields its base URL."""
   loop = asyncio.new_event_loop()
-  runner = web.AppRunner(app)
+  runner = web.AppRunner(app, **server.runner_options())
   started = threading.Event()
   url: list[str] = []
 

@@ -489,3 +489,17 @@ def test_a_sign_in_from_another_origin_is_refused(setup):
   assert r.status_code == 403
   assert requests.get(s["url"] + "/api/queue", timeout=30, headers={
       "Cookie": f"mic_review={session}"}).status_code == 200
+
+
+def test_a_token_in_a_query_string_is_refused_and_never_logged(setup,
+                                                                caplog):
+  s = setup
+  token = s["tokens"]["alice"]
+  with caplog.at_level("INFO"):
+    r = requests.get(s["url"] + f"/api/queue?token={token}&x=1", timeout=30)
+    assert r.status_code == 401
+    assert requests.get(s["url"] + "/api/labels", headers=_auth(token),
+                        timeout=30).ok
+  logged = "\n".join(r.getMessage() for r in caplog.records)
+  assert "/api/queue" in logged and "/api/labels" in logged
+  assert token not in logged and "token=" not in logged

@@ -42,6 +42,7 @@ import json
 from typing import Any
 import urllib.parse
 
+from aiohttp import abc as aiohttp_abc
 from aiohttp import web
 
 from mic_jax.reviewing import queue as queue_lib
@@ -122,6 +123,22 @@ def _same_origin(request: web.Request) -> bool:
   except ValueError:
     return False
   return bool(netloc) and netloc == request.host
+
+
+class AccessLogger(aiohttp_abc.AbstractAccessLogger):
+  """One line per request without its query string or Referer: a token
+  pasted into a URL is refused (401) and must not reach ``review.log``."""
+
+  def log(self, request: web.BaseRequest, response: web.StreamResponse,
+          time: float) -> None:
+    self.logger.info("%s %s %s %d %d %.3fs", request.remote, request.method,
+                     request.path, response.status, response.body_length,
+                     time)
+
+
+def runner_options() -> dict[str, Any]:
+  """How the program (and the tests) run the app: with :class:`AccessLogger`."""
+  return {"access_log_class": AccessLogger}
 
 
 def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
