@@ -13,8 +13,10 @@ JavaScript shipped in the package (``static/``), no build step.
 
   GET  /                     the page
   GET  /static/{app.js,app.css}
+  POST /login, /logout       start / end a session (the form's token)
   GET  /api/queue            products in review order, with decisions and
-                             progress
+                             progress (``photo``: whether there is one;
+                             never the server's file paths)
   GET  /api/labels           the export's labels and taxonomy paths
   GET  /api/photo/{id}       the photo the model scored (JPEG)
   POST /api/decisions        {"product", "status", "label", "base_version"}
