@@ -2,7 +2,9 @@
 
 The decisions come from the review database (``mic-jax-review --db``,
 SQLite) or its CSV export (``--decisions_csv``; columns ``product_id``,
-``status``, ``label``). Per product:
+``status``, ``label``; a spreadsheet's BOM is fine; a cell's one leading
+``'``, which keeps spreadsheets from running it as a formula, is dropped).
+Per product:
 
 * ``accepted`` / ``relabelled``: the product is prepared with the
   reviewed label instead of the catalogue's;
@@ -68,6 +70,13 @@ def _check(where: str, product: Any, status: Any, label: Any
   return product, status, (label or None) if status != UNCLEAR else None
 
 
+def _cell(text: str | None) -> str | None:
+  """A CSV cell's value: the review CSV quotes cells a spreadsheet would
+  run as formulas (``'=...``) and cells starting with a quote
+  (``mic_jax.reviewing.store.csv_cell``); one leading quote goes."""
+  return text[1:] if text and text.startswith("'") else text
+
+
 def load(path: str | pathlib.Path) -> Corrections:
   """Reads a review database or its CSV export."""
   path = pathlib.Path(path)
@@ -90,7 +99,8 @@ def load(path: str | pathlib.Path) -> Corrections:
                              f"({e})") from e
     rows = [(f"{path} product {p!r}", p, s, l) for p, s, l in found]
   else:
-    with open(path, encoding="utf-8", newline="") as f:
+    # utf-8-sig: a CSV re-saved by a spreadsheet starts with a BOM.
+    with open(path, encoding="utf-8-sig", newline="") as f:
       reader = csv.DictReader(f)
       missing = {"product_id", "status", "label"} - set(
           reader.fieldnames or ())
@@ -99,8 +109,8 @@ def load(path: str | pathlib.Path) -> Corrections:
                                f"{', '.join(sorted(missing))} (a CSV of "
                                "mic-jax-review --decisions_csv)")
       for row in reader:
-        rows.append((f"{path}:{reader.line_num}", row["product_id"],
-                     row["status"], row["label"]))
+        rows.append((f"{path}:{reader.line_num}", _cell(row["product_id"]),
+                     _cell(row["status"]), _cell(row["label"])))
   decisions: dict[str, tuple[str, str | None]] = {}
   for where, product, status, label in rows:
     product, status, label = _check(where, product, status, label)

@@ -1,6 +1,7 @@
 r"""A web page where people review the products the model is unsure of.
 
   mic-jax-review --db=review.sqlite --add-reviewer=alice   # prints a token once
+  mic-jax-review --db=review.sqlite --revoke-reviewer=alice  # ends it
   mic-jax-review --scores=scores.jsonl --export=EXPORT --db=review.sqlite \
       [--host=127.0.0.1 --port=8090]
   mic-jax-review --db=review.sqlite --decisions_csv=decisions.csv
@@ -40,6 +41,8 @@ def _define_flags() -> None:
                        "Largest request body accepted.")
   flags.DEFINE_string("add_reviewer", None, "Create this reviewer, print its "
                       "token once and exit.")
+  flags.DEFINE_string("revoke_reviewer", None, "End this reviewer's token "
+                      "and signed-in sessions and exit.")
   flags.DEFINE_string("decisions_csv", None, "Write the current decisions "
                       "to this CSV and exit.")
   console.define_verbose_flag()
@@ -50,7 +53,10 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from mic_jax.reviewing import store as store_lib
   # pylint: enable=g-import-not-at-top
-  store = store_lib.Store(FLAGS.db)
+  try:
+    store = store_lib.Store(FLAGS.db)
+  except store_lib.StoreError as e:
+    raise SystemExit(f"error: {e}") from e
   if FLAGS.add_reviewer is not None:
     try:
       token = store.add_reviewer(FLAGS.add_reviewer)
@@ -60,13 +66,21 @@ def main(argv):
           "their token (shown only now, keep it secret):")
     print(token)
     return
+  if FLAGS.revoke_reviewer is not None:
+    try:
+      ended = store.revoke_reviewer(FLAGS.revoke_reviewer.strip())
+    except store_lib.StoreError as e:
+      raise SystemExit(f"error: {e}") from e
+    print(f"reviewer {FLAGS.revoke_reviewer.strip()} revoked in {FLAGS.db}: "
+          f"token refused from now on, {ended} signed-in session(s) ended")
+    return
   if FLAGS.decisions_csv:
     n = store_lib.write_csv(store, FLAGS.decisions_csv)
     print(f"wrote {n} decisions to {FLAGS.decisions_csv}")
     return
   if not FLAGS.scores or not FLAGS.export:
     raise app.UsageError("give --scores and --export (or --add_reviewer, "
-                         "or --decisions_csv)")
+                         "--revoke_reviewer or --decisions_csv)")
   with console.session("review", None, verbose=console.verbose_requested()):
     _serve(store)
 
@@ -81,23 +95,40 @@ def _serve(store) -> None:
     queue = queue_lib.load(FLAGS.scores, FLAGS.export)
   except (queue_lib.QueueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
-  decided = sum(1 for p in store.decisions() if p in queue.by_id)
-  console.say("review   %s: %d products (%d abstained), %d decided; "
-              "export %s (%s...)", FLAGS.scores, len(queue.products),
-              sum(1 for p in queue.products if p.get("abstain")), decided,
-              FLAGS.export, queue.export[:12])
+  console.say("%s", summary(queue, store, FLAGS.scores))
+  console.say("export   %s (%s...)", FLAGS.export, queue.export[:12])
   console.say("serving  http://%s:%d (db %s; log: %s)", FLAGS.host,
               FLAGS.port, FLAGS.db, console.active().log_path)
   web.run_app(server.make_app(queue, store,
                               max_body_bytes=FLAGS.max_body_bytes),
-              host=FLAGS.host, port=FLAGS.port, print=None)
+              host=FLAGS.host, port=FLAGS.port, print=None,
+              **server.runner_options())
+
+
+def summary(queue, store, scores: str) -> str:
+  """The start-up line: what is to review, and what was left out (rows
+  predict could not score are not silently dropped)."""
+  decided = sum(1 for p in store.decisions() if p in queue.by_id)
+  line = (f"review   {scores}: {len(queue.products)} products "
+          f"({sum(1 for p in queue.products if p.get('abstain'))} abstained),"
+          f" {decided} decided")
+  if queue.skipped_errors:
+    line += (f"; {queue.skipped_errors} rows skipped (predict could not "
+             "score them: they have 'error')")
+  return line
+
+
+def _underscored(arg: str) -> str:
+  """absl spells flags with underscores; --add-reviewer is accepted too."""
+  for flag in ("--add-reviewer", "--revoke-reviewer"):
+    if arg.startswith(flag):
+      return flag.replace("-", "_").replace("__", "--", 1) + arg[len(flag):]
+  return arg
 
 
 def run():
   """Console-script entry point (``mic-jax-review``)."""
-  # absl spells flags with underscores; --add-reviewer is accepted too.
-  sys.argv = [("--add_reviewer" + a[len("--add-reviewer"):])
-              if a.startswith("--add-reviewer") else a for a in sys.argv]
+  sys.argv = [_underscored(a) for a in sys.argv]
   _define_flags()
   flags.mark_flag_as_required("db")
   app.run(main)

@@ -45,7 +45,7 @@ def chromium_or_skip():
 def running(app: web.Application) -> Iterator[str]:
   """Serves ``app`` on 127.0.0.1 in a thread; yields its base URL."""
   loop = asyncio.new_event_loop()
-  runner = web.AppRunner(app)
+  runner = web.AppRunner(app, **server.runner_options())
   started = threading.Event()
   url: list[str] = []
 
@@ -102,7 +102,8 @@ def sample_review(tmp_path: pathlib.Path, labels: list[str],
                   ) -> dict[str, Any]:
   """Five scored products as ``mic-jax-predict`` writes them, over a
   :func:`fake_export`: p1 with a catalogue photo file, p2 with a photo in a
-  prepared shard, the others without; p1, p2, p4 abstained."""
+  prepared shard, the others without; p1, p2, p4 abstained; every
+  catalogue label is ``labels[0]`` but p3's (``labels[-1]``)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from mic_jax.data import records  # pylint: disable=g-import-not-at-top
@@ -123,7 +124,9 @@ def sample_review(tmp_path: pathlib.Path, labels: list[str],
       (0, 0.5, True)]):
     order = [top] + [j for j in range(len(labels)) if j != top][:4]
     rows.append({
-        "id": f"p{i}", "title": f"product number {i}", "label": labels[0],
+        "id": f"p{i}", "title": f"product number {i}",
+        # p3's catalogue label is outside its top 5 when there are 6+.
+        "label": labels[-1] if i == 3 else labels[0],
         "top_k": [{"label": labels[j], "prob": prob if j == top else
                    (1 - prob) / 4} for j in order],
         "abstain": abstain, "export": identity,

@@ -128,3 +128,32 @@ def test_changed_corrections_are_not_resumed_over(tmp_path):
   _write_csv(fix, [("0", "relabelled", "shoe")])
   with pytest.raises(SystemExit, match="differs in: corrections_sha256"):
     _run(args)
+
+
+def test_the_csv_neutralizes_formulas_and_reads_them_back(tmp_path):
+  """Cells a spreadsheet would run (=, +, -, @, tab, CR first) are written
+  with a leading quote; --corrections reads the values back unchanged."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  store = store_lib.Store(tmp_path / "review.sqlite")
+  products = {"=HYPERLINK(\"http://x\")": ("relabelled", "@SUM(A1)"),
+              "+1": ("accepted", "-bag"), "'quoted": ("accepted", "'bag"),
+              "-2": ("unclear", None), "\tx": ("accepted", "=1+1"),
+              "plain": ("accepted", "bag")}
+  for product, (status, label) in products.items():
+    store.decide(product, status, label, reviewer="=evil()", export="e",
+                 base_version=0)
+  text = store_lib.csv_text(store)
+  for row in csv.reader(io.StringIO(text)):
+    for cell in row:
+      assert not cell or cell[0] not in "=+-@\t\r", (cell, row)
+  store_lib.write_csv(store, tmp_path / "d.csv")
+  assert corrections.load(tmp_path / "d.csv").decisions == corrections.load(
+      tmp_path / "review.sqlite").decisions == products
+
+
+def test_a_csv_resaved_by_a_spreadsheet_with_a_bom_is_read(tmp_path):
+  path = tmp_path / "d.csv"
+  path.write_bytes("product_id,status,label\r\n3,relabelled,bag\r\n".encode(
+      "utf-8-sig"))
+  assert corrections.load(path).decisions == {"3": ("relabelled", "bag")}

@@ -130,3 +130,81 @@ def test_a_second_reviewer_sees_the_first_decision_and_may_override(
       "ben", "accepted", 2)
   assert [h["reviewer"] for h in site["store"].history("p2")] == ["ann",
                                                                   "ben"]
+
+
+# ------------------------------------------------- issue 32: defects found --
+
+
+def test_a_save_while_the_database_is_busy_is_shown_and_retried(browser,
+                                                                 site):
+  import sqlite3  # pylint: disable=g-import-not-at-top
+  site["store"].busy_timeout = 0.2
+  page = browser.new_page()
+  review_helpers.sign_in(page, site["url"], site["tokens"]["ann"])
+  holder = sqlite3.connect(site["db"], isolation_level=None)
+  holder.execute("BEGIN IMMEDIATE")  # Another program is writing.
+  try:
+    page.keyboard.press("Enter")
+    expect(page.locator("#banner")).to_contain_text("busy", timeout=10_000)
+    expect(page.locator("#banner")).to_contain_text("Saving again")
+    assert site["store"].decisions() == {}
+  finally:
+    holder.execute("ROLLBACK")
+    holder.close()
+  expect(page.locator("#progress")).to_contain_text("decided 1 / 5",
+                                                    timeout=10_000)
+  expect(page.locator("#banner")).to_be_hidden()
+  assert site["store"].decision("p2").reviewer == "ann"
+
+
+def test_a_key_keeps_the_catalogue_label_outside_the_top_5(browser, site):
+  page = browser.new_page()
+  review_helpers.sign_in(page, site["url"], site["tokens"]["ann"])
+  assert "catalogue label" in page.inner_text(".keys")
+  page.click("#list li[data-id='p3']")
+  shown = [e["label"] for e in site["rows"][3]["top_k"]]
+  assert "watch" not in shown and "“watch”" in page.inner_text("#catalogue")
+  page.keyboard.press("c")
+  expect(page.locator("#progress")).to_contain_text("decided 1 / 5")
+  d = site["store"].decision("p3")
+  assert (d.status, d.label) == ("relabelled", "watch")
+
+
+def test_the_list_marks_each_state_differently_and_explains_them(browser,
+                                                                  site):
+  page = browser.new_page()
+  review_helpers.sign_in(page, site["url"], site["tokens"]["ann"])
+  page.keyboard.press("Enter")                 # p2 accepted.
+  expect(page.locator("#title")).to_have_text("product number 1")
+  page.keyboard.press("/")                     # p1 relabelled.
+  page.keyboard.type("sock")
+  page.wait_for_selector("#matches li")
+  page.keyboard.press("Enter")
+  expect(page.locator("#title")).to_have_text("product number 4")
+  page.keyboard.press("u")                     # p4 unclear.
+  expect(page.locator("#progress")).to_contain_text("decided 3 / 5")
+  marks = {pid: page.inner_text(f"#list li[data-id='{pid}'] .mark").strip()
+           for pid in ("p2", "p1", "p4", "p0")}
+  assert len(set(marks.values())) == 4, marks  # p0: undecided.
+  legend = page.inner_text("#legend")
+  for pid, word in (("p2", "accepted"), ("p1", "relabelled"),
+                    ("p4", "unclear"), ("p0", "undecided")):
+    assert f"{marks[pid]} {word}" in legend, (marks, legend)
+  assert "abstained" in legend
+
+
+def test_a_photo_frame_says_it_is_loading(browser, site):
+  page = browser.new_page()
+  held = []
+  # Photos wait until released.
+  page.route("**/api/photo/**", lambda route: held.append(route))
+  review_helpers.sign_in(page, site["url"], site["tokens"]["ann"])
+  expect(page.locator("#photo")).to_contain_text("loading photo")
+  for route in held:
+    route.continue_()
+  expect(page.locator("#photo img")).to_be_visible()
+  expect(page.locator("#photo")).not_to_contain_text("loading")
+  page.unroute("**/api/photo/**")
+  page.route("**/api/photo/**", lambda route: route.abort())
+  page.keyboard.press("j")                     # p1: its photo fails.
+  expect(page.locator("#photo")).to_contain_text("could not be loaded")

@@ -60,13 +60,15 @@ def test_without_a_valid_token_nothing_is_readable_or_writable(setup):
   page = requests.get(s["url"] + "/", timeout=30)
   assert 'action="/login"' in page.text
   r = requests.post(s["url"] + "/login", data={"token": "wrong"},
-                    allow_redirects=False, timeout=30)
+                    headers={"Origin": s["url"]}, allow_redirects=False,
+                    timeout=30)
   assert r.status_code == 401 and "not valid" in r.text
 
 
 def test_sign_in_sets_a_cookie_that_opens_everything(setup):
   s = setup
   session = requests.Session()
+  session.headers["Origin"] = s["url"]  # As a browser sends it.
   r = session.post(s["url"] + "/login", data={"token": s["tokens"]["bob"]},
                    allow_redirects=False, timeout=30)
   assert r.status_code == 303
@@ -291,5 +293,213 @@ def test_the_program_adds_reviewers_serves_and_exports(setup, tmp_path):
   done = subprocess.run(program + [f"--decisions_csv={csv_out}"], check=True,
                         capture_output=True, text=True, timeout=120)
   assert "wrote 1 decisions" in done.stdout
+  revoked = subprocess.run(program + ["--revoke-reviewer", "carla"],
+                           check=True, capture_output=True, text=True,
+                           timeout=120)
+  assert "carla revoked" in revoked.stdout
+  assert store_lib.Store(db).reviewer_of(token) is None
   assert csv_out.read_text().splitlines()[1].startswith(
       "p3,accepted,watch,carla,")
+
+
+# ------------------------------------------------- issue 32: defects found --
+
+
+def _bad_scores(tmp_path, s, line: bytes):
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes(json.dumps(s["rows"][0]).encode() + b"\n" + line + b"\n")
+  return path
+
+
+@pytest.mark.parametrize("line,needle", [
+    (b'["a", "list"]', "a JSON object, got a list"),
+    (b'{"id": "x", "top_k": [{"prob": 0.5}]}', "top_k entry 1 has no label"),
+    (b'{"id": "x", "top_k": [{"label": "bag", "prob": "0.5"}]}',
+     "probability"),
+    (b'{"id": "x", "top_k": "bag"}', "'top_k' must be a list"),
+    (b'{"id": "\xff\xfe"}', "not UTF-8"),
+    (b'{"id": "x", "top_k": [{"label": "bag", "prob": 0.5}], '
+     b'"photo": "/a/b.jpg"}', "'photo' must be"),
+])
+def test_a_bad_scores_line_is_named_at_start_up(setup, tmp_path, line,
+                                                needle):
+  s = setup
+  identity = bundle.identity(s["export"])
+  line = line.replace(b'{"id"', b'{"export": "%s", "id"' % identity.encode())
+  with pytest.raises(queue_lib.QueueError, match=r"bad\.jsonl:2: ") as e:
+    queue_lib.load(_bad_scores(tmp_path, s, line), s["export"])
+  assert needle in str(e.value)
+
+
+def test_rows_predict_could_not_score_are_counted(setup, tmp_path):
+  s = setup
+  path = _bad_scores(tmp_path, s, b'{"id": "x", "error": "no title"}\n'
+                     b'{"error": "bad photo"}')
+  queue = queue_lib.load(path, s["export"])
+  assert len(queue.products) == 1 and queue.skipped_errors == 2
+  from mic_jax import review  # pylint: disable=g-import-not-at-top
+  summary = review.summary(queue, s["store"], str(path))
+  assert "2 rows skipped" in summary and "'error'" in summary
+
+
+def test_a_database_that_cannot_be_opened_is_named(tmp_path):
+  for bad in (tmp_path / "a_directory", tmp_path / "not_a_db"):
+    if bad.name == "a_directory":
+      bad.mkdir()
+    else:
+      bad.write_text("hello, not sqlite\n" * 100)
+    with pytest.raises(store_lib.StoreError, match=str(bad)):
+      store_lib.Store(bad)
+
+
+def test_the_queue_does_not_show_server_paths(setup):
+  s = setup
+  r = requests.get(s["url"] + "/api/queue",
+                   headers=_auth(s["tokens"]["alice"]), timeout=30)
+  assert str(s["db"].parent) not in r.text
+  photos = {p["id"]: p["photo"] for p in r.json()["products"]}
+  assert photos == {"p0": False, "p1": True, "p2": True, "p3": False,
+                    "p4": False}
+
+
+def test_non_utf8_tokens_and_cookies_get_401_not_500(setup):
+  s = setup
+  for headers in ({"Authorization": b"Bearer \xff\xfe-token"},
+                  {"Cookie": b"mic_review=\xff\xfe"},
+                  {"Authorization": "Bearer " + "\u00e9" * 50}):
+    for path in ("/", "/api/queue"):
+      r = requests.get(s["url"] + path, headers=headers, timeout=30)
+      assert r.status_code == 401, (headers, path, r.status_code)
+  r = requests.post(s["url"] + "/login", data=b"token=%FF%FE",
+                    headers={"Content-Type":
+                             "application/x-www-form-urlencoded"},
+                    timeout=30)
+  assert r.status_code in (400, 401, 403), r.status_code
+
+
+def test_an_impossible_base_version_is_a_4xx_the_page_can_show(setup):
+  s = setup
+  alice = s["tokens"]["alice"]
+  huge = _decide(s, alice, product="p1", status="accepted", label="bag",
+                 base_version=int("9" * 4000))
+  assert huge.status_code in (400, 413), huge.text
+  r = requests.post(s["url"] + "/api/decisions", data=(
+      '{"product": "p1", "status": "unclear", "label": null, '
+      '"base_version": ' + "9" * 4000 + "}").encode(),
+                    headers={**_auth(alice), "Content-Type":
+                             "application/json"}, timeout=30)
+  assert r.status_code in (400, 413), r.text
+  ahead = _decide(s, alice, product="p1", status="accepted", label="bag",
+                  base_version=3)
+  assert ahead.status_code == 400, ahead.text
+  assert "ahead of" in ahead.json()["error"] and "reload" in ahead.json()[
+      "error"]
+  assert s["store"].decisions() == {}
+  assert _decide(s, alice, product="p1", status="accepted", label="bag",
+                 base_version=0).status_code == 200
+  assert _decide(s, alice, product="p1", status="accepted", label="bag",
+                 base_version=2).status_code == 400
+
+
+def _hold_the_database(path):
+  """Another process's write transaction (what the server waits for)."""
+  db = sqlite3.connect(path, isolation_level=None)
+  db.execute("BEGIN IMMEDIATE")
+  return db
+
+
+def test_a_save_while_the_database_is_busy_is_a_named_503(setup):
+  s = setup
+  s["store"].busy_timeout = 0.2
+  holder = _hold_the_database(s["db"])
+  try:
+    r = _decide(s, s["tokens"]["alice"], product="p1", status="accepted",
+                label="bag", base_version=0)
+  finally:
+    holder.execute("ROLLBACK")
+    holder.close()
+  assert r.status_code == 503, r.text
+  assert "busy" in r.json()["error"] and r.json()["retry_after"] > 0
+  assert int(r.headers["Retry-After"]) > 0
+  r = _decide(s, s["tokens"]["alice"], product="p1", status="accepted",
+              label="bag", base_version=0)
+  assert r.status_code == 200
+
+
+def _sign_in(s, token, origin=True):
+  headers = {"Origin": s["url"]} if origin is True else (
+      {"Origin": origin} if origin else {})
+  return requests.post(s["url"] + "/login", data={"token": token},
+                       headers=headers, allow_redirects=False, timeout=30)
+
+
+def test_the_cookie_is_a_session_that_sign_out_ends(setup):
+  s = setup
+  r = _sign_in(s, s["tokens"]["bob"])
+  assert r.status_code == 303
+  session = r.cookies["mic_review"]
+  assert session != s["tokens"]["bob"] and s["tokens"]["bob"] not in r.headers[
+      "Set-Cookie"]
+  raw = b"".join(f.read_bytes() for f in s["db"].parent.glob(
+      "review.sqlite*"))
+  assert session.encode() not in raw  # Stored only hashed.
+  cookie = {"Cookie": f"mic_review={session}"}
+  assert requests.get(s["url"] + "/api/queue", headers=cookie,
+                      timeout=30).json()["reviewer"] == "bob"
+  out = requests.post(s["url"] + "/logout", headers={**cookie,
+                                                     "Origin": s["url"]},
+                      allow_redirects=False, timeout=30)
+  assert out.status_code == 303
+  assert requests.get(s["url"] + "/api/queue", headers=cookie,
+                      timeout=30).status_code == 401
+  # The token itself is no cookie.
+  assert requests.get(s["url"] + "/api/queue", timeout=30, headers={
+      "Cookie": f"mic_review={s['tokens']['bob']}"}).status_code == 401
+
+
+def test_a_revoked_reviewer_loses_token_and_sessions(setup):
+  s = setup
+  session = _sign_in(s, s["tokens"]["bob"]).cookies["mic_review"]
+  assert s["store"].revoke_reviewer("bob") == 1
+  cookie = {"Cookie": f"mic_review={session}"}
+  for headers in (cookie, _auth(s["tokens"]["bob"])):
+    assert requests.get(s["url"] + "/api/queue", headers=headers,
+                        timeout=30).status_code == 401
+  assert _sign_in(s, s["tokens"]["bob"]).status_code == 401
+  assert requests.get(s["url"] + "/api/queue", headers=_auth(
+      s["tokens"]["alice"]), timeout=30).status_code == 200
+  with pytest.raises(store_lib.StoreError, match="no reviewer 'carl'"):
+    s["store"].revoke_reviewer("carl")
+  with pytest.raises(store_lib.StoreError, match="exists already"):
+    s["store"].add_reviewer("bob")  # Decisions keep naming one person.
+
+
+def test_a_sign_in_from_another_origin_is_refused(setup):
+  """Login CSRF: a form on another localhost port must not sign the
+  victim's browser in as someone else."""
+  s = setup
+  for origin in ("http://127.0.0.1:1", "null", None):
+    r = _sign_in(s, s["tokens"]["bob"], origin=origin)
+    assert r.status_code == 403, (origin, r.status_code)
+    assert "mic_review" not in r.cookies and "origin" in r.text.lower()
+  session = _sign_in(s, s["tokens"]["bob"]).cookies["mic_review"]
+  r = requests.post(s["url"] + "/logout", allow_redirects=False, timeout=30,
+                    headers={"Cookie": f"mic_review={session}",
+                             "Origin": "http://127.0.0.1:1"})
+  assert r.status_code == 403
+  assert requests.get(s["url"] + "/api/queue", timeout=30, headers={
+      "Cookie": f"mic_review={session}"}).status_code == 200
+
+
+def test_a_token_in_a_query_string_is_refused_and_never_logged(setup,
+                                                                caplog):
+  s = setup
+  token = s["tokens"]["alice"]
+  with caplog.at_level("INFO"):
+    r = requests.get(s["url"] + f"/api/queue?token={token}&x=1", timeout=30)
+    assert r.status_code == 401
+    assert requests.get(s["url"] + "/api/labels", headers=_auth(token),
+                        timeout=30).ok
+  logged = "\n".join(r.getMessage() for r in caplog.records)
+  assert "/api/queue" in logged and "/api/labels" in logged
+  assert token not in logged and "token=" not in logged

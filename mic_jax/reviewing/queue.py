@@ -33,6 +33,7 @@ class Queue:
   paths: dict[str, str]   # label -> its most frequent taxonomy path
   export: str             # The export's identity.
   model: str
+  skipped_errors: int = 0  # Rows predict could not score ('error').
 
   def label_entries(self) -> list[dict[str, str]]:
     return [{"label": l, "path": self.paths.get(l, "")} for l in self.labels]
@@ -63,39 +64,87 @@ def load(scores: str | pathlib.Path, export_dir: str | pathlib.Path
   known = set(labels)
   paths = _taxonomy_paths(bundle.read_taxonomy(export_dir, manifest), labels)
   products, by_id = [], {}
+  skipped = 0
   path = pathlib.Path(scores)
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
       where = f"{path}:{line_no}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise QueueError(f"{where}: malformed JSON ({e.msg})") from e
+      row = _parse_line(where, raw)
+      if row is None:
+        continue
       if "error" in row:
-        continue  # A product predict could not score: nothing to review.
-      if not isinstance(row.get("id"), str) or not row["id"]:
-        raise QueueError(f"{where}: no product 'id' (score a file with an "
-                         "id column, or a prepared split)")
-      if row.get("export") != identity:
-        raise QueueError(f"{where}: scored with export "
-                         f"{str(row.get('export'))[:12]}..., not "
-                         f"{export_dir} ({identity[:12]}...): review with "
-                         "the export that made the scores")
+        skipped += 1  # predict could not score it: nothing to review.
+        continue
+      _check_row(where, row, identity, export_dir, known)
       if row["id"] in by_id:
         raise QueueError(f"{where}: product {row['id']!r} appears twice")
-      bad = [e["label"] for e in row.get("top_k", [])
-             if e["label"] not in known]
-      if bad or not row.get("top_k"):
-        raise QueueError(f"{where}: labels {bad} are not the export's")
       row = {**row, "top_k": [{**e, "path": paths.get(e["label"], "")}
                               for e in row["top_k"]]}
       products.append(row)
       by_id[row["id"]] = row
   products.sort(key=lambda r: (not r.get("abstain"), r["top_k"][0]["prob"]))
   return Queue(products, by_id, labels, paths, identity,
-               str(manifest.get("model", "")))
+               str(manifest.get("model", "")), skipped)
+
+
+def _parse_line(where: str, raw: bytes) -> dict[str, Any] | None:
+  """One score line as a dict (None when blank); a bad line raises
+  :class:`QueueError` naming it, never a traceback at start-up."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise QueueError(f"{where}: not UTF-8 (byte {e.start})") from e
+  if not line.strip():
+    return None
+  try:
+    row = json.loads(line)
+  except ValueError as e:  # JSONDecodeError, or an over-long number.
+    raise QueueError(f"{where}: malformed JSON "
+                     f"({getattr(e, 'msg', e)})") from e
+  if not isinstance(row, dict):
+    raise QueueError(f"{where}: a score line is a JSON object, got a "
+                     f"{_json_type(row)}")
+  return row
+
+
+def _json_type(value: Any) -> str:
+  return {list: "list", str: "string", bool: "boolean", type(None): "null",
+          int: "number", float: "number"}.get(type(value), "value")
+
+
+def _check_row(where: str, row: dict[str, Any], identity: str,
+               export_dir: pathlib.Path, known: set[str]) -> None:
+  """Raises :class:`QueueError` naming what of ``row`` cannot be reviewed."""
+  if not isinstance(row.get("id"), str) or not row["id"]:
+    raise QueueError(f"{where}: no product 'id' (score a file with an "
+                     "id column, or a prepared split)")
+  if row.get("export") != identity:
+    raise QueueError(f"{where}: scored with export "
+                     f"{str(row.get('export'))[:12]}..., not "
+                     f"{export_dir} ({identity[:12]}...): review with "
+                     "the export that made the scores")
+  top_k = row.get("top_k")
+  if not isinstance(top_k, list) or not top_k:
+    raise QueueError(f"{where}: 'top_k' must be a list of "
+                     '{"label", "prob"} entries, got ' + _json_type(top_k))
+  for i, entry in enumerate(top_k, 1):
+    if not isinstance(entry, dict) or not isinstance(entry.get("label"), str):
+      raise QueueError(f"{where}: top_k entry {i} has no label")
+    prob = entry.get("prob")
+    if (not isinstance(prob, (int, float)) or isinstance(prob, bool)
+        or not 0 <= prob <= 1):
+      raise QueueError(f"{where}: top_k entry {i} ({entry['label']!r}) has "
+                       f"probability {prob!r}, not a number in [0, 1]")
+  bad = [e["label"] for e in top_k if e["label"] not in known]
+  if bad:
+    raise QueueError(f"{where}: labels {bad} are not the export's")
+  photo = row.get("photo")
+  if not (photo is None or (isinstance(photo, dict) and (
+      isinstance(photo.get("file"), str) or (
+          isinstance(photo.get("tfrecord"), str)
+          and isinstance(photo.get("index"), int))))):
+    raise QueueError(f"{where}: 'photo' must be null, {{\"file\": PATH}} or "
+                     f'{{"tfrecord": PATH, "index": N}}, got {photo!r:.80}')
 
 
 class Photos:

@@ -1,15 +1,22 @@
 """The review web app (aiohttp): a page, its JSON API and the photos.
 
-Every request needs a reviewer's token, as the ``mic_review`` cookie that
-signing in sets (``POST /login``) or an ``Authorization: Bearer`` header;
-without one, ``/`` answers 401 with the sign-in form (which shows nothing
-of the data) and everything else 401 JSON. The page is plain HTML, CSS and
+Every request needs a reviewer: an ``Authorization: Bearer TOKEN`` header
+(API clients), or the ``mic_review`` cookie that signing in with the
+token sets (``POST /login``). The cookie holds a server-side session
+(:mod:`mic_jax.reviewing.store`), never the token; ``POST /logout`` ends
+it. Without either, ``/`` answers 401 with the sign-in form (which shows
+nothing of the data) and everything else 401 JSON. A POST without a
+Bearer token must come from this page (``Origin`` is this host and
+port), else 403: no other site or localhost port can sign a browser in
+(login CSRF), out, or decide for it. The page is plain HTML, CSS and
 JavaScript shipped in the package (``static/``), no build step.
 
   GET  /                     the page
   GET  /static/{app.js,app.css}
+  POST /login, /logout       start / end a session (the form's token)
   GET  /api/queue            products in review order, with decisions and
-                             progress
+                             progress (``photo``: whether there is one;
+                             never the server's file paths)
   GET  /api/labels           the export's labels and taxonomy paths
   GET  /api/photo/{id}       the photo the model scored (JPEG)
   POST /api/decisions        {"product", "status", "label", "base_version"}
@@ -18,6 +25,10 @@ JavaScript shipped in the package (``static/``), no build step.
                              product since ``base_version``
   GET  /api/decisions.csv    the current decisions (for prepare
                              --corrections)
+
+A write that waits more than the store's ``busy_timeout`` for another
+process holding the database answers 503 ``{"error", "retry_after"}``
+(and ``Retry-After``); the page shows it and saves again.
 
 Bad input gets a 4xx naming it: malformed JSON or a missing field 400, an
 unknown label 400, an unknown product 404, a body over ``max_body_bytes``
@@ -31,7 +42,9 @@ import html
 import importlib.resources
 import json
 from typing import Any
+import urllib.parse
 
+from aiohttp import abc as aiohttp_abc
 from aiohttp import web
 
 from mic_jax.reviewing import queue as queue_lib
@@ -44,6 +57,7 @@ _PAGE_CSP = ("default-src 'self'; img-src 'self'; style-src 'self'; "
 _SIGN_IN_CSP = ("default-src 'none'; style-src 'unsafe-inline'; "
                 "frame-ancestors 'none'; form-action 'self'")
 REVIEWER = web.RequestKey("reviewer", str)
+RETRY_AFTER = 1  # Seconds the page waits before saving again after a 503.
 
 
 def static_text(name: str) -> str:
@@ -71,16 +85,62 @@ button{{font:inherit;margin-top:.6rem;padding:.4rem 1rem}}.error{{color:#a00}}</
                                "Cache-Control": "no-store"})
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
+def _error(status: int, message: str, *,
+           headers: dict[str, str] | None = None, **extra: Any
+           ) -> web.Response:
   return web.json_response({"error": message, **extra}, status=status,
-                           headers={"Cache-Control": "no-store"})
+                           headers={"Cache-Control": "no-store",
+                                    **(headers or {})})
 
 
-def _token(request: web.Request) -> str | None:
+def _bearer(request: web.Request) -> str | None:
+  """The ``Authorization: Bearer`` token (API clients), if well formed."""
   header = request.headers.get("Authorization", "")
-  if header.startswith("Bearer "):
-    return header[len("Bearer "):].strip()
-  return request.cookies.get(COOKIE)
+  if not header.startswith("Bearer "):
+    return None
+  token = header[len("Bearer "):].strip()
+  return token if store_lib.well_formed(token) else None
+
+
+def _session(request: web.Request) -> str | None:
+  """The sign-in cookie's session id, if well formed."""
+  session = request.cookies.get(COOKIE)
+  return session if store_lib.well_formed(session) else None
+
+
+def _cross_origin() -> web.Response:
+  """A browser's POST (sign-in, sign-out, a decision) from another page,
+  e.g. a form on another localhost port (login CSRF)."""
+  return _error(403, "refused: this request's Origin is not this page's "
+                "(sign in from the review page itself)")
+
+
+def _same_origin(request: web.Request) -> bool:
+  """Whether a browser POST comes from this page: its ``Origin`` names
+  this host and port (another localhost port is another origin). Without
+  the header, no: browsers send it on every POST."""
+  origin = request.headers.get("Origin", "")
+  try:
+    netloc = urllib.parse.urlsplit(origin).netloc
+  except ValueError:
+    return False
+  return bool(netloc) and netloc == request.host
+
+
+class AccessLogger(aiohttp_abc.AbstractAccessLogger):
+  """One line per request without its query string or Referer: a token
+  pasted into a URL is refused (401) and must not reach ``review.log``."""
+
+  def log(self, request: web.BaseRequest, response: web.StreamResponse,
+          time: float) -> None:
+    self.logger.info("%s %s %s %d %d %.3fs", request.remote, request.method,
+                     request.path, response.status, response.body_length,
+                     time)
+
+
+def runner_options() -> dict[str, Any]:
+  """How the program (and the tests) run the app: with :class:`AccessLogger`."""
+  return {"access_log_class": AccessLogger}
 
 
 def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
@@ -100,17 +160,36 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
             "abstained_decided": sum(1 for p in abstained if p in decided)}
 
   @web.middleware
-  async def auth(request: web.Request, handler):
-    if request.path == "/login" and request.method == "POST":
+  async def busy(request: web.Request, handler):
+    """A store another process holds answers a named 503 the page retries,
+    never a plain-text 500."""
+    try:
       return await handler(request)
+    except store_lib.Busy as e:
+      return _error(503, str(e), retry_after=RETRY_AFTER,
+                    headers={"Retry-After": str(RETRY_AFTER)})
+
+  @web.middleware
+  async def auth(request: web.Request, handler):
     loop = asyncio.get_running_loop()
-    reviewer = await loop.run_in_executor(None, store.reviewer_of,
-                                          _token(request))
+    bearer = _bearer(request)
+    if request.path == "/login" and request.method == "POST":
+      if not _same_origin(request):
+        return _cross_origin()
+      return await handler(request)
+    if bearer is not None:
+      reviewer = await loop.run_in_executor(None, store.reviewer_of, bearer)
+    else:
+      reviewer = await loop.run_in_executor(None, store.session_reviewer,
+                                            _session(request))
     if reviewer is None:
       if request.path == "/" and request.method == "GET":
         return _sign_in_page()
       return _error(401, "sign in: a valid reviewer token is needed "
                     "(mic-jax-review --add-reviewer NAME prints one)")
+    if request.method == "POST" and bearer is None and not _same_origin(
+        request):
+      return _cross_origin()
     request[REVIEWER] = reviewer
     response = await handler(request)
     response.headers.setdefault("Cache-Control", "no-store")
@@ -124,15 +203,18 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
       return _error(413, f"request body over {max_body_bytes} bytes")
     token = str(form.get("token", "")).strip()
     loop = asyncio.get_running_loop()
-    if await loop.run_in_executor(None, store.reviewer_of, token) is None:
+    reviewer = await loop.run_in_executor(None, store.reviewer_of, token)
+    if reviewer is None:
       return _sign_in_page("That token is not valid.")
+    session = await loop.run_in_executor(None, store.start_session, reviewer)
     response = web.HTTPSeeOther("/")
-    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict",
-                        path="/")
+    response.set_cookie(COOKIE, session, httponly=True, samesite="Strict",
+                        path="/", max_age=store_lib.SESSION_DAYS * 86400)
     raise response
 
   async def logout(request: web.Request) -> web.StreamResponse:
-    del request
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, store.end_session, _session(request))
     response = web.HTTPSeeOther("/")
     response.del_cookie(COOKIE, path="/")
     raise response
@@ -152,7 +234,8 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
 
   async def products(request: web.Request) -> web.Response:
     decided = store.decisions()
-    rows = [{**p, "decision": decided[p["id"]].as_dict()
+    rows = [{**p, "photo": bool(p.get("photo")),  # Not the server's paths.
+             "decision": decided[p["id"]].as_dict()
              if p["id"] in decided else None} for p in queue.products]
     return web.json_response({
         "reviewer": request[REVIEWER], "export": queue.export,
@@ -181,8 +264,8 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
       return _error(413, f"request body over {max_body_bytes} bytes")
     try:
       payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-      return _error(400, f"malformed JSON: {e}")
+    except (ValueError, RecursionError) as e:  # Over-long numbers too.
+      return _error(400, f"malformed JSON: {e}"[:300])
     if not isinstance(payload, dict):
       return _error(400, "the body must be a JSON object")
     product = payload.get("product")
@@ -202,9 +285,10 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
     elif not isinstance(label, str) or label not in known_labels:
       return _error(400, f"unknown label {label!r} (not one of the "
                     f"export's {len(queue.labels)} labels)")
-    if not isinstance(base, int) or isinstance(base, bool) or base < 0:
-      return _error(400, f"'base_version' must be a version number, got "
-                    f"{base!r}")
+    if (not isinstance(base, int) or isinstance(base, bool) or base < 0
+        or base > store_lib.MAX_VERSION):
+      return _error(400, f"'base_version' must be a version number "
+                    f"(0-{store_lib.MAX_VERSION}), got {str(base)[:40]!r}")
     loop = asyncio.get_running_loop()
     try:
       decision = await loop.run_in_executor(None, lambda: store.decide(
@@ -225,7 +309,7 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
                         headers={"Content-Disposition":
                                  'attachment; filename="decisions.csv"'})
 
-  app = web.Application(client_max_size=max_body_bytes, middlewares=[auth])
+  app = web.Application(client_max_size=max_body_bytes, middlewares=[busy, auth])
   app.add_routes([
       web.get("/", page), web.post("/login", login),
       web.post("/logout", logout), web.get("/static/{name}", static),

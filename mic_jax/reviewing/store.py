@@ -2,7 +2,8 @@
 
 Tables::
 
-  reviewers  name, token_sha256, created
+  reviewers  name, token_sha256, created, revoked (when, or NULL)
+  sessions   id_sha256, reviewer, created: one per browser sign-in
   decisions  product_id, status, label, reviewer, export, decided_at,
              version: the current decision per product
   history    every decision ever made (the current one included), with
@@ -13,6 +14,11 @@ A token is ``secrets.token_urlsafe(32)`` (256 random bits), shown once by
 not needed for a secret that is not guessable to begin with; the lookup
 compares the hashes of every reviewer in constant time
 (``hmac.compare_digest``), so timing says nothing about a stored hash.
+
+The browser's cookie holds a session id (as random as a token, stored
+hashed too), never the token: signing out ends that session, and
+:meth:`Store.revoke_reviewer` ends a reviewer's token and every session.
+A session lasts :data:`SESSION_DAYS` days.
 
 A decision is written only against the version its author saw
 (``base_version``: 0 for an undecided product). When another reviewer
@@ -33,6 +39,7 @@ import hmac
 import io
 import os
 import pathlib
+import re
 import secrets
 import sqlite3
 from typing import Any, Iterator
@@ -41,11 +48,19 @@ ACCEPTED = "accepted"      # One of the model's labels is right.
 RELABELLED = "relabelled"  # Another label, chosen from the label list.
 UNCLEAR = "unclear"        # The reviewer cannot tell; no label.
 STATUSES = (ACCEPTED, RELABELLED, UNCLEAR)
+# Versions stay below 2**53, so the page's JavaScript numbers hold them.
+MAX_VERSION = 2 ** 53 - 1
+# What secrets.token_urlsafe makes; anything else (non-UTF-8 bytes, other
+# characters, an empty or huge value) is no token and is not looked up.
+SESSION_DAYS = 7
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviewers (
   name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE,
   created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+  id_sha256 TEXT PRIMARY KEY, reviewer TEXT NOT NULL, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (
   product_id TEXT PRIMARY KEY, status TEXT NOT NULL, label TEXT,
   reviewer TEXT NOT NULL, export TEXT NOT NULL, decided_at TEXT NOT NULL,
@@ -60,6 +75,11 @@ CREATE TABLE IF NOT EXISTS history (
 
 class StoreError(ValueError):
   """A request the store refuses (bad name, bad status); says why."""
+
+
+class Busy(Exception):
+  """Another process held the database longer than ``busy_timeout``; the
+  request may be tried again (the server answers 503)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +111,12 @@ class Conflict(Exception):
     self.base_version = base_version
 
 
+def well_formed(token: str | None) -> bool:
+  """Whether ``token`` could be one this store made (checked before any
+  hashing, so odd bytes in a header give 401, not an error)."""
+  return isinstance(token, str) and bool(_TOKEN_SHAPE.fullmatch(token))
+
+
 def token_hash(token: str) -> str:
   """Hex SHA-256 of a token (what the store keeps)."""
   return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -105,19 +131,39 @@ class Store:
   """One SQLite review database; a connection per call, so any thread
   (the server's executor, a test's threads) may use it."""
 
-  def __init__(self, path: str | os.PathLike[str]):
+  def __init__(self, path: str | os.PathLike[str], *,
+               busy_timeout: float = 5.0):
     self.path = pathlib.Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    with self._connect() as db:
-      db.execute("PRAGMA journal_mode=WAL")
-      db.executescript(_SCHEMA)
+    # How long a write waits for another process's transaction; after it,
+    # :class:`Busy` (a page would rather retry than hang for 30 s).
+    self.busy_timeout = busy_timeout
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      with self._connect() as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
+        columns = {r["name"] for r in db.execute(
+            "PRAGMA table_info(reviewers)")}
+        if "revoked" not in columns:  # A database of an older version.
+          db.execute("ALTER TABLE reviewers ADD COLUMN revoked TEXT")
+    except (OSError, sqlite3.Error) as e:
+      # A read-only file or folder, a directory, not a database: say which
+      # file, not a traceback.
+      raise StoreError(f"review database {self.path}: {e} (give --db a "
+                       "writable SQLite file, or a new path)") from e
 
   @contextlib.contextmanager
   def _connect(self) -> Iterator[sqlite3.Connection]:
-    db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    db = sqlite3.connect(self.path, timeout=self.busy_timeout,
+                         isolation_level=None)
     db.row_factory = sqlite3.Row
     try:
       yield db
+    except sqlite3.OperationalError as e:
+      if "locked" in str(e) or "busy" in str(e):
+        raise Busy(f"the review database {self.path.name} is busy (another "
+                   f"program is writing to it); try again") from e
+      raise
     finally:
       db.close()
 
@@ -132,24 +178,77 @@ class Store:
     token = secrets.token_urlsafe(32)
     with self._connect() as db:
       try:
-        db.execute("INSERT INTO reviewers VALUES (?, ?, ?)",
-                   (name, token_hash(token), _now()))
+        db.execute("INSERT INTO reviewers (name, token_sha256, created) "
+                   "VALUES (?, ?, ?)", (name, token_hash(token), _now()))
       except sqlite3.IntegrityError as e:
         raise StoreError(f"reviewer {name!r} exists already") from e
     return token
 
   def reviewer_of(self, token: str | None) -> str | None:
     """The reviewer a token belongs to, or None."""
-    if not token:
+    if not well_formed(token):
       return None
     wanted = token_hash(token)
     with self._connect() as db:
-      rows = db.execute("SELECT name, token_sha256 FROM reviewers").fetchall()
+      rows = db.execute("SELECT name, token_sha256 FROM reviewers "
+                        "WHERE revoked IS NULL").fetchall()
     found = None
     for row in rows:  # Every row, no early exit: constant time per row.
       if hmac.compare_digest(row["token_sha256"], wanted):
         found = row["name"]
     return found
+
+  def revoke_reviewer(self, name: str) -> int:
+    """Ends ``name``'s token and sessions (the name stays taken, so past
+    decisions keep naming one person); returns how many sessions ended."""
+    with self._connect() as db:
+      db.execute("BEGIN IMMEDIATE")
+      try:
+        found = db.execute("UPDATE reviewers SET revoked = ? WHERE name = ? "
+                           "AND revoked IS NULL", (_now(), name)).rowcount
+        ended = db.execute("DELETE FROM sessions WHERE reviewer = ?",
+                           (name,)).rowcount
+        db.execute("COMMIT")
+      except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    if not found:
+      raise StoreError(f"no reviewer {name!r} (or revoked already) in "
+                       f"{self.path}")
+    return ended
+
+  # ------------------------------------------------------------ sessions --
+
+  def start_session(self, reviewer: str) -> str:
+    """A new session of ``reviewer``: its id (for the cookie; stored
+    only hashed)."""
+    session = secrets.token_urlsafe(32)
+    with self._connect() as db:
+      db.execute("INSERT INTO sessions VALUES (?, ?, ?)",
+                 (token_hash(session), reviewer, _now()))
+    return session
+
+  def session_reviewer(self, session: str | None) -> str | None:
+    """The reviewer of a live session (not ended, not expired, reviewer
+    not revoked), or None."""
+    if not well_formed(session):
+      return None
+    oldest = (datetime.datetime.now(datetime.timezone.utc) -
+              datetime.timedelta(days=SESSION_DAYS)).isoformat(
+                  timespec="seconds")
+    with self._connect() as db:
+      row = db.execute(
+          "SELECT s.reviewer FROM sessions s JOIN reviewers r ON "
+          "r.name = s.reviewer WHERE s.id_sha256 = ? AND s.created >= ? "
+          "AND r.revoked IS NULL", (token_hash(session), oldest)).fetchone()
+    return row["reviewer"] if row else None
+
+  def end_session(self, session: str | None) -> None:
+    """Signs a session out (nothing happens for an unknown one)."""
+    if well_formed(session):
+      with self._connect() as db:
+        db.execute("DELETE FROM sessions WHERE id_sha256 = ?",
+                   (token_hash(session),))
 
   # ----------------------------------------------------------- decisions --
 
@@ -167,6 +266,12 @@ class Store:
       try:
         current = self._current(db, product_id)
         seen = current.version if current else 0
+        if base_version > seen:
+          raise StoreError(
+              f"base_version {base_version} is ahead of product "
+              f"{product_id}'s current version {seen}"
+              f"{'' if current else ' (undecided)'}: this page is out of "
+              "date (another database?); reload the page")
         if seen != base_version:
           raise Conflict(current, base_version)
         decision = Decision(product_id, status, label, reviewer, export,
@@ -219,14 +324,28 @@ CSV_COLUMNS = ("product_id", "status", "label", "reviewer", "export",
                "decided_at", "version")
 
 
+# A cell starting with one of these is a formula to a spreadsheet (CSV
+# injection: a product id or reviewer name like =HYPERLINK(...)).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+  """``value`` as a CSV cell no spreadsheet runs: a leading quote before a
+  formula start, and before a leading quote (so reading back is exact:
+  ``prepare --corrections`` drops one leading quote)."""
+  text = "" if value is None else str(value)
+  return "'" + text if text.startswith(FORMULA_STARTS + ("'",)) else text
+
+
 def csv_text(store: Store) -> str:
   """The current decisions as CSV (what ``prepare --corrections`` also
-  reads)."""
+  reads), every cell through :func:`csv_cell`."""
   out = io.StringIO()
-  writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
-  writer.writeheader()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(CSV_COLUMNS)
   for d in store.decisions().values():
-    writer.writerow(d.as_dict())
+    row = d.as_dict()
+    writer.writerow([csv_cell(row[c]) for c in CSV_COLUMNS])
   return out.getvalue()
 
 

@@ -8,7 +8,10 @@ const $ = (id) => document.getElementById(id);
 async function api(path, options) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
   if (response.status === 401) { window.location.reload(); throw new Error("signed out"); }
-  const body = await response.json();
+  let body;
+  try { body = await response.json(); } catch (e) {  // Not JSON (a proxy's page).
+    body = { error: `the server answered ${response.status} ${response.statusText}` };
+  }
   return { status: response.status, body };
 }
 
@@ -34,11 +37,11 @@ function showProgress(p) {
 function renderList() {
   const list = $("list");
   list.replaceChildren(...state.products.map((p, i) => {
-    const mark = p.decision ? "✓" : (p.abstain ? "?" : "·");
-    const li = el("li", { title: p.title }, el("span", { className: "mark", textContent: mark }),
-                  p.title);
+    const [mark, meaning] = markOf(p);
+    const li = el("li", { title: `${meaning}: ${p.title}` },
+                  el("span", { className: "mark", textContent: mark }), p.title);
     li.dataset.id = p.id;
-    if (p.decision) li.classList.add("decided");
+    if (p.decision) li.classList.add("decided", p.decision.status);
     if (i === state.index) li.classList.add("current");
     li.addEventListener("click", () => { go(i); });
     return li;
@@ -47,16 +50,43 @@ function renderList() {
   if (current) current.scrollIntoView({ block: "nearest" });
 }
 
+// The list's mark of a product and what it means (the legend says the same).
+const MARKS = {
+  accepted: ["✓", "accepted"], relabelled: ["✎", "relabelled"], unclear: ["?", "unclear"],
+  abstained: ["!", "abstained, undecided"], undecided: ["·", "undecided"] };
+
+function markOf(p) {
+  if (p.decision) return MARKS[p.decision.status] || MARKS.accepted;
+  return p.abstain ? MARKS.abstained : MARKS.undecided;
+}
+
+// The photo, with a hint while it loads and a note if it cannot be.
+function photoOf(p) {
+  if (!p.photo) return [el("span", { className: "none", textContent: "no photo" })];
+  const hint = el("span", { className: "loading", textContent: "loading photo…" });
+  const img = el("img", { src: `/api/photo/${encodeURIComponent(p.id)}`, alt: p.title });
+  img.hidden = true;
+  img.addEventListener("load", () => { hint.remove(); img.hidden = false; });
+  img.addEventListener("error", () => { hint.textContent = "the photo could not be loaded"; });
+  return [hint, img];
+}
+
+// Keeps the catalogue's label, in the top 5 or not ("c").
+function keepCatalogue() {
+  const p = state.products[state.index];
+  if (!p || !p.label || !state.labels.some((l) => l.label === p.label)) return;
+  decide(p.top_k.some((e) => e.label === p.label) ? "accepted" : "relabelled", p.label);
+}
+
 function renderCard() {
   const p = state.products[state.index];
   if (!p) { $("title").textContent = "Nothing to review."; return; }
   const figure = $("photo");
-  figure.replaceChildren(p.photo
-    ? el("img", { src: `/api/photo/${encodeURIComponent(p.id)}`, alt: p.title })
-    : el("span", { className: "none", textContent: "no photo" }));
+  figure.replaceChildren(...photoOf(p));
   $("title").textContent = p.title;
   $("pid").textContent = `id ${p.id}`;
   $("catalogue").textContent = p.label ? `· catalogue label “${p.label}”` : "";
+  $("keep").hidden = !(p.label && state.labels.some((l) => l.label === p.label));
   $("abstain").replaceChildren(p.abstain ? el("span", { className: "badge", textContent: "model abstained" }) : "");
   const chosen = p.decision && p.decision.label;
   $("topk").replaceChildren(...p.top_k.map((e, i) => {
@@ -92,34 +122,49 @@ function nextUndecided() {
 
 function hideBanner() { $("banner").hidden = true; $("banner").replaceChildren(); }
 
-async function decide(status, label, baseVersion) {
+function showBanner(...children) {
+  $("banner").replaceChildren(...children);
+  $("banner").hidden = false;
+}
+
+function decide(status, label, baseVersion) {
   const p = state.products[state.index];
-  if (!p) return;
+  if (p) save(p, status, label, baseVersion, 0);
+}
+
+// Saves a decision on product p; on a 503 (another program holds the
+// database) says so and saves again, even if the reviewer moved on.
+async function save(p, status, label, baseVersion, attempt) {
   const base = baseVersion !== undefined ? baseVersion : (p.decision ? p.decision.version : 0);
   const { status: code, body } = await api("/api/decisions", {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ product: p.id, status, label: status === "unclear" ? null : label,
                            base_version: base }) });
-  if (code === 409) {  // Someone else decided it: show theirs, offer to override.
+  if (code === 503) {
+    const wait = Math.max(1, Number(body.retry_after) || 1);
+    showBanner(`Not saved yet (“${p.title}”): ${body.error}. ` +
+               `Saving again in ${wait} s (attempt ${attempt + 1})…`);
+    setTimeout(() => save(p, status, label, base, attempt + 1), wait * 1000);
+    return;
+  }
+  const here = state.products[state.index] === p;
+  if (code === 409 && body.current) {  // Someone else decided it: show theirs, offer to override.
     p.decision = body.current;
+    if (!here) go(state.products.indexOf(p));
     render();
-    const banner = $("banner");
     const override = el("button", { type: "button", id: "override", textContent: "Override with mine" });
-    override.addEventListener("click", () => { hideBanner(); decide(status, label, body.current.version); });
-    banner.replaceChildren(`Already ${describe(body.current)}. Yours (${status}${label && status !== "unclear" ? ` “${label}”` : ""}) was not saved.`, override);
-    banner.hidden = false;
+    override.addEventListener("click", () => { hideBanner(); save(p, status, label, body.current.version, 0); });
+    showBanner(`Already ${describe(body.current)}. Yours (${status}${label && status !== "unclear" ? ` “${label}”` : ""}) was not saved.`, override);
     return;
   }
   if (code !== 200) {
-    const banner = $("banner");
-    banner.replaceChildren(`Not saved: ${body.error}`);
-    banner.hidden = false;
+    showBanner(`Not saved (“${p.title}”): ${body.error}`);
     return;
   }
   p.decision = body.decision;
   showProgress(body.progress);
   hideBanner();
-  state.index = nextUndecided();
+  if (here) state.index = nextUndecided();
   render();
 }
 
@@ -178,6 +223,8 @@ function onKey(event) {
   if (k === "Enter" || (k >= "1" && k <= "9")) {
     const i = k === "Enter" ? 0 : Number(k) - 1;
     if (p.top_k[i]) { event.preventDefault(); decide("accepted", p.top_k[i].label); }
+  } else if (k === "c") {
+    event.preventDefault(); keepCatalogue();
   } else if (k === "u") {
     event.preventDefault(); decide("unclear", null);
   } else if (k === "/") {
@@ -202,6 +249,7 @@ async function start() {
   $("search").addEventListener("input", (e) => search(e.target.value));
   $("search").addEventListener("keydown", onSearchKey);
   $("unclear").addEventListener("click", () => decide("unclear", null));
+  $("keep").addEventListener("click", keepCatalogue);
   document.body.dataset.ready = "1";  // For tests: the page is usable.
 }
 
