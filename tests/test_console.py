@@ -236,3 +236,17 @@ def test_prepare_prints_a_summary_and_keeps_its_log_on_overwrite(
   log = (out / "prepare.log").read_text()
   assert log.count("=== prepare started") == 2  # Kept by --overwrite.
   assert (out / "dataset_info.json").exists()
+
+
+def test_a_mistyped_config_is_one_line_and_creates_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  code, lines = _run([sys.executable, "-m", "mic_jax.main",
+                      "--config=configs/crossmodal.py:demo",
+                      f"--workdir={workdir}"])
+  output = "\n".join(lines)
+  assert code != 0, output
+  assert len(lines) == 1, output
+  assert "configs/crossmodal.py" in output
+  assert "configs/cross_modal.py" in output  # What exists, to pick from.
+  assert "configs/common.py" not in output and "config_config" not in output
+  assert not workdir.exists()
