@@ -120,13 +120,45 @@ def _fingerprint(args: argparse.Namespace) -> dict[str, Any]:
   return {k: v for k, v in sorted(vars(args).items()) if k not in _RUNTIME_ONLY}
 
 
+def _format(args: argparse.Namespace) -> str:
+  """``--format``, with ``auto`` resolved from the input's name."""
+  path = pathlib.Path(args.input)
+  if args.format != "auto":
+    return args.format
+  return ("fashion" if (path / "styles.csv").exists() else
+          "rakuten" if path.name.startswith("X_") else "generic")
+
+
+def _generic_columns(args: argparse.Namespace) -> readers.Columns:
+  return readers.Columns(
+      id=args.id_column, title=args.title_column, label=args.label_column,
+      image=args.image_column, image_pattern=args.image_pattern,
+      split=args.split_column,
+      parents=readers.parse_columns(args.parent_columns))
+
+
+def check_columns(args: argparse.Namespace) -> None:
+  """Exits with one line when a generic catalogue lacks a named column.
+
+  Before any row is read or any work file written, so the user fixes a flag
+  and reruns (the fixed-layout formats name their own columns).
+  """
+  if _format(args) != "generic":
+    return
+  path = pathlib.Path(args.input)
+  if not path.is_file():
+    raise SystemExit(f"error: --input: no file {path}")
+  try:
+    readers.check_columns(path, _generic_columns(args),
+                          delimiter=args.delimiter)
+  except readers.ColumnsError as e:
+    raise SystemExit(f"error: {e}") from e
+
+
 def _rows(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
   """The row stream and the parent level names."""
   path = pathlib.Path(args.input)
-  fmt = args.format
-  if fmt == "auto":
-    fmt = ("fashion" if (path / "styles.csv").exists() else
-           "rakuten" if path.name.startswith("X_") else "generic")
+  fmt = _format(args)
   if fmt == "fashion":
     root = path if path.is_dir() else path.parent
     parents = readers.FASHION_LEVELS[:readers.FASHION_LEVELS.index(
@@ -139,11 +171,8 @@ def _rows(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
                        "image_train")
     return readers.read_rakuten(path, y, img,
                                 use_description=args.rakuten_description), ()
-  parents = readers.parse_columns(args.parent_columns)
-  columns = readers.Columns(
-      id=args.id_column, title=args.title_column, label=args.label_column,
-      image=args.image_column, image_pattern=args.image_pattern,
-      split=args.split_column, parents=parents)
+  columns = _generic_columns(args)
+  parents = columns.parents
   root = pathlib.Path(args.image_root) if args.image_root else None
   return readers.read_generic(path, columns, image_root=root,
                               delimiter=args.delimiter), parents
@@ -403,6 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     photos.PhotoPreprocessing(args.max_image_side, args.jpeg_quality)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
+  check_columns(args)
   out = pathlib.Path(args.output_dir)
   if args.overwrite and out.exists():
     _clear(out)
@@ -437,7 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   chosen = plan(args, p1)
   labels = chosen.labels
   if not labels:
-    raise SystemExit("no class has enough valid rows; see rejected.jsonl")
+    raise SystemExit(_no_class(args, p1, chosen, out))
   p2_file = work / "pass2.json"
   if not p2_file.exists():
     fix = (corrections_lib.Applier(reviewed, labels) if reviewed else None)
@@ -481,6 +511,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   bar.close()
   shards = [Shard(s, i, task, done[(s, i)]) for s, i, task in tasks]
   return finish(args, p1, chosen, p2, shards, time.time() - start)
+
+
+def _write_rejected(out: pathlib.Path, parts: list[pathlib.Path]) -> None:
+  """Joins the passes' rejected rows into ``out/rejected.jsonl``."""
+  with open(out / "rejected.jsonl.tmp", "w", encoding="utf-8") as f:
+    for part in parts:
+      if part.exists():
+        f.write(part.read_text(encoding="utf-8"))
+  os.replace(out / "rejected.jsonl.tmp", out / "rejected.jsonl")
+
+
+def _no_class(args: argparse.Namespace, p1: Pass1, chosen: Plan,
+              out: pathlib.Path) -> str:
+  """The one-line error when no class is left, with the rejected rows.
+
+  Their file is written where the message says, and the work files go:
+  nothing can be resumed, and a rerun with corrected flags must not be
+  refused as "other arguments".
+  """
+  _write_rejected(out, [out / WORK / "rejected_pass1.jsonl"])
+  shutil.rmtree(out / WORK, ignore_errors=True)
+  why = [f"{p1.rows_in:,} rows in"]
+  if p1.rejected:
+    why.append("rejected: " + ", ".join(
+        f"{k} {v:,}" for k, v in sorted(p1.rejected.items())))
+  if chosen.rare and args.rare_classes == "drop":
+    why.append(f"{len(chosen.rare)} class(es) below "
+               f"--min_examples_per_class={args.min_examples_per_class}")
+  if chosen.unknown:
+    why.append(f"{len(chosen.unknown)} class(es) not in the train split")
+  return (f"error: no class has enough valid rows ({'; '.join(why)}); "
+          f"rejected rows: {out / 'rejected.jsonl'}")
 
 
 def _clear(out: pathlib.Path) -> None:
@@ -543,12 +605,9 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
   rejected = collections.Counter(p1.rejected)
   rejected.update(p2.rejected)
   rejected.update(total.get("rejected", {}))
-  with open(out / "rejected.jsonl.tmp", "w", encoding="utf-8") as f:
-    for part in [work / "rejected_pass1.jsonl", work / "rejected_pass2.jsonl"
-                 ] + [pathlib.Path(w.task.rejected) for w in written]:
-      if part.exists():
-        f.write(part.read_text(encoding="utf-8"))
-  os.replace(out / "rejected.jsonl.tmp", out / "rejected.jsonl")
+  _write_rejected(out, [work / "rejected_pass1.jsonl",
+                        work / "rejected_pass2.jsonl"] +
+                  [pathlib.Path(w.task.rejected) for w in written])
   repaired = collections.Counter(p1.repaired)
   repaired.update(total.get("repaired", {}))
   rows_out = sum(sp["examples"] for sp in splits.values())
