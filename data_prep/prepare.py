@@ -423,6 +423,9 @@ def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
   for key in ("repaired", "rejected", "token_lengths", "image_sizes"):
     bucket = total.setdefault(key, collections.Counter())
     bucket.update(part.get(key, {}))
+  examples = total.setdefault("image_examples", {})
+  for reason, path in part.get("image_examples", {}).items():
+    examples.setdefault(reason, path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -623,6 +626,8 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
       "token_length_histogram": dict(sorted(
           total.get("token_lengths", {}).items(), key=lambda kv: int(kv[0]))),
       "image_size_histogram": dict(total.get("image_sizes", {})),
+      "image_problem_examples": dict(sorted(
+          total.get("image_examples", {}).items())),
       "seconds": round(seconds, 1),
       "products_per_second": round(p1.rows_in / max(seconds, 1e-9), 1),
   }
@@ -658,18 +663,67 @@ def main(argv: list[str] | None = None) -> None:
       console.say("prepare  %s -> %s (log: %s)", args.input, args.output_dir,
                   console.active().log_path)
     stats = run(args)
-    report(stats, args.output_dir, brief=nested)
+    report(stats, args.output_dir, brief=nested,
+           image_flags=(_format(args) != "generic" or
+                        bool(args.image_column or args.image_pattern)))
 
 
-def report(stats: dict[str, Any], output_dir: str, brief: bool = False
-           ) -> None:
-  """What was prepared: rows kept and rejected, then per split (console)."""
+# Why a kept product has no photo (stats["repaired"]); said as photos.
+_PHOTO_REASONS = {photos.NOT_GIVEN: "no image named",
+                  photos.MISSING: "not found",
+                  photos.CORRUPT: "unreadable",
+                  photos.TOO_LARGE: "too large"}
+
+
+def _photos(stats: dict[str, Any], image_flags: bool) -> str:
+  """One console line about photos: a warning when no product has one.
+
+  A catalogue whose photos all failed to load is worth a warning, not a
+  "repaired" count: the model will then learn from titles alone.
+  """
+  kept = stats["rows_out"]
+  with_photo = sum(v["image_present"] for v in stats["splits"].values())
+  problems = {k: v for k, v in stats["repaired"].items()
+              if k in _PHOTO_REASONS}
+  if not problems and with_photo == kept:
+    return ""
+  examples = stats.get("image_problem_examples", {})
+  why = []
+  for reason, n in sorted(problems.items(), key=lambda kv: -kv[1]):
+    text = f"{n:,} {_PHOTO_REASONS[reason]}"
+    if reason in examples:
+      text += f" (e.g. {examples[reason]})"
+    why.append(text)
+  if with_photo == 0 and kept:
+    if set(problems) == {photos.NOT_GIVEN} and not image_flags:
+      return ("warning  no product has a photo: no image column or pattern "
+              "was given (--image_column or --image_pattern); the model "
+              "will learn from titles alone")
+    if set(problems) == {photos.MISSING}:
+      return (f"warning  no product has a photo: none of the {kept:,} image "
+              f"files exist (looked for e.g. {examples.get(photos.MISSING)}; "
+              "see --image_pattern, --image_column, --image_root)")
+    return f"warning  no product has a photo: {'; '.join(why)}"
+  return (f"photos   {with_photo:,} of {kept:,} products have one; without: "
+          f"{'; '.join(why)}")
+
+
+def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
+           image_flags: bool = True) -> None:
+  """What was prepared: rows kept and rejected, then per split (console).
+
+  ``image_flags``: whether the catalogue's photos were named by flags (a
+  generic catalogue without them has no photos by choice or by oversight).
+  """
   splits = stats["splits"]
   console.say("prepared %s of %s rows in %.1f s (%s rejected, %s) -> %s",
               f"{stats['rows_out']:,}", f"{stats['rows_in']:,}",
               stats["seconds"], f"{stats['rejected_total']:,}",
               ", ".join(f"{s} {v['examples']:,}" for s, v in splits.items()),
               output_dir)
+  photo_line = _photos(stats, image_flags)
+  if photo_line and (brief is False or photo_line.startswith("warning")):
+    console.say("%s", photo_line)
   if brief:
     return
   if stats["rejected"]:
@@ -682,9 +736,11 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False
                 c["source"], c["relabelled"], c["confirmed"],
                 c["unclear_kept"], ", ".join(
                     f"{k} {v}" for k, v in c["rejected"].items()) or "none")
-  if stats["repaired"]:
+  repaired = {k: v for k, v in stats["repaired"].items()
+              if k not in _PHOTO_REASONS}
+  if repaired:
     console.say("repaired %s", ", ".join(
-        f"{k} {v:,}" for k, v in stats["repaired"].items()))
+        f"{k} {v:,}" for k, v in repaired.items()))
   session = console.active()
   console.say("wrote    %s: %d TFRecord shard(s), dataset_info.json, "
               "labels.txt, stats.json, rejected.jsonl%s", output_dir,

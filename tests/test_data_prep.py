@@ -505,3 +505,29 @@ def test_no_usable_class_points_to_a_rejected_file_with_ids(tmp_path):
   rejected = [json.loads(l) for l in
               (out / "rejected.jsonl").read_text("utf-8").splitlines()]
   assert sorted(r["id"] for r in rejected) == ["p0", "p1", "p2", "p3", "q1"]
+
+
+def test_a_catalogue_without_photos_is_said_plainly(tmp_path, capsys):
+  """Not "repaired image_missing 6": no photo was found, and where it was
+  looked for; a warning when no product has one."""
+  rows = [[f"p{i}", f"red {['shirt', 'shoe'][i % 2]} {i}",
+           ["shirt", "shoe"][i % 2]] for i in range(12)]
+  path = _small_csv(tmp_path / "c.csv", ["id", "title", "label"], rows)
+  out = tmp_path / "out"
+  prepare.main([f"--input={path}", f"--tokenizer={_tokenizer(tmp_path)}",
+                f"--output_dir={out}", "--max_length=8", "--num_workers=1",
+                "--image_pattern=images/{id}.jpg"])
+  lines = capsys.readouterr().out.splitlines()
+  output = "\n".join(lines)
+  assert not any(l.startswith("repaired") for l in lines), output
+  warning = [l for l in lines if l.startswith("warning")]
+  assert len(warning) == 1, output
+  assert "no product has a photo" in warning[0], output
+  assert str(tmp_path / "images") in warning[0], output  # Where it looked.
+  # No image flag at all: also said, with the flags that would give one.
+  prepare.main([f"--input={path}", f"--tokenizer={_tokenizer(tmp_path)}",
+                f"--output_dir={out}", "--max_length=8", "--num_workers=1",
+                "--overwrite"])
+  warning = [l for l in capsys.readouterr().out.splitlines()
+             if l.startswith("warning")]
+  assert len(warning) == 1 and "--image_pattern" in warning[0], warning
