@@ -250,3 +250,22 @@ def test_a_mistyped_config_is_one_line_and_creates_nothing(tmp_path):
   assert "configs/cross_modal.py" in output  # What exists, to pick from.
   assert "configs/common.py" not in output and "config_config" not in output
   assert not workdir.exists()
+
+
+def test_predict_logs_where_the_readme_says(tmp_path):
+  """``predict`` has no output directory of its own: even in batch mode its
+  log goes to $MIC_JAX_LOG_DIR (or ~/.cache/mic_jax/logs), not beside
+  --output, as the README says."""
+  readme = (REPO / "README.md").read_text()
+  assert "`~/.cache/mic_jax/logs/` (or `$MIC_JAX_LOG_DIR`)" in readme
+  (tmp_path / "in.csv").write_text("title\nred shirt\n")
+  (tmp_path / "out").mkdir()
+  env = {**_user_env(), console.LOG_DIR_ENV: str(tmp_path / "logs")}
+  proc = subprocess.run(
+      [sys.executable, "-m", "mic_jax.predict", f"--model={tmp_path / 'no'}",
+       f"--input={tmp_path / 'in.csv'}",
+       f"--output={tmp_path / 'out' / 'p.jsonl'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "manifest.json" in proc.stderr, proc.stderr
+  assert list((tmp_path / "out").iterdir()) == []
+  assert "predict stopped" in (tmp_path / "logs" / "predict.log").read_text()
