@@ -147,6 +147,33 @@ def _readme_first_command(workdir: pathlib.Path) -> list[str]:
   return [sys.executable] + argv[1:]
 
 
+def _readme_sample_output() -> list[str]:
+  """The Quick start's sample console output, line by line."""
+  readme = (REPO / "README.md").read_text()
+  found = re.search(r"The console shows what the run is doing.*?```\n(.*?)```",
+                    readme, re.S)
+  assert found, "README lost its sample output"
+  return found.group(1).splitlines()
+
+
+def _line_kind(line: str) -> str:
+  """What a console line is, without its numbers or paths: its first word
+  (and for a step line whether it is progress or an evaluation)."""
+  words = line.split()
+  if words[:1] == ["step"] and len(words) > 2:
+    return f"step {words[2]}"
+  return words[0] if words else ""
+
+
+def _follows_sample(sample: list[str], lines: list[str]) -> bool:
+  """Whether ``lines`` are ``sample``'s kinds of line in its order, where a
+  sample line ``...`` stands for any number of left-out lines."""
+  pattern = "".join(r"(?:[^\n]*\n)*?" if l.strip() == "..." else
+                    re.escape(_line_kind(l)) + r"\n" for l in sample)
+  return re.fullmatch(pattern, "".join(_line_kind(l) + "\n" for l in lines)
+                      ) is not None
+
+
 def _user_env() -> dict[str, str]:
   """The environment of a person's shell: none of conftest's settings."""
   env = dict(os.environ)
@@ -185,6 +212,8 @@ def test_readme_first_command_prints_a_short_console(tmp_path):
   assert any(l.startswith("model    cross_modal") for l in lines), output
   assert sum(bool(re.match(r"step \d+/300 ", l)) for l in lines) == 15
   assert "orbax" not in output.lower() and " param " not in output
+  # What the README shows is what a user sees (numbers and paths aside).
+  assert _follows_sample(_readme_sample_output(), lines), output
   log = (workdir / "train.log").read_text()
   # The detail is in the log: the sharding table, Orbax, native notices.
   assert re.search(r"param txt/embeddings/word_embeddings/embedding\s+"
@@ -269,3 +298,21 @@ def test_predict_logs_where_the_readme_says(tmp_path):
   assert proc.returncode != 0 and "manifest.json" in proc.stderr, proc.stderr
   assert list((tmp_path / "out").iterdir()) == []
   assert "predict stopped" in (tmp_path / "logs" / "predict.log").read_text()
+
+
+def test_readme_quick_start_and_serving_say_what_a_user_meets():
+  """Fast checks of the README against the code (the full console run is
+  compared with the sample in the test above)."""
+  readme = (REPO / "README.md").read_text()
+  quick = readme.split("## Quick start", 1)[1].split("```", 1)[0]
+  # The honest durations: the install and the training, each named.
+  assert "one minute" not in quick
+  assert re.search(r"install\S* takes \d+(-\d+)? minutes", quick), quick
+  assert re.search(r"training about \d+(-\d+)? minutes", quick), quick
+  # The demo's preparation runs as a captured subprocess: its "prepared"
+  # line never reaches the training console.
+  assert not any(_line_kind(l) == "prepared" for l in _readme_sample_output())
+  # The serving section shows a request, not only the server command.
+  serving = readme.split("## Export and serving", 1)[1].split("\n## ", 1)[0]
+  assert re.search(r"curl .*localhost:8080/v1/predict", serving), serving
+  assert '"instances"' in serving and '"title"' in serving
