@@ -722,7 +722,7 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
               ", ".join(f"{s} {v['examples']:,}" for s, v in splits.items()),
               output_dir)
   photo_line = _photos(stats, image_flags)
-  if photo_line and (brief is False or photo_line.startswith("warning")):
+  if photo_line and (not brief or photo_line.startswith("warning")):
     console.say("%s", photo_line)
   if brief:
     return
