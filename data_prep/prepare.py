@@ -120,13 +120,45 @@ def _fingerprint(args: argparse.Namespace) -> dict[str, Any]:
   return {k: v for k, v in sorted(vars(args).items()) if k not in _RUNTIME_ONLY}
 
 
+def _format(args: argparse.Namespace) -> str:
+  """``--format``, with ``auto`` resolved from the input's name."""
+  path = pathlib.Path(args.input)
+  if args.format != "auto":
+    return args.format
+  return ("fashion" if (path / "styles.csv").exists() else
+          "rakuten" if path.name.startswith("X_") else "generic")
+
+
+def _generic_columns(args: argparse.Namespace) -> readers.Columns:
+  return readers.Columns(
+      id=args.id_column, title=args.title_column, label=args.label_column,
+      image=args.image_column, image_pattern=args.image_pattern,
+      split=args.split_column,
+      parents=readers.parse_columns(args.parent_columns))
+
+
+def check_columns(args: argparse.Namespace) -> None:
+  """Exits with one line when a generic catalogue lacks a named column.
+
+  Before any row is read or any work file written, so the user fixes a flag
+  and reruns (the fixed-layout formats name their own columns).
+  """
+  if _format(args) != "generic":
+    return
+  path = pathlib.Path(args.input)
+  if not path.is_file():
+    raise SystemExit(f"error: --input: no file {path}")
+  try:
+    readers.check_columns(path, _generic_columns(args),
+                          delimiter=args.delimiter)
+  except readers.ColumnsError as e:
+    raise SystemExit(f"error: {e}") from e
+
+
 def _rows(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
   """The row stream and the parent level names."""
   path = pathlib.Path(args.input)
-  fmt = args.format
-  if fmt == "auto":
-    fmt = ("fashion" if (path / "styles.csv").exists() else
-           "rakuten" if path.name.startswith("X_") else "generic")
+  fmt = _format(args)
   if fmt == "fashion":
     root = path if path.is_dir() else path.parent
     parents = readers.FASHION_LEVELS[:readers.FASHION_LEVELS.index(
@@ -139,11 +171,8 @@ def _rows(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
                        "image_train")
     return readers.read_rakuten(path, y, img,
                                 use_description=args.rakuten_description), ()
-  parents = readers.parse_columns(args.parent_columns)
-  columns = readers.Columns(
-      id=args.id_column, title=args.title_column, label=args.label_column,
-      image=args.image_column, image_pattern=args.image_pattern,
-      split=args.split_column, parents=parents)
+  columns = _generic_columns(args)
+  parents = columns.parents
   root = pathlib.Path(args.image_root) if args.image_root else None
   return readers.read_generic(path, columns, image_root=root,
                               delimiter=args.delimiter), parents
@@ -394,6 +423,9 @@ def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
   for key in ("repaired", "rejected", "token_lengths", "image_sizes"):
     bucket = total.setdefault(key, collections.Counter())
     bucket.update(part.get(key, {}))
+  examples = total.setdefault("image_examples", {})
+  for reason, path in part.get("image_examples", {}).items():
+    examples.setdefault(reason, path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -403,6 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     photos.PhotoPreprocessing(args.max_image_side, args.jpeg_quality)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
+  check_columns(args)
   out = pathlib.Path(args.output_dir)
   if args.overwrite and out.exists():
     _clear(out)
@@ -437,7 +470,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   chosen = plan(args, p1)
   labels = chosen.labels
   if not labels:
-    raise SystemExit("no class has enough valid rows; see rejected.jsonl")
+    raise SystemExit(_no_class(args, p1, chosen, out))
   p2_file = work / "pass2.json"
   if not p2_file.exists():
     fix = (corrections_lib.Applier(reviewed, labels) if reviewed else None)
@@ -481,6 +514,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   bar.close()
   shards = [Shard(s, i, task, done[(s, i)]) for s, i, task in tasks]
   return finish(args, p1, chosen, p2, shards, time.time() - start)
+
+
+def _write_rejected(out: pathlib.Path, parts: list[pathlib.Path]) -> None:
+  """Joins the passes' rejected rows into ``out/rejected.jsonl``."""
+  with open(out / "rejected.jsonl.tmp", "w", encoding="utf-8") as f:
+    for part in parts:
+      if part.exists():
+        f.write(part.read_text(encoding="utf-8"))
+  os.replace(out / "rejected.jsonl.tmp", out / "rejected.jsonl")
+
+
+def _no_class(args: argparse.Namespace, p1: Pass1, chosen: Plan,
+              out: pathlib.Path) -> str:
+  """The one-line error when no class is left, with the rejected rows.
+
+  Their file is written where the message says, and the work files go:
+  nothing can be resumed, and a rerun with corrected flags must not be
+  refused as "other arguments".
+  """
+  _write_rejected(out, [out / WORK / "rejected_pass1.jsonl"])
+  shutil.rmtree(out / WORK, ignore_errors=True)
+  why = [f"{p1.rows_in:,} rows in"]
+  if p1.rejected:
+    why.append("rejected: " + ", ".join(
+        f"{k} {v:,}" for k, v in sorted(p1.rejected.items())))
+  if chosen.rare and args.rare_classes == "drop":
+    why.append(f"{len(chosen.rare)} class(es) below "
+               f"--min_examples_per_class={args.min_examples_per_class}")
+  if chosen.unknown:
+    why.append(f"{len(chosen.unknown)} class(es) not in the train split")
+  return (f"error: no class has enough valid rows ({'; '.join(why)}); "
+          f"rejected rows: {out / 'rejected.jsonl'}")
 
 
 def _clear(out: pathlib.Path) -> None:
@@ -543,12 +608,9 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
   rejected = collections.Counter(p1.rejected)
   rejected.update(p2.rejected)
   rejected.update(total.get("rejected", {}))
-  with open(out / "rejected.jsonl.tmp", "w", encoding="utf-8") as f:
-    for part in [work / "rejected_pass1.jsonl", work / "rejected_pass2.jsonl"
-                 ] + [pathlib.Path(w.task.rejected) for w in written]:
-      if part.exists():
-        f.write(part.read_text(encoding="utf-8"))
-  os.replace(out / "rejected.jsonl.tmp", out / "rejected.jsonl")
+  _write_rejected(out, [work / "rejected_pass1.jsonl",
+                        work / "rejected_pass2.jsonl"] +
+                  [pathlib.Path(w.task.rejected) for w in written])
   repaired = collections.Counter(p1.repaired)
   repaired.update(total.get("repaired", {}))
   rows_out = sum(sp["examples"] for sp in splits.values())
@@ -564,6 +626,8 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
       "token_length_histogram": dict(sorted(
           total.get("token_lengths", {}).items(), key=lambda kv: int(kv[0]))),
       "image_size_histogram": dict(total.get("image_sizes", {})),
+      "image_problem_examples": dict(sorted(
+          total.get("image_examples", {}).items())),
       "seconds": round(seconds, 1),
       "products_per_second": round(p1.rows_in / max(seconds, 1e-9), 1),
   }
@@ -599,18 +663,67 @@ def main(argv: list[str] | None = None) -> None:
       console.say("prepare  %s -> %s (log: %s)", args.input, args.output_dir,
                   console.active().log_path)
     stats = run(args)
-    report(stats, args.output_dir, brief=nested)
+    report(stats, args.output_dir, brief=nested,
+           image_flags=(_format(args) != "generic" or
+                        bool(args.image_column or args.image_pattern)))
 
 
-def report(stats: dict[str, Any], output_dir: str, brief: bool = False
-           ) -> None:
-  """What was prepared: rows kept and rejected, then per split (console)."""
+# Why a kept product has no photo (stats["repaired"]); said as photos.
+_PHOTO_REASONS = {photos.NOT_GIVEN: "no image named",
+                  photos.MISSING: "not found",
+                  photos.CORRUPT: "unreadable",
+                  photos.TOO_LARGE: "too large"}
+
+
+def _photos(stats: dict[str, Any], image_flags: bool) -> str:
+  """One console line about photos: a warning when no product has one.
+
+  A catalogue whose photos all failed to load is worth a warning, not a
+  "repaired" count: the model will then learn from titles alone.
+  """
+  kept = stats["rows_out"]
+  with_photo = sum(v["image_present"] for v in stats["splits"].values())
+  problems = {k: v for k, v in stats["repaired"].items()
+              if k in _PHOTO_REASONS}
+  if not problems and with_photo == kept:
+    return ""
+  examples = stats.get("image_problem_examples", {})
+  why = []
+  for reason, n in sorted(problems.items(), key=lambda kv: -kv[1]):
+    text = f"{n:,} {_PHOTO_REASONS[reason]}"
+    if reason in examples:
+      text += f" (e.g. {examples[reason]})"
+    why.append(text)
+  if with_photo == 0 and kept:
+    if set(problems) == {photos.NOT_GIVEN} and not image_flags:
+      return ("warning  no product has a photo: no image column or pattern "
+              "was given (--image_column or --image_pattern); the model "
+              "will learn from titles alone")
+    if set(problems) == {photos.MISSING}:
+      return (f"warning  no product has a photo: none of the {kept:,} image "
+              f"files exist (looked for e.g. {examples.get(photos.MISSING)}; "
+              "see --image_pattern, --image_column, --image_root)")
+    return f"warning  no product has a photo: {'; '.join(why)}"
+  return (f"photos   {with_photo:,} of {kept:,} products have one; without: "
+          f"{'; '.join(why)}")
+
+
+def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
+           image_flags: bool = True) -> None:
+  """What was prepared: rows kept and rejected, then per split (console).
+
+  ``image_flags``: whether the catalogue's photos were named by flags (a
+  generic catalogue without them has no photos by choice or by oversight).
+  """
   splits = stats["splits"]
   console.say("prepared %s of %s rows in %.1f s (%s rejected, %s) -> %s",
               f"{stats['rows_out']:,}", f"{stats['rows_in']:,}",
               stats["seconds"], f"{stats['rejected_total']:,}",
               ", ".join(f"{s} {v['examples']:,}" for s, v in splits.items()),
               output_dir)
+  photo_line = _photos(stats, image_flags)
+  if photo_line and (not brief or photo_line.startswith("warning")):
+    console.say("%s", photo_line)
   if brief:
     return
   if stats["rejected"]:
@@ -623,9 +736,11 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False
                 c["source"], c["relabelled"], c["confirmed"],
                 c["unclear_kept"], ", ".join(
                     f"{k} {v}" for k, v in c["rejected"].items()) or "none")
-  if stats["repaired"]:
+  repaired = {k: v for k, v in stats["repaired"].items()
+              if k not in _PHOTO_REASONS}
+  if repaired:
     console.say("repaired %s", ", ".join(
-        f"{k} {v:,}" for k, v in stats["repaired"].items()))
+        f"{k} {v:,}" for k, v in repaired.items()))
   session = console.active()
   console.say("wrote    %s: %d TFRecord shard(s), dataset_info.json, "
               "labels.txt, stats.json, rejected.jsonl%s", output_dir,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import pathlib
+import string
 import sys
 from collections.abc import Iterator
 
@@ -72,8 +74,13 @@ def _to_row(record: dict[str, str], columns: Columns, source: str,
             image_root: pathlib.Path) -> RawRow:
   row = RawRow(source=source)
   needed = [columns.id, columns.title, columns.label]
-  if any(not isinstance(record.get(c), str) for c in needed):
-    row.error, row.detail = ERR_MALFORMED, "missing required field"
+  missing = [c for c in needed if not isinstance(record.get(c), str)]
+  if missing:
+    # The id (when there is one) lets the reader find the row again.
+    if isinstance(record.get(columns.id), str):
+      row.product_id = record[columns.id].strip()
+    row.error, row.detail = ERR_MALFORMED, (
+        f"missing field {', '.join(missing)}")
     return row
   values = {c: record[c] for c in needed + list(columns.parents) +
             ([columns.split] if columns.split else []) if c in record}
@@ -205,6 +212,93 @@ def read_rakuten(x_csv: pathlib.Path, y_csv: pathlib.Path,
             f"image_{record.get('imageid', '').strip()}_product_"
             f"{row.product_id}.jpg"))
       yield row
+
+
+class ColumnsError(ValueError):
+  """The catalogue lacks a column the flags name (one line, for the user)."""
+
+
+# Records of a JSON Lines catalogue whose keys count as its "header".
+JSONL_HEADER_RECORDS = 100
+
+
+def required_columns(columns: Columns) -> list[tuple[str, str]]:
+  """``(column, flag that names it)`` for every column the flags rely on.
+
+  ``--image_pattern`` fields count too: a field the file lacks would give
+  every product "no photo" without a word.
+  """
+  found = [(columns.id, "--id_column"), (columns.title, "--title_column"),
+           (columns.label, "--label_column")]
+  if columns.image:
+    found.append((columns.image, "--image_column"))
+  if columns.split:
+    found.append((columns.split, "--split_column"))
+  found += [(p, "--parent_columns") for p in columns.parents]
+  if columns.image_pattern:
+    try:
+      fields = [f for _, f, _, _ in string.Formatter().parse(
+          columns.image_pattern) if f]
+    except ValueError:
+      fields = []
+    for field in fields:
+      name = field.split(".", 1)[0].split("[", 1)[0]
+      if name:
+        found.append((name, "--image_pattern"))
+  return found
+
+
+def column_names(path: pathlib.Path, delimiter: str | None = None) -> list[str]:
+  """The column names of a generic catalogue, without reading its rows.
+
+  CSV/TSV: the first line. JSON Lines: every key of the first
+  :data:`JSONL_HEADER_RECORDS` objects (lines that do not parse are left to
+  the row reader to report).
+  """
+  suffix = path.suffix.lower()
+  if suffix in (".jsonl", ".json", ".ndjson"):
+    keys: dict[str, None] = {}
+    with open(path, "rb") as f:
+      for raw in itertools.islice((l for l in f if l.strip()),
+                                  JSONL_HEADER_RECORDS):
+        try:
+          obj = json.loads(raw)
+        except ValueError:
+          continue
+        if isinstance(obj, dict):
+          keys.update(dict.fromkeys(obj))
+    return list(keys)
+  if delimiter is None:
+    delimiter = "\t" if suffix in (".tsv", ".tab") else ","
+  with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    try:
+      first = next(csv.reader(f, delimiter=delimiter))
+    except (StopIteration, csv.Error):
+      return []
+  return [h.strip().lstrip("\ufeff") for h in first]
+
+
+def check_columns(path: pathlib.Path, columns: Columns, *,
+                  delimiter: str | None = None) -> None:
+  """Raises :class:`ColumnsError` naming each missing column and its flag.
+
+  Run before any row is read: a wrong ``--title_column`` would otherwise
+  reject every row one by one and end in "no class has enough rows".
+  """
+  names = column_names(path, delimiter)
+  missing: dict[str, list[str]] = {}
+  for column, flag in required_columns(columns):
+    if column not in names:
+      missing.setdefault(column, [])
+      if flag not in missing[column]:
+        missing[column].append(flag)
+  if not missing:
+    return
+  what = ", ".join(f"'{c}' ({', '.join(flags)})"
+                   for c, flags in missing.items())
+  has = ", ".join(names) if names else "none (the file is empty)"
+  raise ColumnsError(
+      f"{path.name} has no column {what}; its columns: {has}")
 
 
 def parse_columns(names: str) -> tuple[str, ...]:

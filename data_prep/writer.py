@@ -65,6 +65,8 @@ def process_shard(task: ShardTask, chunk: int = 256) -> dict[str, Any]:
       "rejected": collections.Counter(),
       "token_lengths": collections.Counter(),
       "image_sizes": collections.Counter(),
+      # The first path per photo problem: where a person should look.
+      "image_examples": {},
   }
 
   def examples() -> Iterator[records.Example]:
@@ -95,6 +97,8 @@ def process_shard(task: ShardTask, chunk: int = 256) -> dict[str, Any]:
         if result.original_size != (0, 0):
           stats["image_sizes"][size_bucket(*result.original_size)] += 1
         if result.error:
+          if row["image"]:
+            stats["image_examples"].setdefault(result.error, row["image"])
           if task.drop_missing_images:
             stats["rejected"][result.error] += 1
             rejected.write(json.dumps(

@@ -12,6 +12,7 @@ on every host; ``jax.distributed`` is initialised when ``--multihost`` is set
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 from absl import app
@@ -51,11 +52,55 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _check_config()  # Before the workdir, its log and JAX exist.
   process = FLAGS.process_id
   log_name = "train.log" if not process else f"train.process{process}.log"
   with console.session("train", FLAGS.workdir, log_name=log_name,
                        verbose=console.verbose_requested()):
     _train()
+
+
+# Where the configs shipped with mic_jax live (listed when --config is wrong).
+_REPO_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """The runnable configs in ``directory``: files that define get_config."""
+  if not directory.is_dir():
+    return []
+  return sorted(p for p in directory.glob("*.py")
+                if "def get_config" in p.read_text(encoding="utf-8",
+                                                   errors="replace"))
+
+
+def _short(path: pathlib.Path) -> str:
+  """``path`` relative to the working directory when below it."""
+  relative = os.path.relpath(path)
+  return str(path) if relative.startswith("..") else relative
+
+
+def _check_config() -> None:
+  """Exits with one line when --config names no file or fails to load.
+
+  ml_collections keeps a load error until the config is first read, which
+  happens after the workdir is created and JAX has started, and then
+  prints two chained tracebacks; a typo deserves one line instead.
+  """
+  given = FLAGS["config"].config_filename
+  path = pathlib.Path(given.split(":", 1)[0])
+  if not path.is_file():
+    shown = config_files(path.parent)
+    if not shown:  # E.g. run from elsewhere: the repository's configs.
+      shown = config_files(_REPO_CONFIGS)
+    names = ", ".join(str(path.parent / p.name) if path.parent.is_dir()
+                      else _short(p) for p in shown)
+    sys.exit(f"error: --config: no file {path}; the configs are: "
+             f"{names or 'none found'}")
+  try:
+    FLAGS.config.get("model")
+  except OSError as e:  # The file exists but could not be read.
+    reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    sys.exit(f"error: --config: cannot load {path}: {reason}")
 
 
 def _train():

@@ -147,10 +147,9 @@ def _score_one(predictor, row, root, title_column, image_column, top_k,
 def main(argv):
   del argv
   # Stdout carries the predictions: the console lines go to stderr. The log
-  # sits beside the batch output, or in the user's log folder (see console).
-  output_dir = os.path.dirname(os.path.abspath(FLAGS.output)) \
-      if (FLAGS.input or FLAGS.data_dir) and FLAGS.output else None
-  with console.session("predict", output_dir, stream=sys.stderr,
+  # goes to the user's log folder (see console) in every mode: --output is
+  # a file, and its folder (often /tmp or a shared one) is not ours.
+  with console.session("predict", None, stream=sys.stderr,
                        verbose=console.verbose_requested()):
     _predict()
 

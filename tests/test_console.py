@@ -147,6 +147,33 @@ def _readme_first_command(workdir: pathlib.Path) -> list[str]:
   return [sys.executable] + argv[1:]
 
 
+def _readme_sample_output() -> list[str]:
+  """The Quick start's sample console output, line by line."""
+  readme = (REPO / "README.md").read_text()
+  found = re.search(r"The console shows what the run is doing.*?```\n(.*?)```",
+                    readme, re.S)
+  assert found, "README lost its sample output"
+  return found.group(1).splitlines()
+
+
+def _line_kind(line: str) -> str:
+  """What a console line is, without its numbers or paths: its first word
+  (and for a step line whether it is progress or an evaluation)."""
+  words = line.split()
+  if words[:1] == ["step"] and len(words) > 2:
+    return f"step {words[2]}"
+  return words[0] if words else ""
+
+
+def _follows_sample(sample: list[str], lines: list[str]) -> bool:
+  """Whether ``lines`` are ``sample``'s kinds of line in its order, where a
+  sample line ``...`` stands for any number of left-out lines."""
+  pattern = "".join(r"(?:[^\n]*\n)*?" if l.strip() == "..." else
+                    re.escape(_line_kind(l)) + r"\n" for l in sample)
+  return re.fullmatch(pattern, "".join(_line_kind(l) + "\n" for l in lines)
+                      ) is not None
+
+
 def _user_env() -> dict[str, str]:
   """The environment of a person's shell: none of conftest's settings."""
   env = dict(os.environ)
@@ -185,6 +212,8 @@ def test_readme_first_command_prints_a_short_console(tmp_path):
   assert any(l.startswith("model    cross_modal") for l in lines), output
   assert sum(bool(re.match(r"step \d+/300 ", l)) for l in lines) == 15
   assert "orbax" not in output.lower() and " param " not in output
+  # What the README shows is what a user sees (numbers and paths aside).
+  assert _follows_sample(_readme_sample_output(), lines), output
   log = (workdir / "train.log").read_text()
   # The detail is in the log: the sharding table, Orbax, native notices.
   assert re.search(r"param txt/embeddings/word_embeddings/embedding\s+"
@@ -236,3 +265,54 @@ def test_prepare_prints_a_summary_and_keeps_its_log_on_overwrite(
   log = (out / "prepare.log").read_text()
   assert log.count("=== prepare started") == 2  # Kept by --overwrite.
   assert (out / "dataset_info.json").exists()
+
+
+def test_a_mistyped_config_is_one_line_and_creates_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  code, lines = _run([sys.executable, "-m", "mic_jax.main",
+                      "--config=configs/crossmodal.py:demo",
+                      f"--workdir={workdir}"])
+  output = "\n".join(lines)
+  assert code != 0, output
+  assert len(lines) == 1, output
+  assert "configs/crossmodal.py" in output
+  assert "configs/cross_modal.py" in output  # What exists, to pick from.
+  assert "configs/common.py" not in output and "config_config" not in output
+  assert not workdir.exists()
+
+
+def test_predict_logs_where_the_readme_says(tmp_path):
+  """``predict`` has no output directory of its own: even in batch mode its
+  log goes to $MIC_JAX_LOG_DIR (or ~/.cache/mic_jax/logs), not beside
+  --output, as the README says."""
+  readme = (REPO / "README.md").read_text()
+  assert "`~/.cache/mic_jax/logs/` (or `$MIC_JAX_LOG_DIR`)" in readme
+  (tmp_path / "in.csv").write_text("title\nred shirt\n")
+  (tmp_path / "out").mkdir()
+  env = {**_user_env(), console.LOG_DIR_ENV: str(tmp_path / "logs")}
+  proc = subprocess.run(
+      [sys.executable, "-m", "mic_jax.predict", f"--model={tmp_path / 'no'}",
+       f"--input={tmp_path / 'in.csv'}",
+       f"--output={tmp_path / 'out' / 'p.jsonl'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "manifest.json" in proc.stderr, proc.stderr
+  assert list((tmp_path / "out").iterdir()) == []
+  assert "predict stopped" in (tmp_path / "logs" / "predict.log").read_text()
+
+
+def test_readme_quick_start_and_serving_say_what_a_user_meets():
+  """Fast checks of the README against the code (the full console run is
+  compared with the sample in the test above)."""
+  readme = (REPO / "README.md").read_text()
+  quick = readme.split("## Quick start", 1)[1].split("```", 1)[0]
+  # The honest durations: the install and the training, each named.
+  assert "one minute" not in quick
+  assert re.search(r"install\S* takes \d+(-\d+)? minutes", quick), quick
+  assert re.search(r"training about \d+(-\d+)? minutes", quick), quick
+  # The demo's preparation runs as a captured subprocess: its "prepared"
+  # line never reaches the training console.
+  assert not any(_line_kind(l) == "prepared" for l in _readme_sample_output())
+  # The serving section shows a request, not only the server command.
+  serving = readme.split("## Export and serving", 1)[1].split("\n## ", 1)[0]
+  assert re.search(r"curl .*localhost:8080/v1/predict", serving), serving
+  assert '"instances"' in serving and '"title"' in serving

@@ -459,3 +459,75 @@ def test_rakuten_layout(tmp_path):
   assert found["203"]["image/present"] == 0
   assert found["205"]["image/present"] == 1
   assert found["205"]["title"] == b"Livre 5"
+
+
+# A newcomer's first hour (issue 32): mistakes in the flags are named.
+
+
+def _small_csv(path, header, rows):
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows([header, *rows])
+  return path
+
+
+def test_a_missing_column_is_named_before_rows_are_read(tmp_path):
+  path = _small_csv(tmp_path / "c.csv", ["id", "name", "label"],
+                    [[f"p{i}", f"red shirt {i}", "shirt"] for i in range(6)])
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    _run(["--input", path, "--tokenizer", _tokenizer(tmp_path),
+          "--output_dir", out, "--image_pattern=images/{sku}.jpg"])
+  message = str(e.value.code)
+  assert "\n" not in message, message
+  assert "'title' (--title_column)" in message, message
+  assert "'sku' (--image_pattern)" in message, message
+  assert "'id'" not in message.split(";")[0], message  # Only the missing.
+  assert "id, name, label" in message, message  # What the file has.
+  assert not (out / prepare.WORK).exists()  # No row was read.
+
+
+def test_no_usable_class_points_to_a_rejected_file_with_ids(tmp_path):
+  """Every row rejected: the message names a rejected.jsonl that exists,
+  and its rows carry their ids, also for a record missing a field."""
+  lines = [json.dumps({"id": f"p{i}", "title": "", "label": "shirt"})
+           for i in range(4)]
+  lines.append(json.dumps({"id": "q1", "label": "shirt"}))  # No title.
+  path = tmp_path / "c.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    _run(["--input", path, "--tokenizer", _tokenizer(tmp_path),
+          "--output_dir", out])
+  message = str(e.value.code)
+  assert "\n" not in message, message
+  assert str(out / "rejected.jsonl") in message, message
+  assert "empty_title 4" in message and "malformed_row 1" in message, message
+  rejected = [json.loads(l) for l in
+              (out / "rejected.jsonl").read_text("utf-8").splitlines()]
+  assert sorted(r["id"] for r in rejected) == ["p0", "p1", "p2", "p3", "q1"]
+
+
+def test_a_catalogue_without_photos_is_said_plainly(tmp_path, capsys):
+  """Not "repaired image_missing 6": no photo was found, and where it was
+  looked for; a warning when no product has one."""
+  rows = [[f"p{i}", f"red {['shirt', 'shoe'][i % 2]} {i}",
+           ["shirt", "shoe"][i % 2]] for i in range(12)]
+  path = _small_csv(tmp_path / "c.csv", ["id", "title", "label"], rows)
+  out = tmp_path / "out"
+  prepare.main([f"--input={path}", f"--tokenizer={_tokenizer(tmp_path)}",
+                f"--output_dir={out}", "--max_length=8", "--num_workers=1",
+                "--image_pattern=images/{id}.jpg"])
+  lines = capsys.readouterr().out.splitlines()
+  output = "\n".join(lines)
+  assert not any(l.startswith("repaired") for l in lines), output
+  warning = [l for l in lines if l.startswith("warning")]
+  assert len(warning) == 1, output
+  assert "no product has a photo" in warning[0], output
+  assert str(tmp_path / "images") in warning[0], output  # Where it looked.
+  # No image flag at all: also said, with the flags that would give one.
+  prepare.main([f"--input={path}", f"--tokenizer={_tokenizer(tmp_path)}",
+                f"--output_dir={out}", "--max_length=8", "--num_workers=1",
+                "--overwrite"])
+  warning = [l for l in capsys.readouterr().out.splitlines()
+             if l.startswith("warning")]
+  assert len(warning) == 1 and "--image_pattern" in warning[0], warning

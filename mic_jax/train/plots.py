@@ -54,6 +54,12 @@ def confusion_matrix(path: str, matrix: np.ndarray, labels: Sequence[str],
   _save(fig, path)
 
 
+def _legend_outside(ax) -> None:
+  """The legend right of the axes: bars reach every corner of the plot."""
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+            fontsize=8)
+
+
 def per_class_f1(path: str, report: Mapping[str, Any], labels: Sequence[str],
                  title: str) -> None:
   """Horizontal bars of F1 per class, sorted, with support in the label."""
@@ -71,7 +77,7 @@ def per_class_f1(path: str, report: Mapping[str, Any], labels: Sequence[str],
              label=f"macro-F1 {report['macro_f1']:.3f}")
   ax.set_xlabel("F1")
   ax.set_title(title)
-  ax.legend(loc="lower right")
+  _legend_outside(ax)
   _save(fig, path)
 
 
@@ -151,7 +157,7 @@ def photo_contribution(path: str, results: Mapping[str, Any]) -> None:
   ax.set_title(f"{results['split']}: macro-F1 "
                f"{results['macro_f1_with_photos']:.3f} with photos, "
                f"{results['macro_f1_photos_withheld']:.3f} withheld")
-  ax.legend(loc="lower right")
+  _legend_outside(ax)
   if gate:
     ax = axes[0, 1]
     edges = np.asarray(gate["histogram"]["edges"])
