@@ -91,7 +91,31 @@ def test_choose_minimises_padding_on_title_like_lengths():
 def test_merge_small_buckets():
   assert buckets.merge_small((8, 16, 32), np.array([100, 3, 50]), 10) == (
       8, 32)
-  assert buckets.merge_small((8, 16, 32), np.array([4, 7, 1]), 10) == (16, 32)
+  # A small last bucket takes its neighbour's titles (it must stay: only it
+  # holds the longest titles).
+  assert buckets.merge_small((8, 16, 32), np.array([100, 50, 3]), 10) == (
+      8, 32)
+  assert buckets.merge_small((8, 16, 32), np.array([4, 7, 1]), 10) == (32,)
+  assert buckets.merge_small((8, 32), np.array([2, 3]), 10) == (32,)
+
+
+def test_every_merged_bucket_fills_a_batch():
+  rng = np.random.default_rng(0)
+  for _ in range(500):
+    lengths = tuple(sorted(rng.choice(np.arange(1, 33), rng.integers(1, 6),
+                                      replace=False)))
+    if lengths[-1] != 32:
+      lengths += (32,)
+    sizes = rng.integers(0, 40, len(lengths)) * rng.integers(0, 2, len(lengths))
+    minimum = int(rng.integers(1, 60))
+    merged = buckets.merge_small(lengths, sizes, minimum)
+    assert merged[-1] == 32 and set(merged) <= set(lengths)
+    merged_sizes = np.bincount(np.searchsorted(merged, lengths),
+                               weights=sizes, minlength=len(merged))
+    if sizes.sum() >= minimum:
+      assert merged_sizes.min() >= minimum, (lengths, sizes, minimum, merged)
+    else:
+      assert merged == (32,)
 
 
 def test_schedule_follows_bucket_shares_and_replays():
@@ -148,6 +172,31 @@ def test_resolve_buckets(data_dir):
       8, 16, 24)
   assert pipeline.resolve_buckets(info, "8,16,20", global_batch_size=16) == (
       8, 16, 24)
+  # The last bucket (21..24 tokens: 9 titles) is too small as well.
+  assert pipeline.resolve_buckets(info, "8,20", global_batch_size=16) == (
+      8, 24)
+
+
+@pytest.mark.parametrize("spec", ["8,20", "8,16,20", "4,8,12,16,20", "auto"])
+@pytest.mark.parametrize("batch_size", [4, 16, 24])
+def test_every_bucket_fills_a_batch_within_an_epoch(data_dir, spec,
+                                                    batch_size):
+  """Each resolved bucket holds at least one global batch of training
+  titles, so its first batch is read from one epoch: distinct titles."""
+  info = pipeline.DatasetInfo.load(data_dir)
+  lengths = pipeline.resolve_buckets(info, spec, global_batch_size=batch_size)
+  sizes = buckets.per_bucket(info.length_counts("train"), lengths)
+  assert sizes.min() >= batch_size, (lengths, sizes)
+  if batch_size != 16:
+    return  # The stream itself, once: reading it is slow.
+  it = pipeline.train_batches(data_dir, batch_size=batch_size, image_size=8,
+                              seed=0, length_buckets=lengths)
+  first = {}
+  for batch in _take(it, 3 * 97 // batch_size):
+    first.setdefault(batch["input_ids"].shape[1], _tags(batch))
+  assert set(first) == set(lengths)
+  for width, tags in first.items():
+    assert len(set(tags)) == batch_size, (width, sorted(tags))
 
 
 def test_bucketed_batches_hold_one_bucket_each(data_dir):

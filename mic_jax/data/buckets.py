@@ -6,8 +6,9 @@ fusion layer and the head pays for the padding. With buckets the pipelines
 emit batches whose token arrays are cut to the smallest bucket length that
 holds every title in them, so XLA compiles one step per bucket (a handful)
 and no batch pays for more padding than its bucket. Masked positions never
-mattered to the models, so results equal the padded path up to float
-summation order.
+mattered to the models and their dropout masks are drawn per title position
+(:mod:`mic_jax.models.dropout`), so results equal the padded path up to
+float summation order, in training too.
 
 This module owns the choices, not the reading: which lengths
 (:func:`resolve`), which bucket holds a title (:func:`bucket_of`), and the
@@ -97,11 +98,15 @@ def per_bucket(counts: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
 
 def merge_small(buckets: Sequence[int], sizes: np.ndarray, minimum: int
                 ) -> tuple[int, ...]:
-  """``buckets`` without those holding fewer than ``minimum`` titles (their
-  titles go to the next longer bucket; the last bucket always stays).
+  """``buckets`` without those holding fewer than ``minimum`` titles: their
+  titles go to the next longer bucket, and a last bucket that is still too
+  small takes the titles of the bucket before it (it cannot go itself: only
+  it holds the longest titles). Every bucket then holds at least
+  ``minimum`` titles, unless all of them together hold fewer (one bucket).
 
   A training bucket with fewer titles than one global batch would take
-  many epochs of reading to fill a batch on some host.
+  many epochs of reading to fill a batch, and that batch would repeat its
+  few titles.
   """
   kept, carry = [], 0
   for length, size in zip(buckets[:-1], sizes[:-1]):
@@ -109,6 +114,8 @@ def merge_small(buckets: Sequence[int], sizes: np.ndarray, minimum: int
     if carry >= minimum:
       kept.append(length)
       carry = 0
+  if kept and carry + int(sizes[-1]) < minimum:
+    kept.pop()  # It held >= minimum titles: one merge is enough.
   return (*kept, buckets[-1])
 
 

@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mic_jax.models import dropout as dropout_lib
+
 IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 Dtype = Any
@@ -64,11 +66,12 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
                           implementation: str = "einsum",
                           dropout_rate: float = 0.0,
                           deterministic: bool = True,
+                          position_dropout: bool = False,
                           dtype: Dtype = jnp.float32) -> jnp.ndarray:
   """``softmax(q k^T * scale + bias, masked) v`` per head.
 
   Call it inside a compact method: the einsum path's dropout is a child
-  ``nn.Dropout`` of the calling module (it holds no parameters).
+  module of the calling module (it holds no parameters).
 
   Args:
     query: ``[B, Tq, H, D]``.
@@ -80,6 +83,10 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
       ``mask``); otherwise they follow the plain softmax.
     implementation: one of :data:`IMPLEMENTATIONS`.
     dropout_rate, deterministic: dropout on the attention probabilities.
+    position_dropout: draw that dropout's mask per (query, key) position
+      pair (:class:`mic_jax.models.dropout.TokenDropout`), so it does not
+      depend on how far the titles are padded; for attention over title
+      tokens (BERT, the fusion). Otherwise one ``nn.Dropout`` draw.
     dtype: compute dtype of the probabilities-times-values product.
 
   Returns:
@@ -110,7 +117,12 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
       if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
       weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(dropout_rate)(weights, deterministic=not use_dropout)
+    if position_dropout:
+      weights = dropout_lib.TokenDropout(dropout_rate, position_axes=(2, 3))(
+          weights, deterministic=not use_dropout)
+    else:
+      weights = nn.Dropout(dropout_rate)(weights,
+                                         deterministic=not use_dropout)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype),
                       value.astype(dtype))
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from mic_jax.models import attention
+from mic_jax.models import dropout as dropout_lib
 from mic_jax.models import partitioning as P
 from mic_jax.models import precision
 
@@ -195,7 +196,8 @@ class BertEmbeddings(_BertModule):
     x = x + embed(cfg.type_vocab_size, (P.TYPES, P.EMBED),
                   "token_type_embeddings")(token_type_ids)
     x = _layer_norm(cfg, **self.kw)(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=not train)
+    x = dropout_lib.TokenDropout(cfg.hidden_dropout_prob)(
+        x, deterministic=not train)
     return P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
 
 
@@ -220,7 +222,7 @@ class BertSelfAttention(_BertModule):
     out = attention.dot_product_attention(
         q, k, v, bias=attention_bias, implementation=cfg.attention_impl,
         dropout_rate=cfg.attention_probs_dropout_prob,
-        deterministic=not train, dtype=self.dtype)
+        deterministic=not train, position_dropout=True, dtype=self.dtype)
     return out.reshape(batch, length, cfg.hidden_size)
 
 
@@ -232,7 +234,8 @@ class BertOutput(_BertModule):
   def __call__(self, h, residual, *, train: bool):
     cfg = self.config
     h = _dense(cfg.hidden_size, (self.in_axis, P.EMBED), cfg, **self.kw)(h)
-    h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=not train)
+    h = dropout_lib.TokenDropout(cfg.hidden_dropout_prob)(
+        h, deterministic=not train)
     return _layer_norm(cfg, **self.kw)(h + residual)
 
 

@@ -151,7 +151,8 @@ class Attention(nn.Module):
     y = attention.dot_product_attention(
         query, key, value, mask=key_mask[:, None, None, :] > 0,
         empty_rows_zero=True, implementation=self.attention_impl,
-        dropout_rate=self.dropout, deterministic=not train, dtype=self.dtype)
+        dropout_rate=self.dropout, deterministic=not train,
+        position_dropout=True, dtype=self.dtype)
     # Concatenating the heads is a reshape of the head-major layout.
     y = y.reshape(*y.shape[:2], self.out_features)
     # The head axis is not constrained: with 1 head (eq. 2) it cannot split.
