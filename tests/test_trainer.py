@@ -398,3 +398,21 @@ def test_metrics_log_on_an_object_store(tmp_path, monkeypatch):
   again.close()
   assert [r["step"] for r in reporting.read_metrics(workdir)] == [1]
   tf.io.gfile.rmtree(f"ram://{tmp_path.name}")
+
+
+def test_a_relative_workdir_saves_its_checkpoints(tmp_path, monkeypatch):
+  """``--workdir=runs/x``: Orbax refuses a relative path, and only in the
+  background thread of an async save, which a real run met at step 200
+  when the step-0 best save's failure surfaced."""
+  from mic_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  params = {"w": jnp.arange(3.0)}
+  ckpt = checkpointing.RunCheckpoints("runs/x", keep=1, async_save=True)
+  ckpt.save_best(0, params, {checkpointing.BEST_METRIC: 0.5})
+  ckpt.save_state(1, {"params": params}, force=True)
+  ckpt.close()
+  ckpt = checkpointing.RunCheckpoints("runs/x", keep=1, async_save=False)
+  step, best = ckpt.restore_best(jax.eval_shape(lambda: params))
+  ckpt.close()
+  assert step == 0
+  np.testing.assert_array_equal(best["w"], params["w"])

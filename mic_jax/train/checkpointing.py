@@ -53,6 +53,11 @@ class RunCheckpoints:
                cleanup_tmp: bool = False):
     """``cleanup_tmp``: delete temporary dirs of killed saves (the trainer
     sets it; readers of a run that may still be training must not)."""
+    # Orbax's OCDBT saves need an absolute path, and refuse a relative one
+    # only in the background thread of an async save, so a run started with
+    # --workdir=runs/x would train on until the next save failed.
+    if "://" not in os.fspath(workdir):
+      workdir = os.path.abspath(workdir)
     self.latest = ocp.CheckpointManager(
         rundir.checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(
