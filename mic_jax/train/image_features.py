@@ -48,7 +48,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from mic_jax.data import pipeline
 from mic_jax.data import preprocess
@@ -370,8 +369,9 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
            img_params: Any, data_dir: str) -> ImageFeatureCache:
   """The cache of this run's frozen tower, built first if it is missing.
 
-  Sweeps abandoned builds first; a cache that fails its checks on open is
-  moved aside with a warning and built again.
+  Sweeps abandoned builds first; a cache that fails its checks on open (on
+  a local disk also one that has lost its ``cache.json``) is moved aside
+  with a warning and built again.
   """
   root = os.fspath(config.image.get("feature_cache_dir") or default_root())
   size = int(config.image.size)
@@ -384,13 +384,9 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
   directory = feature_store.directory(
       root, cache_key(frozen_part(img_params, depth), tower, size, data_dir,
                       depth, kept))
-  marker = feature_store.join(directory, feature_store.META)
-  if tf.io.gfile.exists(marker):
-    why = feature_store.problem(directory, FORMAT_VERSION)
-    if why is None:
-      logging.info("image features: reusing %s", directory)
-      return ImageFeatureCache(directory, batch_key)
-    feature_store.quarantine(directory, why)
+  if feature_store.usable(directory, FORMAT_VERSION):
+    logging.info("image features: reusing %s", directory)
+    return ImageFeatureCache(directory, batch_key)
   what = ("outputs" if depth is None else
           f"hidden tokens after block {depth} (the top "
           f"{top_blocks(config)} train)")
