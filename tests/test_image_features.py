@@ -354,6 +354,35 @@ def test_publishing_onto_an_incomplete_directory_moves_it_aside(tmp_path,
   assert (target.parent / moved[0] / "keys.npy").read_bytes() == b"left over"
 
 
+def test_key_ignores_where_the_tokenizer_lies(tiny, tmp_path):
+  """Copies of the same data (each demo row of reproduce prepares its own)
+  share a cache though each records its own tokenizer path; what changes
+  the photos or their preprocessing still names another cache."""
+  _, tower, params, data = tiny
+
+  def copy(name, **info_changes):
+    other = tmp_path / name
+    shutil.copytree(data, other)
+    path = other / "dataset_info.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                **info_changes}, indent=1))
+    return str(other)
+
+  def key(data_dir):
+    return image_features.cache_key(params, tower, 16, data_dir)
+
+  first = copy("row1", tokenizer=str(tmp_path / "row1" / "tokenizer"))
+  assert key(first) == key(copy(
+      "row2", tokenizer=str(tmp_path / "row2" / "tokenizer")))
+  assert key(first) != key(copy(
+      "smaller", tokenizer=str(tmp_path / "row1" / "tokenizer"),
+      photo_preprocessing={"max_image_side": 16, "jpeg_quality": 90}))
+  shard = sorted(pathlib.Path(first).glob("train.tfrecord-*"))[0]
+  shard.write_bytes(shard.read_bytes() + b"another photo")
+  assert key(first) != key(copy(
+      "row3", tokenizer=str(tmp_path / "row1" / "tokenizer")))
+
+
 def test_cache_directory_is_readable_by_others(tiny):
   """mkdtemp's 0700 would lock other users out of a shared $MIC_JAX_CACHE."""
   old = os.umask(0o022)

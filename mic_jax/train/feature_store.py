@@ -91,8 +91,24 @@ def join(root: str | os.PathLike[str], *parts: str) -> str:
   return "/".join([os.fspath(root).rstrip("/"), *parts])
 
 
+# dataset_info.json fields left out of the key: where things lie, not what
+# the photos are. ``tokenizer`` is the path data_prep read the tokenizer
+# from; every copy of the same data (each demo row of mic_jax.reproduce
+# prepares its own) records another one, which made each build its own
+# cache. A tokenizer that differs in content changes the titles' tokens,
+# so the shard sizes hashed below; the photos and their preprocessing
+# (``photo_preprocessing``) stay in. Other fields (seed, corrections, label
+# counts) cannot change a pixel either but are kept: they change which rows
+# are in the set, and a needless rebuild is cheaper than a wrong reuse.
+UNKEYED_INFO_FIELDS = ("tokenizer",)
+
+
 def key(description: str, params: Any, data_dir: str) -> str:
-  """Hex digest of (what is computed, its weights, the prepared data)."""
+  """Hex digest of (what is computed, its weights, the prepared data).
+
+  The data is ``dataset_info.json`` but for :data:`UNKEYED_INFO_FIELDS`,
+  and each shard's name and size.
+  """
   digest = hashlib.sha256()
   digest.update(description.encode())
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
@@ -102,7 +118,10 @@ def key(description: str, params: Any, data_dir: str) -> str:
     digest.update(f"{array.dtype}{array.shape}".encode())
     digest.update(array.tobytes())
   with tf.io.gfile.GFile(join(data_dir, records.INFO_FILE), "rb") as f:
-    digest.update(f.read())
+    recorded = json.load(f)
+  for field in UNKEYED_INFO_FIELDS:
+    recorded.pop(field, None)
+  digest.update(json.dumps(recorded, sort_keys=True).encode())
   info = pipeline.DatasetInfo.load(data_dir)
   for split in sorted(info.shards):
     for name in info.files(split):

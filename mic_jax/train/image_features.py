@@ -27,8 +27,9 @@ tokens would silently drop the configured dropout, so such a run feeds
 pixels and says why.
 
 A cache is keyed by the tower's weights (a hash of every parameter), its
-config, the image size and the prepared data (``dataset_info.json`` and
-shard sizes), so changing any of them builds a new one. Its files, key,
+config, the image size and the prepared data (``dataset_info.json`` but for
+the tokenizer's path, and shard sizes), so changing any of them builds a new
+one. Its files, key,
 atomic writes, checks on open and the sweep of killed builds live in
 :mod:`mic_jax.train.feature_store`. Each host builds its own (hosts may not
 share a disk; docs/scaling.md gives the cost).
