@@ -300,8 +300,11 @@ def _entries(root):
 
 
 @pytest.mark.parametrize("damage", ["truncated_tokens", "missing_keys",
-                                    "truncated_keys", "bad_marker"])
+                                    "truncated_keys", "bad_marker",
+                                    "missing_marker"])
 def test_damaged_cache_is_moved_aside_and_rebuilt(tiny, damage, caplog):
+  """Including a lost ``cache.json``, which once made every run rebuild and
+  then crash publishing onto the incomplete directory (issue 36)."""
   good = _ensure(tiny)
   want = good.lookup(good.keys)
   directory = pathlib.Path(good.directory)
@@ -314,6 +317,8 @@ def test_damaged_cache_is_moved_aside_and_rebuilt(tiny, damage, caplog):
   elif damage == "truncated_keys":
     keys = directory / "keys.npy"
     keys.write_bytes(keys.read_bytes()[:-8])
+  elif damage == "missing_marker":
+    (directory / "cache.json").unlink()
   else:
     (directory / "cache.json").write_text("{")
   with caplog.at_level("WARNING"):
@@ -323,6 +328,59 @@ def test_damaged_cache_is_moved_aside_and_rebuilt(tiny, damage, caplog):
   moved = [n for n in _entries(directory.parent) if n.startswith(".damaged-")]
   assert len(moved) == 1 and moved[0].startswith(f".damaged-{directory.name}")
   assert image_features.feature_store.problem(str(directory), 1) is None
+  stamp = (directory / "cache.json").stat().st_mtime_ns
+  reused = _ensure(tiny)  # The rebuilt cache is reused, not built again.
+  assert reused.directory == again.directory
+  assert (directory / "cache.json").stat().st_mtime_ns == stamp
+  assert _entries(directory.parent) == sorted([directory.name, *moved])
+
+
+def test_publishing_onto_an_incomplete_directory_moves_it_aside(tmp_path,
+                                                               caplog):
+  """A build that finds its target present but incomplete (no cache.json)
+  publishes anyway; the leftover is kept aside as damaged."""
+  store = image_features.feature_store
+  target = tmp_path / "cache" / ("a" * store.NAME_LENGTH)
+  target.mkdir(parents=True)
+  (target / "keys.npy").write_bytes(b"left over")
+  with store.Writer(str(target), 2, tmp_path / "mirror") as writer:
+    writer.add(np.array([7, 8]), np.ones((2, 3, 4), np.float32))
+    with caplog.at_level("WARNING"):
+      writer.commit({}, 1)
+  assert store.problem(str(target), 1) is None
+  assert str(target) in caplog.text and "damaged" in caplog.text
+  moved = [n for n in _entries(target.parent) if n.startswith(".damaged-")]
+  assert len(moved) == 1
+  assert (target.parent / moved[0] / "keys.npy").read_bytes() == b"left over"
+
+
+def test_key_ignores_where_the_tokenizer_lies(tiny, tmp_path):
+  """Copies of the same data (each demo row of reproduce prepares its own)
+  share a cache though each records its own tokenizer path; what changes
+  the photos or their preprocessing still names another cache."""
+  _, tower, params, data = tiny
+
+  def copy(name, **info_changes):
+    other = tmp_path / name
+    shutil.copytree(data, other)
+    path = other / "dataset_info.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                **info_changes}, indent=1))
+    return str(other)
+
+  def key(data_dir):
+    return image_features.cache_key(params, tower, 16, data_dir)
+
+  first = copy("row1", tokenizer=str(tmp_path / "row1" / "tokenizer"))
+  assert key(first) == key(copy(
+      "row2", tokenizer=str(tmp_path / "row2" / "tokenizer")))
+  assert key(first) != key(copy(
+      "smaller", tokenizer=str(tmp_path / "row1" / "tokenizer"),
+      photo_preprocessing={"max_image_side": 16, "jpeg_quality": 90}))
+  shard = sorted(pathlib.Path(first).glob("train.tfrecord-*"))[0]
+  shard.write_bytes(shard.read_bytes() + b"another photo")
+  assert key(first) != key(copy(
+      "row3", tokenizer=str(tmp_path / "row1" / "tokenizer")))
 
 
 def test_cache_directory_is_readable_by_others(tiny):

@@ -29,8 +29,10 @@ Guarantees (docs/reliability.md lists them for the user):
   shown a sign of life (``writer.json``, touched while building) for
   ``STALE_SECONDS``.
 * Checked on open. :func:`problem` compares every file's size with its
-  ``.npy`` header and ``cache.json``; a damaged cache is moved aside
-  (``ROOT/.damaged-<name>-<time>``) with a warning naming it and built again.
+  ``.npy`` header and ``cache.json``; a damaged cache, which on a local disk
+  includes a directory without ``cache.json`` (:func:`usable`), is moved
+  aside (``ROOT/.damaged-<name>-<time>``) with a warning naming it and built
+  again.
 * Shareable. Directories get the mode a plain ``mkdir`` would (umask
   applied), not ``mkdtemp``'s 0700, so a ``$MIC_JAX_CACHE`` shared by several
   users is readable by all of them. Two builders of the same key both
@@ -89,8 +91,24 @@ def join(root: str | os.PathLike[str], *parts: str) -> str:
   return "/".join([os.fspath(root).rstrip("/"), *parts])
 
 
+# dataset_info.json fields left out of the key: where things lie, not what
+# the photos are. ``tokenizer`` is the path data_prep read the tokenizer
+# from; every copy of the same data (each demo row of mic_jax.reproduce
+# prepares its own) records another one, which made each build its own
+# cache. A tokenizer that differs in content changes the titles' tokens,
+# so the shard sizes hashed below; the photos and their preprocessing
+# (``photo_preprocessing``) stay in. Other fields (seed, corrections, label
+# counts) cannot change a pixel either but are kept: they change which rows
+# are in the set, and a needless rebuild is cheaper than a wrong reuse.
+UNKEYED_INFO_FIELDS = ("tokenizer",)
+
+
 def key(description: str, params: Any, data_dir: str) -> str:
-  """Hex digest of (what is computed, its weights, the prepared data)."""
+  """Hex digest of (what is computed, its weights, the prepared data).
+
+  The data is ``dataset_info.json`` but for :data:`UNKEYED_INFO_FIELDS`,
+  and each shard's name and size.
+  """
   digest = hashlib.sha256()
   digest.update(description.encode())
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
@@ -100,7 +118,10 @@ def key(description: str, params: Any, data_dir: str) -> str:
     digest.update(f"{array.dtype}{array.shape}".encode())
     digest.update(array.tobytes())
   with tf.io.gfile.GFile(join(data_dir, records.INFO_FILE), "rb") as f:
-    digest.update(f.read())
+    recorded = json.load(f)
+  for field in UNKEYED_INFO_FIELDS:
+    recorded.pop(field, None)
+  digest.update(json.dumps(recorded, sort_keys=True).encode())
   info = pipeline.DatasetInfo.load(data_dir)
   for split in sorted(info.shards):
     for name in info.files(split):
@@ -164,6 +185,8 @@ def problem(cache_dir: str, format_version: int) -> str | None:
   marker file, each array's size against its header, and the row counts.
   """
   try:
+    if not tf.io.gfile.exists(join(cache_dir, META)):
+      return f"{META} is missing"
     with tf.io.gfile.GFile(join(cache_dir, META)) as f:
       meta = json.load(f)
     if meta.get("format_version") != format_version:
@@ -204,10 +227,36 @@ def quarantine(cache_dir: str, why: str) -> str:
   try:
     tf.io.gfile.rename(cache_dir, target)
   except (tf.errors.OpError, OSError) as e:  # Object stores: delete it.
+    if not tf.io.gfile.exists(cache_dir):  # Another process moved it first.
+      return ""
     logging.warning("could not move %s (%s); deleting it", cache_dir, e)
     tf.io.gfile.rmtree(cache_dir)
     return ""
   return target
+
+
+def usable(cache_dir: str, format_version: int) -> bool:
+  """Whether a complete cache is at ``cache_dir``; a damaged one is moved
+  aside (:func:`quarantine`), so that a build can take its place.
+
+  On a local disk a directory without a complete ``cache.json`` is damaged:
+  a build publishes by renaming a finished directory, so a build in
+  progress never shows there, and an incomplete one (a lost file, a copy
+  cut short) would otherwise be rebuilt on every run and block the rename.
+  On an object store files are uploaded one by one with ``cache.json``
+  last, so a directory without it may be another host's upload in
+  progress: it is left alone and a build uploads over it.
+  """
+  if not tf.io.gfile.exists(cache_dir):
+    return False
+  if (reporting.is_remote(cache_dir)
+      and not tf.io.gfile.exists(join(cache_dir, META))):
+    return False
+  why = problem(cache_dir, format_version)
+  if why is None:
+    return True
+  quarantine(cache_dir, why)
+  return False
 
 
 # ----------------------------------------------------------------- sweep --
@@ -386,19 +435,34 @@ class Writer:
     (self.tmp / WRITER).unlink()
     if self.remote:
       _upload(self.tmp, self.target)
-      self._publish_local(mirror_of(self.target))
+      self._publish_local(mirror_of(self.target), format_version)
     else:
-      self._publish_local(pathlib.Path(self.target))
+      self._publish_local(pathlib.Path(self.target), format_version)
 
-  def _publish_local(self, final: pathlib.Path) -> None:
+  def _publish_local(self, final: pathlib.Path, format_version: int) -> None:
+    """Renames the finished build to ``final``.
+
+    A complete cache already there (another process finished first) is
+    kept and this copy dropped; an incomplete one (a lost ``cache.json``)
+    would make the rename fail on every run, so it is moved aside as
+    damaged and the rename tried again.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-      os.replace(self.tmp, final)
-    except OSError:
-      if not (final / META).exists():
-        raise
-      logging.info("image features: %s was completed by another process "
-                   "first; using that one", final)
+    for attempt in range(2):
+      try:
+        os.replace(self.tmp, final)
+        return
+      except OSError:
+        if not final.is_dir():
+          raise
+        why = problem(str(final), format_version)
+        if why is None:
+          logging.info("image features: %s was completed by another process "
+                       "first; using that one", final)
+          return
+        if attempt:
+          raise
+        quarantine(str(final), why)
 
 
 def _upload(local: pathlib.Path, target: str) -> None:

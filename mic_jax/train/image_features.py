@@ -27,8 +27,9 @@ tokens would silently drop the configured dropout, so such a run feeds
 pixels and says why.
 
 A cache is keyed by the tower's weights (a hash of every parameter), its
-config, the image size and the prepared data (``dataset_info.json`` and
-shard sizes), so changing any of them builds a new one. Its files, key,
+config, the image size and the prepared data (``dataset_info.json`` but for
+the tokenizer's path, and shard sizes), so changing any of them builds a new
+one. Its files, key,
 atomic writes, checks on open and the sweep of killed builds live in
 :mod:`mic_jax.train.feature_store`. Each host builds its own (hosts may not
 share a disk; docs/scaling.md gives the cost).
@@ -48,7 +49,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from mic_jax.data import pipeline
 from mic_jax.data import preprocess
@@ -370,8 +370,9 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
            img_params: Any, data_dir: str) -> ImageFeatureCache:
   """The cache of this run's frozen tower, built first if it is missing.
 
-  Sweeps abandoned builds first; a cache that fails its checks on open is
-  moved aside with a warning and built again.
+  Sweeps abandoned builds first; a cache that fails its checks on open (on
+  a local disk also one that has lost its ``cache.json``) is moved aside
+  with a warning and built again.
   """
   root = os.fspath(config.image.get("feature_cache_dir") or default_root())
   size = int(config.image.size)
@@ -384,13 +385,9 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
   directory = feature_store.directory(
       root, cache_key(frozen_part(img_params, depth), tower, size, data_dir,
                       depth, kept))
-  marker = feature_store.join(directory, feature_store.META)
-  if tf.io.gfile.exists(marker):
-    why = feature_store.problem(directory, FORMAT_VERSION)
-    if why is None:
-      logging.info("image features: reusing %s", directory)
-      return ImageFeatureCache(directory, batch_key)
-    feature_store.quarantine(directory, why)
+  if feature_store.usable(directory, FORMAT_VERSION):
+    logging.info("image features: reusing %s", directory)
+    return ImageFeatureCache(directory, batch_key)
   what = ("outputs" if depth is None else
           f"hidden tokens after block {depth} (the top "
           f"{top_blocks(config)} train)")
