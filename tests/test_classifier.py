@@ -206,8 +206,15 @@ def test_a_few_steps_fit_a_tiny_batch(kind):
   """
   model = classifier.build_model(_config(kind))
   batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  # The untrained model, without dropout (its draw moved this by several
+  # percent): near-uniform predictions. cross_modal's summed pooling starts
+  # furthest from uniform (1.75 against log 5 = 1.61); a head initialised
+  # at unit scale would start several times higher.
+  logits, _ = model.apply(_init(model, batch), batch)
+  start = optax.softmax_cross_entropy_with_integer_labels(
+      logits, batch["label"]).mean()
+  np.testing.assert_allclose(float(start), np.log(C), rtol=0.1)
   losses, _ = _train(model, batch, steps=10, lr=1e-2)
-  np.testing.assert_allclose(losses[0], np.log(C), rtol=0.05)
   assert losses[-1] < 0.5 * np.log(C), (kind, losses)
 
 
