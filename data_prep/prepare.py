@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
   a("--corrections", default="",
     help="reviewed labels (mic-jax-review database or its CSV) to use "
          "instead of the catalogue's; see data_prep/corrections.py")
+  a("--corrections_splits", default=",".join(corrections_lib.DEFAULT_SPLITS),
+    help="comma-separated splits whose labels --corrections may change "
+         "(default: train). Decisions for products in other splits are "
+         "counted as eval_split_refused and not applied: accepting the "
+         "model's own labels on validation or test products makes them "
+         "grade the model by its answers. Add validation,test only to fix "
+         "known catalogue errors before a new benchmark, knowing scores "
+         "before and after are then not comparable")
   a("--overwrite", action="store_true", help="delete output_dir first")
   a("-v", "--verbose", action="store_true", help=console.VERBOSE_HELP)
   return p
@@ -408,7 +416,7 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
         continue
       split = r["split"] or assignment[r["group"]]
       if fix is not None:
-        fix.apply(r)
+        fix.apply(r, split)
       shard = position[split] % num_shards[split]
       position[split] += 1
       r["label_id"] = label_id[r["label"]]
@@ -436,6 +444,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
   check_columns(args)
+  try:
+    allowed = corrections_lib.parse_splits(args.corrections_splits,
+                                           split_lib.SPLITS)
+  except corrections_lib.CorrectionsError as e:
+    raise SystemExit(f"error: {e}") from e
   out = pathlib.Path(args.output_dir)
   if args.overwrite and out.exists():
     _clear(out)
@@ -473,7 +486,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise SystemExit(_no_class(args, p1, chosen, out))
   p2_file = work / "pass2.json"
   if not p2_file.exists():
-    fix = (corrections_lib.Applier(reviewed, labels) if reviewed else None)
+    fix = (corrections_lib.Applier(reviewed, labels, allowed) if reviewed
+           else None)
     p2 = pass2(args, work, chosen, fix)
     if fix is not None:  # Before pass2.json: a resume finds both or none.
       records.write_json_atomic(work / "corrections.json", fix.record())
@@ -736,6 +750,10 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
                 c["source"], c["relabelled"], c["confirmed"],
                 c["unclear_kept"], ", ".join(
                     f"{k} {v}" for k, v in c["rejected"].items()) or "none")
+    console.say("reviewed per split (labels may change in %s): %s",
+                ", ".join(c["splits"]), "; ".join(
+                    f"{s} " + ", ".join(f"{k} {v}" for k, v in n.items())
+                    for s, n in c["by_split"].items()) or "none")
   repaired = {k: v for k, v in stats["repaired"].items()
               if k not in _PHOTO_REASONS}
   if repaired:

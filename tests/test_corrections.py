@@ -46,7 +46,9 @@ def test_corrections_relabel_products_and_never_move_them(tmp_path):
            ("nope", "relabelled", "bag"),           # Not a product.
            ("rare", "relabelled", "shoe")]          # Rejected by prepare.
   fix = _write_csv(tmp_path / "decisions.csv", rows)
-  stats = _run(_args(tmp_path, "fixed", f"--corrections={fix}"))
+  # Every split may change here (the groups span all three).
+  stats = _run(_args(tmp_path, "fixed", f"--corrections={fix}",
+                     "--corrections_splits=train,validation,test"))
   after = _labels(tmp_path / "fixed")
   assert _split_of(tmp_path / "fixed") == where  # Nobody moved.
   assert set(after) == set(before)
@@ -157,3 +159,57 @@ def test_a_csv_resaved_by_a_spreadsheet_with_a_bom_is_read(tmp_path):
   path.write_bytes("product_id,status,label\r\n3,relabelled,bag\r\n".encode(
       "utf-8-sig"))
   assert corrections.load(path).decisions == {"3": ("relabelled", "bag")}
+
+
+def _by_split(before, where, label, n):
+  """Up to ``n`` product ids per split whose catalogue label is ``label``."""
+  found = {}
+  for p in sorted(before, key=lambda p: (len(p), p)):
+    if before[p][0] == label:
+      found.setdefault(where[p][0], [])
+      if len(found[where[p][0]]) < n:
+        found[where[p][0]].append(p)
+  return found
+
+
+def test_evaluation_splits_change_only_with_the_flag(tmp_path):
+  """Accepting the model's labels on validation products would grade the
+  model by its own answers: by default only train products are relabelled;
+  the others are counted per split and left as the catalogue has them."""
+  _run(_args(tmp_path, "base"))
+  before, where = _labels(tmp_path / "base"), _split_of(tmp_path / "base")
+  picked = _by_split(before, where, "shirt", 2)
+  assert set(picked) == {"train", "validation", "test"}
+  fix = _write_csv(tmp_path / "d.csv", [
+      (p, "relabelled", "bag") for ps in picked.values() for p in ps])
+  stats = _run(_args(tmp_path, "train_only", f"--corrections={fix}"))
+  after = _labels(tmp_path / "train_only")
+  for split, ps in picked.items():
+    for p in ps:
+      assert after[p][0] == ("bag" if split == "train" else "shirt"), split
+  record = json.loads((tmp_path / "train_only" / "dataset_info.json"
+                       ).read_text())["corrections"]
+  assert record == stats["corrections"]
+  assert record["splits"] == ["train"]
+  assert record["relabelled"] == 2
+  assert record["rejected"] == {"eval_split_refused": 4}
+  assert record["by_split"] == {
+      "train": {"relabelled": 2},
+      "validation": {"eval_split_refused": 2},
+      "test": {"eval_split_refused": 2}}
+  # Opted in: every split changes, and the record says so.
+  stats = _run(_args(tmp_path, "all", f"--corrections={fix}",
+                     "--corrections_splits=train,validation,test"))
+  after = _labels(tmp_path / "all")
+  assert all(after[p][0] == "bag" for ps in picked.values() for p in ps)
+  assert stats["corrections"]["splits"] == ["train", "validation", "test"]
+  assert stats["corrections"]["by_split"] == {
+      s: {"relabelled": 2} for s in ("train", "validation", "test")}
+  assert _split_of(tmp_path / "all") == where
+
+
+def test_an_unknown_corrections_split_is_refused(tmp_path):
+  with pytest.raises(SystemExit, match="--corrections_splits: unknown "
+                     "split 'valid'"):
+    _run(_args(tmp_path, "out", "--corrections_splits=train,valid"))
+  assert not (tmp_path / "out").exists()  # Refused before any work.
