@@ -8,6 +8,11 @@ Per product:
 
 * ``accepted`` / ``relabelled``: the product is prepared with the
   reviewed label instead of the catalogue's;
+* ``accepted`` / ``relabelled`` for a product whose catalogue class was
+  dropped (rare, or outside the class list): the product is prepared with
+  the reviewed label when it is in the class list (counted as ``restored``
+  and ``relabelled``); its split is its title group's, or train when the
+  group had none (all its rows were dropped before the splits were dealt);
 * ``unclear``: the product stays as the catalogue has it (the reviewer
   could not tell, which is no evidence against the catalogue's label);
   counted as ``unclear_kept``.
@@ -175,12 +180,16 @@ class Applier:
     if len(self._shown) < _SHOWN:
       self._shown.append({"id": product, "reason": reason, "label": label})
 
-  def apply(self, row: dict[str, Any], split: str) -> None:
-    """Sets ``row["label"]`` to the reviewed label, when there is one and
-    ``split`` (the product's) may change."""
+  def decides(self, product: str) -> bool:
+    """Whether a decision names ``product`` (whatever it says)."""
+    return product in self._corrections.decisions
+
+  def _usable(self, row: dict[str, Any], split: str) -> str | None:
+    """The reviewed label ``row`` may take in ``split``, or None (counted
+    by reason: refused split, unclear, label outside the class list)."""
     found = self._corrections.decisions.get(row["id"])
     if found is None:
-      return
+      return None
     self._seen.add(row["id"])
     status, label = found
     if split not in self._splits:
@@ -189,11 +198,41 @@ class Applier:
       self._count(split, "unclear_kept")
     elif label not in self._labels:
       self._reject(row["id"], UNKNOWN_LABEL, label, split)
-    elif label == row["label"]:
+    else:
+      return label
+    return None
+
+  def apply(self, row: dict[str, Any], split: str) -> None:
+    """Sets ``row["label"]`` to the reviewed label, when there is one and
+    ``split`` (the product's) may change."""
+    label = self._usable(row, split)
+    if label is None:
+      return
+    if label == row["label"]:
       self._count(split, "confirmed")
     else:
       self._count(split, "relabelled")
       row["label"] = label
+
+  def restore(self, row: dict[str, Any], split: str) -> bool:
+    """For a row whose catalogue class was dropped (rare, or not in the
+    class list): relabels it and returns True when a reviewed label in the
+    class list may bring it back into ``split``.
+
+    A reviewer who names a real class for a product of a class too rare to
+    learn has made it a good example of that class; dropping it with its
+    catalogue class would throw the review away.
+    """
+    label = self._usable(row, split)
+    if label is None:
+      return False
+    if label == row["label"]:  # A dropped class stays dropped.
+      self._count(split, "confirmed")
+      return False
+    self._count(split, "relabelled")
+    self._count(split, "restored")
+    row["label"] = label
+    return True
 
   def record(self) -> dict[str, Any]:
     """What ``dataset_info.json`` keeps under ``corrections``."""
@@ -207,6 +246,7 @@ class Applier:
             "splits": list(self._splits),
             "relabelled": self.counts["relabelled"],
             "confirmed": self.counts["confirmed"],
+            "restored": self.counts["restored"],
             "unclear_kept": self.counts["unclear_kept"],
             "unclear_policy": "kept with the catalogue's label",
             "rejected": dict(sorted(self.rejected.items())),

@@ -389,6 +389,8 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
     for line in f:
       r = json.loads(line)
       split = r["split"] or assignment.get(r["group"], "")
+      if not split and fix is not None and fix.decides(r["id"]):
+        split = "train"  # May be restored (a group of a dropped class).
       counts[split] += 1
   num_shards = {s: max(1, -(-counts[s] // args.examples_per_shard))
                 for s in split_lib.SPLITS if counts[s]}
@@ -403,19 +405,23 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
       r = json.loads(line)
       row = readers.RawRow(source=r["source"], product_id=r["id"],
                            title=r["title"])
+      dropped = None
       if r["label"] in unknown:
-        rejects.add(row, UNKNOWN_LABEL, r["label"] + " (not in train)")
-        continue
-      if r["label"] in rare and args.rare_classes == "drop":
+        dropped = (UNKNOWN_LABEL, r["label"] + " (not in train)")
+      elif r["label"] in rare and args.rare_classes == "drop":
         # Also when --labels_file gives the class an id: its groups have no
         # split and a class this rare cannot be learned or measured.
-        rejects.add(row, RARE_CLASS, r["label"])
-        continue
-      if r["label"] not in label_id:
-        rejects.add(row, UNKNOWN_LABEL, r["label"])
-        continue
-      split = r["split"] or assignment[r["group"]]
-      if fix is not None:
+        dropped = (RARE_CLASS, r["label"])
+      elif r["label"] not in label_id:
+        dropped = (UNKNOWN_LABEL, r["label"])
+      # A group of dropped rows only has no split; a restored row joins
+      # train (it was never evaluation data).
+      split = r["split"] or assignment.get(r["group"], "train")
+      if dropped is not None:
+        if fix is None or not fix.restore(r, split):
+          rejects.add(row, *dropped)
+          continue
+      elif fix is not None:
         fix.apply(r, split)
       shard = position[split] % num_shards[split]
       position[split] += 1
@@ -745,9 +751,11 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
         f"{k} {v:,}" for k, v in stats["rejected"].items()))
   if stats.get("corrections"):
     c = stats["corrections"]
-    console.say("reviewed %d decisions from %s: %d relabelled, %d confirmed, "
+    console.say("reviewed %d decisions from %s: %d relabelled (%d of them "
+                "restored from a dropped class), %d confirmed, "
                 "%d unclear (kept), not applied: %s", c["decisions"],
-                c["source"], c["relabelled"], c["confirmed"],
+                c["source"], c["relabelled"], c.get("restored", 0),
+                c["confirmed"],
                 c["unclear_kept"], ", ".join(
                     f"{k} {v}" for k, v in c["rejected"].items()) or "none")
     console.say("reviewed per split (labels may change in %s): %s",

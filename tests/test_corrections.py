@@ -44,14 +44,17 @@ def test_corrections_relabel_products_and_never_move_them(tmp_path):
            (shirts[25], "unclear", ""),            # Left as it was.
            (shirts[26], "relabelled", "hat"),      # Not a class.
            ("nope", "relabelled", "bag"),           # Not a product.
-           ("rare", "relabelled", "shoe")]          # Rejected by prepare.
+           ("rare", "relabelled", "shoe")]          # Restored from "watch".
   fix = _write_csv(tmp_path / "decisions.csv", rows)
   # Every split may change here (the groups span all three).
   stats = _run(_args(tmp_path, "fixed", f"--corrections={fix}",
                      "--corrections_splits=train,validation,test"))
   after = _labels(tmp_path / "fixed")
-  assert _split_of(tmp_path / "fixed") == where  # Nobody moved.
-  assert set(after) == set(before)
+  moved = _split_of(tmp_path / "fixed")
+  assert moved.pop("rare")[0] == "train"  # Restored (below).
+  assert moved == where  # Nobody moved.
+  assert set(after) == set(before) | {"rare"}
+  assert after["rare"] == ("shoe", labels.index("shoe"))
   for p in shirts[:24]:
     assert after[p] == ("bag", labels.index("bag"))
   for p in set(before) - set(shirts[:24]):
@@ -63,11 +66,10 @@ def test_corrections_relabel_products_and_never_move_them(tmp_path):
   assert record["sha256"] == corrections.load(fix).sha256
   assert {k: record[k] for k in ("decisions", "relabelled", "confirmed",
                                  "unclear_kept", "rejected")} == {
-      "decisions": 29, "relabelled": 24, "confirmed": 1, "unclear_kept": 1,
-      "rejected": {"unknown_label": 1, "unknown_product": 2}}
+      "decisions": 29, "relabelled": 25, "confirmed": 1, "unclear_kept": 1,
+      "rejected": {"unknown_label": 1, "unknown_product": 1}}
   assert {(e["id"], e["reason"]) for e in record["rejected_examples"]} == {
-      (shirts[26], "unknown_label"), ("nope", "unknown_product"),
-      ("rare", "unknown_product")}
+      (shirts[26], "unknown_label"), ("nope", "unknown_product")}
   # The class counts the trainer reads follow the new labels.
   counts = {s: sum(sh["class_counts"][labels.index("bag")]
                    for sh in info["shards"][s]) for s in info["shards"]}
@@ -213,3 +215,26 @@ def test_an_unknown_corrections_split_is_refused(tmp_path):
                      "split 'valid'"):
     _run(_args(tmp_path, "out", "--corrections_splits=train,valid"))
   assert not (tmp_path / "out").exists()  # Refused before any work.
+
+
+def test_a_relabel_brings_back_a_product_of_a_dropped_rare_class(tmp_path):
+  """"rare" is the catalogue's only "watch": the class is dropped, but a
+  reviewer's label in the class list makes it a training example (its title
+  group had no split: it joins train, never an evaluation split)."""
+  fix = _write_csv(tmp_path / "d.csv", [("rare", "relabelled", "shoe")])
+  stats = _run(_args(tmp_path, "out", f"--corrections={fix}"))
+  labels = (tmp_path / "out" / "labels.txt").read_text().splitlines()
+  assert "watch" not in labels
+  assert _labels(tmp_path / "out")["rare"] == ("shoe", labels.index("shoe"))
+  assert _split_of(tmp_path / "out")["rare"][0] == "train"
+  assert stats["rejected"] == {}  # No longer a rare_class rejection.
+  record = stats["corrections"]
+  assert record["relabelled"] == record["restored"] == 1
+  assert record["rejected"] == {}
+  assert record["by_split"] == {"train": {"relabelled": 1, "restored": 1}}
+  # An unclear decision is no label: the product stays rejected.
+  _write_csv(fix, [("rare", "unclear", "")])
+  stats = _run(_args(tmp_path, "unclear", f"--corrections={fix}"))
+  assert stats["rejected"] == {"rare_class": 1}
+  assert stats["corrections"]["restored"] == 0
+  assert "rare" not in _labels(tmp_path / "unclear")
