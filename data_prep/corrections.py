@@ -22,7 +22,8 @@ labels), so a correction never moves a product to another split, and the
 class list is the catalogue's. A correction whose label is not in the
 class list, or whose product is not among the prepared products (absent
 from the catalogue or rejected there), is not applied and is counted by
-reason.
+reason. Decisions name the export whose scores were reviewed; those naming
+another export than most do are counted (``other_export``), not refused.
 
 Only the splits given (``--corrections_splits``, train by default) change.
 A reviewer who accepts the model's top label on the validation products it
@@ -60,16 +61,22 @@ class CorrectionsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Corrections:
-  """Reviewed decisions: product id -> (status, label or None)."""
+  """Reviewed decisions: product id -> (status, label or None); ``exports``:
+  product id -> the identity of the export whose scores were reviewed (when
+  the source names it)."""
   source: str
   decisions: dict[str, tuple[str, str | None]]
+  exports: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def sha256(self) -> str:
     """Of the decisions themselves (the same from the DB or its CSV)."""
     digest = hashlib.sha256()
     for product, (status, label) in sorted(self.decisions.items()):
-      digest.update(f"{product}\t{status}\t{label or ''}\n".encode("utf-8"))
+      line = f"{product}\t{status}\t{label or ''}"
+      if product in self.exports:
+        line += f"\t{self.exports[product]}"
+      digest.update(f"{line}\n".encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -105,14 +112,14 @@ def load(path: str | pathlib.Path) -> Corrections:
     try:
       db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
       try:
-        found = db.execute("SELECT product_id, status, label FROM decisions "
-                           "ORDER BY product_id").fetchall()
+        found = db.execute("SELECT product_id, status, label, export FROM "
+                           "decisions ORDER BY product_id").fetchall()
       finally:
         db.close()
     except sqlite3.Error as e:
       raise CorrectionsError(f"--corrections={path}: not a review database "
                              f"({e})") from e
-    rows = [(f"{path} product {p!r}", p, s, l) for p, s, l in found]
+    rows = [(f"{path} product {p!r}", p, s, l, e) for p, s, l, e in found]
   else:
     # utf-8-sig: a CSV re-saved by a spreadsheet starts with a BOM.
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -125,14 +132,18 @@ def load(path: str | pathlib.Path) -> Corrections:
                                "mic-jax-review --decisions_csv)")
       for row in reader:
         rows.append((f"{path}:{reader.line_num}", _cell(row["product_id"]),
-                     _cell(row["status"]), _cell(row["label"])))
+                     _cell(row["status"]), _cell(row["label"]),
+                     _cell(row.get("export"))))
   decisions: dict[str, tuple[str, str | None]] = {}
-  for where, product, status, label in rows:
+  exports: dict[str, str] = {}
+  for where, product, status, label, export in rows:
     product, status, label = _check(where, product, status, label)
     if product in decisions:
       raise CorrectionsError(f"{where}: product {product!r} decided twice")
     decisions[product] = (status, label)
-  return Corrections(str(path), decisions)
+    if export:
+      exports[product] = export
+  return Corrections(str(path), decisions, exports)
 
 
 def parse_splits(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
@@ -253,4 +264,20 @@ class Applier:
             "by_split": {s: dict(sorted(c.items()))
                          for s, c in sorted(self.by_split.items(),
                                             key=lambda kv: _order(kv[0]))},
-            "rejected_examples": self._shown}
+            "rejected_examples": self._shown, **self._exports()}
+
+  def _exports(self) -> dict[str, Any]:
+    """Which exports the decisions were made against.
+
+    A database collects decisions over retrainings; one made on another
+    model's queue is still the reviewer's label (so it is applied), but a
+    mix says the queue was not this model's uncertain products. The
+    export most decisions name is taken as the current one (ties: the
+    first identity in order).
+    """
+    exports = collections.Counter(self._corrections.exports.values())
+    current = (min(exports.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+               if exports else None)
+    return {"exports": dict(sorted(exports.items())), "export": current,
+            "other_export": sum(exports.values()) - exports[current]
+                            if current else 0}

@@ -238,3 +238,23 @@ def test_a_relabel_brings_back_a_product_of_a_dropped_rare_class(tmp_path):
   assert stats["rejected"] == {"rare_class": 1}
   assert stats["corrections"]["restored"] == 0
   assert "rare" not in _labels(tmp_path / "unclear")
+
+
+def test_decisions_made_against_another_export_are_counted(tmp_path):
+  """Decisions name the export whose scores the reviewer saw; those made
+  against another export than most are counted (still applied: the label
+  is the reviewer's, but a mix of models' queues is worth knowing)."""
+  store = store_lib.Store(tmp_path / "review.sqlite")
+  for product, export in (("1", "new"), ("2", "new"), ("3", "old")):
+    store.decide(product, "accepted", "bag", reviewer="ann", export=export,
+                 base_version=0)
+  store_lib.write_csv(store, tmp_path / "d.csv")
+  for path in (tmp_path / "review.sqlite", tmp_path / "d.csv"):
+    record = corrections.Applier(corrections.load(path), ["bag"]).record()
+    assert record["exports"] == {"new": 2, "old": 1}
+    assert record["export"] == "new"
+    assert record["other_export"] == 1
+  # A CSV without the export column names none.
+  bare = _write_csv(tmp_path / "bare.csv", [("1", "accepted", "bag")])
+  record = corrections.Applier(corrections.load(bare), ["bag"]).record()
+  assert record["exports"] == {} and record["other_export"] == 0
