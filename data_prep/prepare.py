@@ -761,7 +761,8 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
     if c.get("other_export"):
       console.say("warning  %d of %d reviewed decisions were made against "
                   "another export than %s (exports: %s); they are applied",
-                  c["other_export"], sum(c["exports"].values()), c["export"],
+                  c["other_export"], sum(c["exports"].values()),
+                  c["export"][:12],
                   ", ".join(f"{k[:12]} {v}" for k, v in c["exports"].items()))
     console.say("reviewed per split (labels may change in %s): %s",
                 ", ".join(c["splits"]), "; ".join(
