@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
   a("--corrections", default="",
     help="reviewed labels (mic-jax-review database or its CSV) to use "
          "instead of the catalogue's; see data_prep/corrections.py")
+  a("--corrections_splits", default=",".join(corrections_lib.DEFAULT_SPLITS),
+    help="comma-separated splits whose labels --corrections may change "
+         "(default: train). Decisions for products in other splits are "
+         "counted as eval_split_refused and not applied: accepting the "
+         "model's own labels on validation or test products makes them "
+         "grade the model by its answers. Add validation,test only to fix "
+         "known catalogue errors before a new benchmark, knowing scores "
+         "before and after are then not comparable")
   a("--overwrite", action="store_true", help="delete output_dir first")
   a("-v", "--verbose", action="store_true", help=console.VERBOSE_HELP)
   return p
@@ -381,6 +389,8 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
     for line in f:
       r = json.loads(line)
       split = r["split"] or assignment.get(r["group"], "")
+      if not split and fix is not None and fix.decides(r["id"]):
+        split = "train"  # May be restored (a group of a dropped class).
       counts[split] += 1
   num_shards = {s: max(1, -(-counts[s] // args.examples_per_shard))
                 for s in split_lib.SPLITS if counts[s]}
@@ -395,20 +405,24 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
       r = json.loads(line)
       row = readers.RawRow(source=r["source"], product_id=r["id"],
                            title=r["title"])
+      dropped = None
       if r["label"] in unknown:
-        rejects.add(row, UNKNOWN_LABEL, r["label"] + " (not in train)")
-        continue
-      if r["label"] in rare and args.rare_classes == "drop":
+        dropped = (UNKNOWN_LABEL, r["label"] + " (not in train)")
+      elif r["label"] in rare and args.rare_classes == "drop":
         # Also when --labels_file gives the class an id: its groups have no
         # split and a class this rare cannot be learned or measured.
-        rejects.add(row, RARE_CLASS, r["label"])
-        continue
-      if r["label"] not in label_id:
-        rejects.add(row, UNKNOWN_LABEL, r["label"])
-        continue
-      split = r["split"] or assignment[r["group"]]
-      if fix is not None:
-        fix.apply(r)
+        dropped = (RARE_CLASS, r["label"])
+      elif r["label"] not in label_id:
+        dropped = (UNKNOWN_LABEL, r["label"])
+      # A group of dropped rows only has no split; a restored row joins
+      # train (it was never evaluation data).
+      split = r["split"] or assignment.get(r["group"], "train")
+      if dropped is not None:
+        if fix is None or not fix.restore(r, split):
+          rejects.add(row, *dropped)
+          continue
+      elif fix is not None:
+        fix.apply(r, split)
       shard = position[split] % num_shards[split]
       position[split] += 1
       r["label_id"] = label_id[r["label"]]
@@ -436,6 +450,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
   check_columns(args)
+  try:
+    allowed = corrections_lib.parse_splits(args.corrections_splits,
+                                           split_lib.SPLITS)
+  except corrections_lib.CorrectionsError as e:
+    raise SystemExit(f"error: {e}") from e
   out = pathlib.Path(args.output_dir)
   if args.overwrite and out.exists():
     _clear(out)
@@ -473,7 +492,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise SystemExit(_no_class(args, p1, chosen, out))
   p2_file = work / "pass2.json"
   if not p2_file.exists():
-    fix = (corrections_lib.Applier(reviewed, labels) if reviewed else None)
+    fix = (corrections_lib.Applier(reviewed, labels, allowed) if reviewed
+           else None)
     p2 = pass2(args, work, chosen, fix)
     if fix is not None:  # Before pass2.json: a resume finds both or none.
       records.write_json_atomic(work / "corrections.json", fix.record())
@@ -731,11 +751,23 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
         f"{k} {v:,}" for k, v in stats["rejected"].items()))
   if stats.get("corrections"):
     c = stats["corrections"]
-    console.say("reviewed %d decisions from %s: %d relabelled, %d confirmed, "
+    console.say("reviewed %d decisions from %s: %d relabelled (%d of them "
+                "restored from a dropped class), %d confirmed, "
                 "%d unclear (kept), not applied: %s", c["decisions"],
-                c["source"], c["relabelled"], c["confirmed"],
+                c["source"], c["relabelled"], c.get("restored", 0),
+                c["confirmed"],
                 c["unclear_kept"], ", ".join(
                     f"{k} {v}" for k, v in c["rejected"].items()) or "none")
+    if c.get("other_export"):
+      console.say("warning  %d of %d reviewed decisions were made against "
+                  "another export than %s (exports: %s); they are applied",
+                  c["other_export"], sum(c["exports"].values()),
+                  c["export"][:12],
+                  ", ".join(f"{k[:12]} {v}" for k, v in c["exports"].items()))
+    console.say("reviewed per split (labels may change in %s): %s",
+                ", ".join(c["splits"]), "; ".join(
+                    f"{s} " + ", ".join(f"{k} {v}" for k, v in n.items())
+                    for s, n in c["by_split"].items()) or "none")
   repaired = {k: v for k, v in stats["repaired"].items()
               if k not in _PHOTO_REASONS}
   if repaired:

@@ -44,12 +44,17 @@ def test_corrections_relabel_products_and_never_move_them(tmp_path):
            (shirts[25], "unclear", ""),            # Left as it was.
            (shirts[26], "relabelled", "hat"),      # Not a class.
            ("nope", "relabelled", "bag"),           # Not a product.
-           ("rare", "relabelled", "shoe")]          # Rejected by prepare.
+           ("rare", "relabelled", "shoe")]          # Restored from "watch".
   fix = _write_csv(tmp_path / "decisions.csv", rows)
-  stats = _run(_args(tmp_path, "fixed", f"--corrections={fix}"))
+  # Every split may change here (the groups span all three).
+  stats = _run(_args(tmp_path, "fixed", f"--corrections={fix}",
+                     "--corrections_splits=train,validation,test"))
   after = _labels(tmp_path / "fixed")
-  assert _split_of(tmp_path / "fixed") == where  # Nobody moved.
-  assert set(after) == set(before)
+  moved = _split_of(tmp_path / "fixed")
+  assert moved.pop("rare")[0] == "train"  # Restored (below).
+  assert moved == where  # Nobody moved.
+  assert set(after) == set(before) | {"rare"}
+  assert after["rare"] == ("shoe", labels.index("shoe"))
   for p in shirts[:24]:
     assert after[p] == ("bag", labels.index("bag"))
   for p in set(before) - set(shirts[:24]):
@@ -61,11 +66,10 @@ def test_corrections_relabel_products_and_never_move_them(tmp_path):
   assert record["sha256"] == corrections.load(fix).sha256
   assert {k: record[k] for k in ("decisions", "relabelled", "confirmed",
                                  "unclear_kept", "rejected")} == {
-      "decisions": 29, "relabelled": 24, "confirmed": 1, "unclear_kept": 1,
-      "rejected": {"unknown_label": 1, "unknown_product": 2}}
+      "decisions": 29, "relabelled": 25, "confirmed": 1, "unclear_kept": 1,
+      "rejected": {"unknown_label": 1, "unknown_product": 1}}
   assert {(e["id"], e["reason"]) for e in record["rejected_examples"]} == {
-      (shirts[26], "unknown_label"), ("nope", "unknown_product"),
-      ("rare", "unknown_product")}
+      (shirts[26], "unknown_label"), ("nope", "unknown_product")}
   # The class counts the trainer reads follow the new labels.
   counts = {s: sum(sh["class_counts"][labels.index("bag")]
                    for sh in info["shards"][s]) for s in info["shards"]}
@@ -157,3 +161,100 @@ def test_a_csv_resaved_by_a_spreadsheet_with_a_bom_is_read(tmp_path):
   path.write_bytes("product_id,status,label\r\n3,relabelled,bag\r\n".encode(
       "utf-8-sig"))
   assert corrections.load(path).decisions == {"3": ("relabelled", "bag")}
+
+
+def _by_split(before, where, label, n):
+  """Up to ``n`` product ids per split whose catalogue label is ``label``."""
+  found = {}
+  for p in sorted(before, key=lambda p: (len(p), p)):
+    if before[p][0] == label:
+      found.setdefault(where[p][0], [])
+      if len(found[where[p][0]]) < n:
+        found[where[p][0]].append(p)
+  return found
+
+
+def test_evaluation_splits_change_only_with_the_flag(tmp_path):
+  """Accepting the model's labels on validation products would grade the
+  model by its own answers: by default only train products are relabelled;
+  the others are counted per split and left as the catalogue has them."""
+  _run(_args(tmp_path, "base"))
+  before, where = _labels(tmp_path / "base"), _split_of(tmp_path / "base")
+  picked = _by_split(before, where, "shirt", 2)
+  assert set(picked) == {"train", "validation", "test"}
+  fix = _write_csv(tmp_path / "d.csv", [
+      (p, "relabelled", "bag") for ps in picked.values() for p in ps])
+  stats = _run(_args(tmp_path, "train_only", f"--corrections={fix}"))
+  after = _labels(tmp_path / "train_only")
+  for split, ps in picked.items():
+    for p in ps:
+      assert after[p][0] == ("bag" if split == "train" else "shirt"), split
+  record = json.loads((tmp_path / "train_only" / "dataset_info.json"
+                       ).read_text())["corrections"]
+  assert record == stats["corrections"]
+  assert record["splits"] == ["train"]
+  assert record["relabelled"] == 2
+  assert record["rejected"] == {"eval_split_refused": 4}
+  assert record["by_split"] == {
+      "train": {"relabelled": 2},
+      "validation": {"eval_split_refused": 2},
+      "test": {"eval_split_refused": 2}}
+  # Opted in: every split changes, and the record says so.
+  stats = _run(_args(tmp_path, "all", f"--corrections={fix}",
+                     "--corrections_splits=train,validation,test"))
+  after = _labels(tmp_path / "all")
+  assert all(after[p][0] == "bag" for ps in picked.values() for p in ps)
+  assert stats["corrections"]["splits"] == ["train", "validation", "test"]
+  assert stats["corrections"]["by_split"] == {
+      s: {"relabelled": 2} for s in ("train", "validation", "test")}
+  assert _split_of(tmp_path / "all") == where
+
+
+def test_an_unknown_corrections_split_is_refused(tmp_path):
+  with pytest.raises(SystemExit, match="--corrections_splits: unknown "
+                     "split 'valid'"):
+    _run(_args(tmp_path, "out", "--corrections_splits=train,valid"))
+  assert not (tmp_path / "out").exists()  # Refused before any work.
+
+
+def test_a_relabel_brings_back_a_product_of_a_dropped_rare_class(tmp_path):
+  """"rare" is the catalogue's only "watch": the class is dropped, but a
+  reviewer's label in the class list makes it a training example (its title
+  group had no split: it joins train, never an evaluation split)."""
+  fix = _write_csv(tmp_path / "d.csv", [("rare", "relabelled", "shoe")])
+  stats = _run(_args(tmp_path, "out", f"--corrections={fix}"))
+  labels = (tmp_path / "out" / "labels.txt").read_text().splitlines()
+  assert "watch" not in labels
+  assert _labels(tmp_path / "out")["rare"] == ("shoe", labels.index("shoe"))
+  assert _split_of(tmp_path / "out")["rare"][0] == "train"
+  assert stats["rejected"] == {}  # No longer a rare_class rejection.
+  record = stats["corrections"]
+  assert record["relabelled"] == record["restored"] == 1
+  assert record["rejected"] == {}
+  assert record["by_split"] == {"train": {"relabelled": 1, "restored": 1}}
+  # An unclear decision is no label: the product stays rejected.
+  _write_csv(fix, [("rare", "unclear", "")])
+  stats = _run(_args(tmp_path, "unclear", f"--corrections={fix}"))
+  assert stats["rejected"] == {"rare_class": 1}
+  assert stats["corrections"]["restored"] == 0
+  assert "rare" not in _labels(tmp_path / "unclear")
+
+
+def test_decisions_made_against_another_export_are_counted(tmp_path):
+  """Decisions name the export whose scores the reviewer saw; those made
+  against another export than most are counted (still applied: the label
+  is the reviewer's, but a mix of models' queues is worth knowing)."""
+  store = store_lib.Store(tmp_path / "review.sqlite")
+  for product, export in (("1", "new"), ("2", "new"), ("3", "old")):
+    store.decide(product, "accepted", "bag", reviewer="ann", export=export,
+                 base_version=0)
+  store_lib.write_csv(store, tmp_path / "d.csv")
+  for path in (tmp_path / "review.sqlite", tmp_path / "d.csv"):
+    record = corrections.Applier(corrections.load(path), ["bag"]).record()
+    assert record["exports"] == {"new": 2, "old": 1}
+    assert record["export"] == "new"
+    assert record["other_export"] == 1
+  # A CSV without the export column names none.
+  bare = _write_csv(tmp_path / "bare.csv", [("1", "accepted", "bag")])
+  record = corrections.Applier(corrections.load(bare), ["bag"]).record()
+  assert record["exports"] == {} and record["other_export"] == 0
