@@ -108,10 +108,9 @@ def _serve(store) -> None:
 def summary(queue, store, scores: str) -> str:
   """The start-up line: what is to review, and what was left out (rows
   predict could not score are not silently dropped)."""
-  decided = sum(1 for p in store.decisions() if p in queue.by_id)
-  line = (f"review   {scores}: {len(queue.products)} products "
-          f"({sum(1 for p in queue.products if p.get('abstain'))} abstained),"
-          f" {decided} decided")
+  counts = queue.progress(store)
+  line = (f"review   {scores}: {counts['total']} products "
+          f"({counts['abstained']} abstained), {counts['decided']} decided")
   if queue.skipped_errors:
     line += (f"; {queue.skipped_errors} rows skipped (predict could not "
              "score them: they have 'error')")

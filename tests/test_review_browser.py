@@ -208,3 +208,62 @@ def test_a_photo_frame_says_it_is_loading(browser, site):
   page.route("**/api/photo/**", lambda route: route.abort())
   page.keyboard.press("j")                     # p1: its photo fails.
   expect(page.locator("#photo")).to_contain_text("could not be loaded")
+
+
+@pytest.mark.slow
+def test_a_queue_of_100k_products_stays_quick(browser, tmp_path):
+  """100,000 products, half decided: the page is usable and a key press or
+  a decision answers quickly, drawing only the rows on screen. Slow (the
+  score file and the index take a while to build on a shared machine);
+  the bounds are generous, bench/bench_review.py measures."""
+  import json  # pylint: disable=g-import-not-at-top
+  import sqlite3  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from mic_jax.reviewing import store as store_lib  # pylint: disable=g-import-not-at-top
+  from mic_jax.serving import bundle  # pylint: disable=g-import-not-at-top
+  n = 100_000
+  export = review_helpers.fake_export(tmp_path / "export", LABELS)
+  identity = bundle.identity(export)
+  scores = tmp_path / "scores.jsonl"
+  with open(scores, "w") as f:
+    for i in range(n):
+      p = (i * 7919 % n) / n
+      f.write(json.dumps({
+          "id": f"p{i}", "title": f"product number {i}", "label": "bag",
+          "top_k": [{"label": "hat", "prob": p}, {"label": "bag",
+                                                   "prob": 1 - p}],
+          "abstain": i % 10 == 0, "export": identity, "photo": None}) + "\n")
+  db = tmp_path / "review.sqlite"
+  token = store_lib.Store(db).add_reviewer("ann")
+  decided = [(f"p{i}", "accepted", "hat", "ann", identity, "2026-12-07", 1)
+             for i in range(0, n, 2)]
+  with sqlite3.connect(db) as con:
+    con.executemany("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    decided)
+    con.executemany("INSERT INTO history (product_id, status, label, "
+                    "reviewer, export, decided_at, version, "
+                    "replaced_version) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                    decided)
+  with review_helpers.review_server(scores, export, db) as (url, _):
+    page = browser.new_page(viewport={"width": 1100, "height": 640})
+    page.goto(url + "/")
+    page.fill("#token", token)
+    start = time.perf_counter()
+    page.click("button[type=submit]")
+    page.wait_for_selector("body[data-ready='1']")
+    assert time.perf_counter() - start < 10
+    assert "decided 50000 / 100000" in page.inner_text("#progress")
+    assert page.evaluate("document.getElementsByTagName('*').length") < 500
+    title = _current_title(page)
+    assert int(title.split()[-1]) % 2 == 1  # Resumed on an undecided one.
+    start = time.perf_counter()
+    page.keyboard.press("Enter")
+    expect(page.locator("#progress")).to_contain_text("decided 50001 / ")
+    expect(page.locator("#title")).not_to_have_text(title)
+    assert time.perf_counter() - start < 2
+    title = _current_title(page)
+    start = time.perf_counter()
+    page.keyboard.press("j")
+    expect(page.locator("#title")).not_to_have_text(title)
+    expect(page.locator("#list li.current")).to_have_count(1)
+    assert time.perf_counter() - start < 2

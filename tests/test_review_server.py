@@ -105,7 +105,8 @@ def test_queue_puts_abstentions_first_and_serves_the_scored_photos(setup):
   order = [p["id"] for p in queue["products"]]
   assert order == ["p2", "p1", "p4", "p0", "p3"]  # Abstained, least sure first.
   assert queue["progress"] == {"total": 5, "decided": 0, "remaining": 5,
-                               "abstained": 3, "abstained_decided": 0}
+                               "abstained": 3, "abstained_decided": 0,
+                               "states": {}}
   top = queue["products"][0]["top_k"][0]
   assert top == {"label": "shoe", "prob": 0.3, "path": "footwear > shoe"}
   for product, data in s["photos"].items():
@@ -336,7 +337,7 @@ def test_rows_predict_could_not_score_are_counted(setup, tmp_path):
   path = _bad_scores(tmp_path, s, b'{"id": "x", "error": "no title"}\n'
                      b'{"error": "bad photo"}')
   queue = queue_lib.load(path, s["export"])
-  assert len(queue.products) == 1 and queue.skipped_errors == 2
+  assert len(queue) == 1 and queue.skipped_errors == 2
   from mic_jax import review  # pylint: disable=g-import-not-at-top
   summary = review.summary(queue, s["store"], str(path))
   assert "2 rows skipped" in summary and "'error'" in summary
@@ -503,3 +504,32 @@ def test_a_token_in_a_query_string_is_refused_and_never_logged(setup,
   logged = "\n".join(r.getMessage() for r in caplog.records)
   assert "/api/queue" in logged and "/api/labels" in logged
   assert token not in logged and "token=" not in logged
+
+
+def test_the_queue_is_served_a_page_at_a_time_and_resumes(setup):
+  s = setup
+  token = s["tokens"]["alice"]
+  get = lambda path: requests.get(s["url"] + path, headers=_auth(token),
+                                  timeout=30)
+  seen, after = [], 0
+  while after is not None:
+    page = get(f"/api/queue?after={after}&limit=2").json()
+    assert len(page["products"]) <= 2 and page["total"] == 5
+    seen += [(p["rank"], p["id"]) for p in page["products"]]
+    after = page["next"]
+  assert seen == list(enumerate(["p2", "p1", "p4", "p0", "p3"], 1))
+  assert get("/api/queue").json()["resume"] == 1
+  for product, label in (("p2", "shoe"), ("p4", "bag")):
+    assert _decide(s, token, product=product, status="accepted",
+                   label=label, base_version=0).status_code == 200
+  assert _decide(s, token, product="p1", status="unclear", label=None,
+                 base_version=0).status_code == 200
+  page = get("/api/queue").json()
+  assert page["resume"] == 4  # p0: where the reviewer stopped.
+  assert [p["id"] for p in get("/api/queue?undecided=1").json()[
+      "products"]] == ["p0", "p3"]
+  assert get("/api/progress").json() == {
+      "total": 5, "decided": 3, "remaining": 2, "abstained": 3,
+      "abstained_decided": 3, "states": {"accepted": 2, "unclear": 1}}
+  for bad in ("after=x", "limit=0", "limit=100000", "after=-1"):
+    assert get(f"/api/queue?{bad}").status_code == 400

@@ -14,9 +14,15 @@ JavaScript shipped in the package (``static/``), no build step.
   GET  /                     the page
   GET  /static/{app.js,app.css}
   POST /login, /logout       start / end a session (the form's token)
-  GET  /api/queue            products in review order, with decisions and
-                             progress (``photo``: whether there is one;
-                             never the server's file paths)
+  GET  /api/queue?after=RANK&limit=N[&undecided=1]
+                             a page of products in review order (each with
+                             its ``rank``, 1-based, and decision; ``photo``:
+                             whether there is one, never the server's file
+                             paths), ``next`` (the cursor of the next page,
+                             or null), ``total``, ``resume`` (the rank of
+                             the first undecided product), ``progress``
+  GET  /api/progress         decided / remaining, of the abstained ones,
+                             and per status (``states``)
   GET  /api/labels           the export's labels and taxonomy paths
   GET  /api/photo/{id}       the photo the model scored (JPEG)
   POST /api/decisions        {"product", "status", "label", "base_version"}
@@ -58,6 +64,8 @@ _SIGN_IN_CSP = ("default-src 'none'; style-src 'unsafe-inline'; "
                 "frame-ancestors 'none'; form-action 'self'")
 REVIEWER = web.RequestKey("reviewer", str)
 RETRY_AFTER = 1  # Seconds the page waits before saving again after a 503.
+PAGE = 100       # Products per /api/queue page unless ``limit`` says.
+MAX_PAGE = 1000
 
 
 def static_text(name: str) -> str:
@@ -149,15 +157,8 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
   photos = queue_lib.Photos(queue)
   known_labels = set(queue.labels)
 
-  def progress() -> dict[str, int]:
-    decided = store.decisions()
-    ids = queue.by_id
-    done = sum(1 for p in decided if p in ids)
-    abstained = [p["id"] for p in queue.products if p.get("abstain")]
-    return {"total": len(queue.products), "decided": done,
-            "remaining": len(queue.products) - done,
-            "abstained": len(abstained),
-            "abstained_decided": sum(1 for p in abstained if p in decided)}
+  def progress() -> dict[str, Any]:
+    return queue.progress(store)
 
   @web.middleware
   async def busy(request: web.Request, handler):
@@ -232,14 +233,39 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
     return web.Response(text=static_text(name),
                         content_type=STATIC_FILES[name])
 
+  def queue_page(after: int, limit: int, undecided: bool) -> dict[str, Any]:
+    counts = progress()  # Also brings the statuses up to date.
+    rows = queue.page(after, limit, undecided=undecided)
+    decided = store.decisions_of([p["id"] for p in rows])
+    for p in rows:
+      d = decided.get(p["id"])
+      p["decision"] = d.as_dict() if d else None
+    return {"products": rows, "progress": counts, "total": queue.total,
+            "next": rows[-1]["rank"] if len(rows) == limit else None,
+            "resume": queue.first_undecided()}
+
   async def products(request: web.Request) -> web.Response:
-    decided = store.decisions()
-    rows = [{**p, "photo": bool(p.get("photo")),  # Not the server's paths.
-             "decision": decided[p["id"]].as_dict()
-             if p["id"] in decided else None} for p in queue.products]
+    query = request.query
+    try:
+      after = int(query.get("after", "0"))
+      limit = int(query.get("limit", str(PAGE)))
+    except ValueError:
+      return _error(400, "'after' and 'limit' are whole numbers")
+    if not (0 <= after <= store_lib.MAX_VERSION and 1 <= limit <= MAX_PAGE):
+      return _error(400, f"'after' is a rank (0 or more) and 'limit' "
+                    f"1-{MAX_PAGE}")
+    undecided = query.get("undecided") == "1"
+    loop = asyncio.get_running_loop()
+    body = await loop.run_in_executor(None, queue_page, after, limit,
+                                      undecided)
     return web.json_response({
         "reviewer": request[REVIEWER], "export": queue.export,
-        "model": queue.model, "products": rows, "progress": progress()})
+        "model": queue.model, **body})
+
+  async def progress_counts(request: web.Request) -> web.Response:
+    del request
+    loop = asyncio.get_running_loop()
+    return web.json_response(await loop.run_in_executor(None, progress))
 
   async def labels(request: web.Request) -> web.Response:
     del request
@@ -247,9 +273,9 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
 
   async def photo(request: web.Request) -> web.Response:
     product = request.match_info["product"]
-    if product not in queue.by_id:
-      return _error(404, f"unknown product {product!r}")
     loop = asyncio.get_running_loop()
+    if not await loop.run_in_executor(None, queue.__contains__, product):
+      return _error(404, f"unknown product {product!r}")
     data = await loop.run_in_executor(None, photos.get, product)
     if not data:
       return _error(404, f"product {product!r} has no photo")
@@ -274,7 +300,8 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
     base = payload.get("base_version", 0)
     if not isinstance(product, str):
       return _error(400, "'product' (a product id) is missing")
-    if product not in queue.by_id:
+    loop = asyncio.get_running_loop()
+    if not await loop.run_in_executor(None, queue.__contains__, product):
       return _error(404, f"unknown product {product!r}")
     if status not in store_lib.STATUSES:
       return _error(400, f"unknown status {status!r} (one of "
@@ -289,7 +316,6 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
         or base > store_lib.MAX_VERSION):
       return _error(400, f"'base_version' must be a version number "
                     f"(0-{store_lib.MAX_VERSION}), got {str(base)[:40]!r}")
-    loop = asyncio.get_running_loop()
     try:
       decision = await loop.run_in_executor(None, lambda: store.decide(
           product, status, label, reviewer=request[REVIEWER],
@@ -299,8 +325,9 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
                     if e.current else None)
     except store_lib.StoreError as e:
       return _error(400, str(e))
+    counts = await loop.run_in_executor(None, progress)
     return web.json_response({"decision": decision.as_dict(),
-                              "progress": progress()})
+                              "progress": counts})
 
   async def decisions_csv(request: web.Request) -> web.Response:
     del request
@@ -314,6 +341,7 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
       web.get("/", page), web.post("/login", login),
       web.post("/logout", logout), web.get("/static/{name}", static),
       web.get("/api/queue", products), web.get("/api/labels", labels),
+      web.get("/api/progress", progress_counts),
       web.get("/api/photo/{product}", photo),
       web.post("/api/decisions", decide),
       web.get("/api/decisions.csv", decisions_csv)])

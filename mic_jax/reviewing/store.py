@@ -309,6 +309,26 @@ class Store:
       rows = db.execute("SELECT * FROM decisions ORDER BY product_id")
       return {r["product_id"]: Decision(**dict(r)) for r in rows}
 
+  def history_since(self, history_id: int, limit: int = 100_000
+                    ) -> list[tuple[int, str, str]]:
+    """(id, product, status) of the decisions recorded after history row
+    ``history_id``, oldest first: what a queue's counts have not seen."""
+    with self._connect() as db:
+      return [tuple(r) for r in db.execute(
+          "SELECT id, product_id, status FROM history WHERE id > ? "
+          "ORDER BY id LIMIT ?", (history_id, limit))]
+
+  def decisions_of(self, product_ids: list[str]) -> dict[str, Decision]:
+    """The current decisions of these products (a page's), by id."""
+    out = {}
+    with self._connect() as db:
+      for i in range(0, len(product_ids), 500):
+        chunk = product_ids[i:i + 500]
+        rows = db.execute("SELECT * FROM decisions WHERE product_id IN (" +
+                          ",".join("?" * len(chunk)) + ")", chunk)
+        out.update({r["product_id"]: Decision(**dict(r)) for r in rows})
+    return out
+
   def history(self, product_id: str | None = None) -> list[dict[str, Any]]:
     """Every decision ever recorded (of one product), oldest first."""
     with self._connect() as db:

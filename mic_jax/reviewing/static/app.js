@@ -1,8 +1,15 @@
 // The review page: one product at a time, keyboard first.
 // Plain JavaScript, no build step; talks to /api/* with the sign-in cookie.
+//
+// A queue may hold a million products: the page holds only the pages of it
+// the reviewer looked at (PAGE products each, at most KEEP_PAGES of them)
+// and draws only the list rows on screen (plus MARGIN), each ROW pixels
+// high, so a key press or a decision touches a few dozen elements.
 "use strict";
 
-const state = { products: [], labels: [], index: 0, matches: [], match: 0 };
+const PAGE = 200, KEEP_PAGES = 40, ROW = 28, MARGIN = 10;
+const state = { total: 0, pages: new Map(), pending: new Map(), labels: [],
+                index: 0, matches: [], match: 0 };
 const $ = (id) => document.getElementById(id);
 
 async function api(path, options) {
@@ -34,20 +41,74 @@ function showProgress(p) {
     `abstained: ${p.abstained_decided} / ${p.abstained} decided`;
 }
 
-function renderList() {
-  const list = $("list");
-  list.replaceChildren(...state.products.map((p, i) => {
-    const [mark, meaning] = markOf(p);
-    const li = el("li", { title: `${meaning}: ${p.title}` },
-                  el("span", { className: "mark", textContent: mark }), p.title);
-    li.dataset.id = p.id;
-    if (p.decision) li.classList.add("decided", p.decision.status);
-    if (i === state.index) li.classList.add("current");
-    li.addEventListener("click", () => { go(i); });
+// The product at position i (0-based; its rank is i + 1), if its page is here.
+function productAt(i) {
+  const page = state.pages.get(Math.floor(i / PAGE));
+  return page ? page[i % PAGE] : undefined;
+}
+
+// Fetches page n of the queue once (a promise); forgets the pages
+// farthest from the current product beyond KEEP_PAGES.
+function loadPage(n) {
+  if (state.pages.has(n)) return Promise.resolve();
+  if (!state.pending.has(n)) {
+    state.pending.set(n, api(`/api/queue?after=${n * PAGE}&limit=${PAGE}`).then(({ body }) => {
+      state.pending.delete(n);
+      if (!body.products) return;
+      state.pages.set(n, body.products);
+      state.total = body.total;
+      const here = Math.floor(state.index / PAGE);
+      while (state.pages.size > KEEP_PAGES) {
+        let far = n;
+        for (const k of state.pages.keys()) if (Math.abs(k - here) > Math.abs(far - here)) far = k;
+        if (far === here) break;
+        state.pages.delete(far);
+      }
+    }));
+  }
+  return state.pending.get(n);
+}
+
+function rowOf(i) {
+  const p = productAt(i);
+  const li = el("li", {});
+  li.style.top = `${i * ROW}px`;
+  if (!p) {
+    li.append(el("span", { className: "mark", textContent: "" }), "…");
     return li;
-  }));
-  const current = list.children[state.index];
-  if (current) current.scrollIntoView({ block: "nearest" });
+  }
+  const [mark, meaning] = markOf(p);
+  li.title = `${meaning}: ${p.title}`;
+  li.append(el("span", { className: "mark", textContent: mark }), p.title);
+  li.dataset.id = p.id;
+  if (p.decision) li.classList.add("decided", p.decision.status);
+  if (i === state.index) li.classList.add("current");
+  li.addEventListener("click", () => { go(i); });
+  return li;
+}
+
+// Draws the rows on screen (and MARGIN more each side); fetches their pages.
+function renderList() {
+  const list = $("list"), nav = list.parentElement;
+  list.style.height = `${state.total * ROW}px`;
+  const first = Math.max(0, Math.floor(nav.scrollTop / ROW) - MARGIN);
+  const last = Math.min(state.total, Math.ceil((nav.scrollTop + nav.clientHeight) / ROW) + MARGIN);
+  const rows = [];
+  for (let i = first; i < last; i++) rows.push(rowOf(i));
+  list.replaceChildren(...rows);
+  const missing = new Set();
+  for (let i = first; i < last; i++) if (!productAt(i)) missing.add(Math.floor(i / PAGE));
+  for (const n of missing) loadPage(n).then(renderList);
+}
+
+// Scrolls the list so that the current product's row is on screen.
+function revealCurrent() {
+  const nav = $("list").parentElement;
+  const top = state.index * ROW, list = $("list").offsetTop;
+  if (top + list < nav.scrollTop) nav.scrollTop = top + list;
+  else if (top + list + ROW > nav.scrollTop + nav.clientHeight) {
+    nav.scrollTop = top + list + ROW - nav.clientHeight;
+  }
 }
 
 // The list's mark of a product and what it means (the legend says the same).
@@ -73,14 +134,18 @@ function photoOf(p) {
 
 // Keeps the catalogue's label, in the top 5 or not ("c").
 function keepCatalogue() {
-  const p = state.products[state.index];
+  const p = productAt(state.index);
   if (!p || !p.label || !state.labels.some((l) => l.label === p.label)) return;
   decide(p.top_k.some((e) => e.label === p.label) ? "accepted" : "relabelled", p.label);
 }
 
 function renderCard() {
-  const p = state.products[state.index];
-  if (!p) { $("title").textContent = "Nothing to review."; return; }
+  const p = productAt(state.index);
+  if (!p) {
+    $("title").textContent = state.total ? "loading…" : "Nothing to review.";
+    if (state.total) loadPage(Math.floor(state.index / PAGE)).then(renderCard);
+    return;
+  }
   const figure = $("photo");
   figure.replaceChildren(...photoOf(p));
   $("title").textContent = p.title;
@@ -103,21 +168,26 @@ function renderCard() {
   $("decision").textContent = p.decision ? `Decided: ${describe(p.decision)}` : "";
 }
 
-function render() { renderList(); renderCard(); }
+function render() { revealCurrent(); renderList(); renderCard(); }
 
 function go(i) {
-  state.index = Math.max(0, Math.min(state.products.length - 1, i));
+  state.index = Math.max(0, Math.min(state.total - 1, i));
   hideBanner();
   render();
 }
 
-function nextUndecided() {
-  const n = state.products.length;
-  for (let step = 1; step <= n; step++) {
-    const i = (state.index + step) % n;
-    if (!state.products[i].decision) return i;
+// The position of the next undecided product after the current one: from
+// the pages here, else asked of the server (wrapping round to the start).
+async function nextUndecided() {
+  const from = state.index;
+  for (let i = from + 1; i < state.total && productAt(i); i++) {
+    if (!productAt(i).decision) return i;
   }
-  return Math.min(state.index + 1, n - 1);
+  for (const after of [from + 1, 0]) {
+    const { body } = await api(`/api/queue?after=${after}&limit=1&undecided=1`);
+    if (body.products && body.products.length) return body.products[0].rank - 1;
+  }
+  return Math.min(from + 1, state.total - 1);
 }
 
 function hideBanner() { $("banner").hidden = true; $("banner").replaceChildren(); }
@@ -128,7 +198,7 @@ function showBanner(...children) {
 }
 
 function decide(status, label, baseVersion) {
-  const p = state.products[state.index];
+  const p = productAt(state.index);
   if (p) save(p, status, label, baseVersion, 0);
 }
 
@@ -147,10 +217,10 @@ async function save(p, status, label, baseVersion, attempt) {
     setTimeout(() => save(p, status, label, base, attempt + 1), wait * 1000);
     return;
   }
-  const here = state.products[state.index] === p;
+  const here = state.index === p.rank - 1;
   if (code === 409 && body.current) {  // Someone else decided it: show theirs, offer to override.
     p.decision = body.current;
-    if (!here) go(state.products.indexOf(p));
+    if (!here) go(p.rank - 1);
     render();
     const override = el("button", { type: "button", id: "override", textContent: "Override with mine" });
     override.addEventListener("click", () => { hideBanner(); save(p, status, label, body.current.version, 0); });
@@ -164,7 +234,11 @@ async function save(p, status, label, baseVersion, attempt) {
   p.decision = body.decision;
   showProgress(body.progress);
   hideBanner();
-  if (here) state.index = nextUndecided();
+  if (here) {
+    const next = await nextUndecided();
+    if (state.index === p.rank - 1) state.index = next;  // Unless they moved on.
+    await loadPage(Math.floor(state.index / PAGE));
+  }
   render();
 }
 
@@ -190,7 +264,8 @@ function renderMatches() {
 function pick(i) {
   const m = state.matches[i];
   if (!m) return;
-  const p = state.products[state.index];
+  const p = productAt(state.index);
+  if (!p) return;
   const status = p.top_k.some((e) => e.label === m.label) ? "accepted" : "relabelled";
   $("search").value = "";
   search("");
@@ -217,9 +292,9 @@ function onSearchKey(event) {
 function onKey(event) {
   if (event.target === $("search") || event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.target.tagName === "BUTTON" && event.key === "Enter") return;  // The button's own click.
-  const p = state.products[state.index];
-  if (!p) return;
+  const p = productAt(state.index);
   const k = event.key;
+  if (!p && k !== "j" && k !== "k") return;
   if (k === "Enter" || (k >= "1" && k <= "9")) {
     const i = k === "Enter" ? 0 : Number(k) - 1;
     if (p.top_k[i]) { event.preventDefault(); decide("accepted", p.top_k[i].label); }
@@ -237,14 +312,21 @@ function onKey(event) {
 }
 
 async function start() {
-  const [queue, labels] = await Promise.all([api("/api/queue"), api("/api/labels")]);
-  state.products = queue.body.products;
+  const [queue, labels] = await Promise.all([api(`/api/queue?limit=${PAGE}`), api("/api/labels")]);
+  state.total = queue.body.total;
+  state.pages.set(0, queue.body.products);
   state.labels = labels.body.labels;
   $("who").textContent = `signed in as ${queue.body.reviewer} · model ${queue.body.model} ${queue.body.export.slice(0, 12)}`;
   showProgress(queue.body.progress);
-  const first = state.products.findIndex((p) => !p.decision);
-  state.index = first >= 0 ? first : 0;
+  state.index = queue.body.resume ? queue.body.resume - 1 : 0;  // Where the reviewer stopped.
+  await loadPage(Math.floor(state.index / PAGE));
   render();
+  let drawing = false;
+  $("list").parentElement.addEventListener("scroll", () => {
+    if (drawing) return;
+    drawing = true;
+    requestAnimationFrame(() => { drawing = false; renderList(); });
+  });
   document.addEventListener("keydown", onKey);
   $("search").addEventListener("input", (e) => search(e.target.value));
   $("search").addEventListener("keydown", onSearchKey);
