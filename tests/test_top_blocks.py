@@ -13,18 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import demo_configs
 from mic_jax.models import vit
 from mic_jax.train import checkpointing, evaluation, image_features, trainer
+from test_image_features import _config as cache_config
 
 
 def _config(tmp_path, **overrides):
-  overrides = {"optim.freeze": "img", "image.train_top_blocks": 1,
-               "image.feature_cache_dir": str(tmp_path / "cache"),
-               **overrides}
-  return demo_configs.short_demo(
-      "cross_modal", **{"total_steps": 4, "log_every": 2, "eval_every": 4,
-                        **overrides})
+  """The feature-cache tests' demo config with the top ViT block trained."""
+  return cache_config(tmp_path, **{"image.train_top_blocks": 1, **overrides})
 
 
 @pytest.mark.parametrize("depth,split", [(2, 1), (3, 1), (3, 2)])
