@@ -88,9 +88,9 @@ def resolve_top_blocks(config: ml_collections.ConfigDict,
 
   ``image.train_top_blocks = N`` keeps the top N blocks (and the final
   LayerNorm) of a frozen pretrained ViT training; the rest stays frozen and
-  its output is what the feature cache holds. Raises when that cannot
-  hold: no frozen pretrained ViT, a scanned stack, N not below the depth.
-  Resolving twice changes nothing.
+  its output is what the feature cache holds; N equal to the depth trains
+  the whole tower from pixels. Raises when that cannot hold: no frozen
+  ViT, a scanned stack, N above the depth. Resolving twice changes nothing.
   """
   count = top_blocks(config)
   if count == 0:
