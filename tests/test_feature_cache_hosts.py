@@ -91,8 +91,10 @@ import jax, jax.numpy as jnp, ml_collections, numpy as np
 from absl import logging
 logging.set_verbosity(logging.INFO)
 port, index, root, data, out, wait = sys.argv[1:]
+# A long heartbeat timeout: on a loaded machine the service would otherwise
+# end process 0 (the peer died) before its own wait times out.
 jax.distributed.initialize(f"localhost:{port}", num_processes=2,
-                           process_id=int(index))
+                           process_id=int(index), heartbeat_timeout_seconds=900)
 from mic_jax.models import vit
 from mic_jax.train import image_features
 tower = vit.get_vit("tiny")
@@ -119,26 +121,31 @@ def _free_port():
 def _launch_two(root, data, out, wait, faults=(None, None)):
   """Both processes; returns [(returncode, output)] by process index."""
   port = _free_port()
-  procs = []
+  procs, logs = [], []
   for i, fault in enumerate(faults):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
                PYTHONPATH=str(REPO))
     env.pop("MIC_JAX_FAULT", None)
     if fault:
       env["MIC_JAX_FAULT"] = fault
+    # Files, not pipes: a full pipe of one process's log would block it,
+    # and with it the other in jax.distributed.initialize.
+    logs.append(open(out / f"log{i}-{port}.txt", "w+b"))
     procs.append(subprocess.Popen(
         [sys.executable, "-c", _SCRIPT, str(port), str(i), str(root), data,
          str(out / f"process{i}.npz"), str(wait)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
   results = []
-  for p in procs:
+  for p, log in zip(procs, logs):
     try:
-      output, _ = p.communicate(timeout=TIMEOUT)
+      p.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
       raise
-    results.append((p.returncode, output.decode(errors="replace")))
+    log.seek(0)
+    results.append((p.returncode, log.read().decode(errors="replace")))
+    log.close()
   return results
 
 
