@@ -288,6 +288,18 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # configured dropout. Guarantees: docs/reliability.md.
   c.image.cache_features = True
   c.image.feature_cache_dir = ""
+  # Several hosts (jax.distributed): when all of them see the same cache
+  # directory, each computes only its share of the photos and reads the
+  # others' shards (docs/reliability.md, 7a). "auto": yes for a gs://-style
+  # directory only (a local path is usually each host's own disk); True for
+  # a shared file system (NFS); False: every host builds the whole cache.
+  c.image.feature_cache_shared = "auto"
+  # How long a host waits for the other hosts' shards before it stops with
+  # an error naming them (a host that died, or a root not really shared).
+  c.image.feature_cache_wait_seconds = 3600.0
+  # Photos per forward pass of a cache build (not part of the key: the rows
+  # change by float rounding at most); all hosts of one build must agree.
+  c.image.feature_cache_batch_size = 64
 
   c.fusion = ml_collections.ConfigDict()
   c.fusion.heads = 1         # Eq. (2) is single-head.

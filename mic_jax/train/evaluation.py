@@ -191,11 +191,15 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 def write_split_report(workdir: str, split: str, report: dict[str, Any],
                        labels: list[str]) -> None:
-  """Per-class CSV, confusion matrix and per-class F1 pictures of a split."""
+  """Per-class CSV (worst first), top confusions CSV, confusion matrix (the
+  top confusions past 50 classes) and per-class F1 pictures of a split."""
   if not reporting.is_writer():
     return
   reporting.write_per_class_csv(
       os.path.join(workdir, f"per_class_{split}.csv"), report, labels)
+  reporting.write_top_confusions_csv(
+      os.path.join(workdir, f"top_confusions_{split}.csv"),
+      metrics_lib.top_confusions(report["confusion_matrix"], 100), labels)
   plots.confusion_matrix(os.path.join(workdir, f"confusion_{split}.png"),
                          report["confusion_matrix"], labels,
                          f"{split}: macro-F1 {report['macro_f1']:.3f}")

@@ -259,6 +259,96 @@ def usable(cache_dir: str, format_version: int) -> bool:
   return False
 
 
+# ---------------------------------------------------------- host shards --
+
+# A cache built by N hosts is N sibling directories, each a complete cache
+# of its own (same files, same atomic publish, same checks):
+# ``ROOT/<key[:24]>.<i>-of-<N>`` holds the rows host i computed. The suffix
+# starts with a dot, so a shard's temporary build (``.<name>.<i>-of-<N>.
+# <host>.<pid>.<rand>``) still has the name :func:`sweep` looks for.
+_SHARD_SUFFIX = re.compile(r"^\.(\d{5})-of-(\d{5})$")
+
+
+def shard_directory(root: str | os.PathLike[str], digest: str, index: int,
+                    count: int) -> str:
+  """Where host ``index`` of ``count`` keeps its share of cache ``digest``."""
+  if not 0 <= index < count:
+    raise ValueError(f"shard {index} of {count}")
+  return join(root, f"{digest[:NAME_LENGTH]}.{index:05d}-of-{count:05d}")
+
+
+def shard_sets(root: str | os.PathLike[str], digest: str) -> list[int]:
+  """Host counts N for which some ``<name>.<i>-of-<N>`` of ``digest`` is in
+  ``root`` (complete or not), smallest first."""
+  root = os.fspath(root)
+  if not tf.io.gfile.isdir(root):
+    return []
+  name = digest[:NAME_LENGTH]
+  counts = set()
+  for entry in tf.io.gfile.listdir(root):
+    entry = entry.rstrip("/")
+    if entry.startswith(name):
+      match = _SHARD_SUFFIX.match(entry[len(name):])
+      if match:
+        counts.add(int(match.group(2)))
+  return sorted(counts)
+
+
+def ready(cache_dir: str, format_version: int) -> bool:
+  """Whether ``cache_dir`` is complete now; never moves anything (it may be
+  another host's, still uploading)."""
+  return (tf.io.gfile.exists(join(cache_dir, META))
+          and problem(cache_dir, format_version) is None)
+
+
+def complete_shards(root: str | os.PathLike[str], digest: str,
+                    format_version: int) -> list[str] | None:
+  """The shard directories of a complete N-host build of ``digest`` (any N),
+  else None: lets a run on another host count reuse it."""
+  for count in shard_sets(root, digest):
+    shards = [shard_directory(root, digest, i, count) for i in range(count)]
+    if all(ready(s, format_version) for s in shards):
+      return shards
+  return None
+
+
+class ShardTimeout(TimeoutError):
+  """Another host's shard did not appear in time."""
+
+
+def wait_for(shards: list[str], format_version: int, timeout: float, *,
+             poll: float = 2.0) -> None:
+  """Returns when every shard is complete; else raises :class:`ShardTimeout`
+  after ``timeout`` seconds naming the missing shards and their hosts.
+
+  Polls the file system rather than a collective: a host that died (or
+  never shared ``ROOT``) then gives a readable error instead of a hang, and
+  a host restarted during the wait is simply waited for.
+  """
+  deadline = time.monotonic() + timeout
+  pending = dict(enumerate(shards))
+  while True:
+    for i, path in list(pending.items()):
+      if ready(path, format_version):
+        del pending[i]
+    if not pending:
+      return
+    if time.monotonic() >= deadline:
+      lines = []
+      for i, path in sorted(pending.items()):
+        why = (problem(path, format_version) if tf.io.gfile.exists(path)
+               else "not there")
+        lines.append(f"shard {i} of {len(shards)} (built by process {i}): "
+                     f"{path}: {why}")
+      raise ShardTimeout(
+          f"image feature cache: waited {timeout:.0f} s for the other hosts' "
+          "shards; missing:\n  " + "\n  ".join(lines) + "\nThat host failed "
+          "or is slower: rerunning it rebuilds only its own shard. Every host "
+          "must see the same image.feature_cache_dir (a shared file system or "
+          "gs://); raise image.feature_cache_wait_seconds for a slower host.")
+    time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+
+
 # ----------------------------------------------------------------- sweep --
 
 

@@ -31,17 +31,29 @@ config, the image size and the prepared data (``dataset_info.json`` but for
 the tokenizer's path, and shard sizes), so changing any of them builds a new
 one. Its files, key,
 atomic writes, checks on open and the sweep of killed builds live in
-:mod:`mic_jax.train.feature_store`. Each host builds its own (hosts may not
-share a disk; docs/scaling.md gives the cost).
+:mod:`mic_jax.train.feature_store`.
+
+Across hosts (:class:`Hosts`): when every host sees the same cache root (a
+``gs://``-style root, or ``image.feature_cache_shared=True`` for a shared
+file system), host i of N computes only its share and publishes it as its
+own shard (``<key>.<i>-of-<N>``), then waits for the others' shards and
+reads all of them. The share is every N-th *batch* of the single-process
+build (the distinct photos enumerated in the same order, cut into the same
+padded batches), so each photo goes through the same compiled program with
+the same batch as on one host: the rows equal the single-process cache
+bit for bit. A host killed mid-build and rerun rebuilds only its shard (the
+others are complete and reused). On separate local disks (the default root,
+``~/.cache``) each host builds the whole cache itself, as it must.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from absl import logging
@@ -49,6 +61,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 
 from mic_jax.data import pipeline
 from mic_jax.data import preprocess
@@ -240,20 +253,35 @@ class ImageFeatureCache:
   tokens below the top blocks that ``image.train_top_blocks`` trains.
   """
 
-  def __init__(self, directory: str | os.PathLike[str],
+  def __init__(self, directory: str | os.PathLike[str] | Sequence[str],
                batch_key: str = TOKENS):
-    """Opens a cache that :func:`feature_store.problem` found complete."""
+    """Opens a cache that :func:`feature_store.problem` found complete, or
+    the shards of one (a list of directories: their rows read as one)."""
     self.directory = directory
     self.batch_key = batch_key
-    local = feature_store.local_copy(os.fspath(directory), FORMAT_VERSION)
-    self.row_dtype = feature_store.row_dtype_of(local)
-    keys = np.load(local / feature_store.KEYS)
-    self.tokens = np.load(local / feature_store.ROWS, mmap_mode="r")
-    if len(keys) > len(self.tokens):
-      raise ValueError(f"{directory}: {len(keys)} keys but only "
-                       f"{len(self.tokens)} token rows")
-    self._order = np.argsort(keys, kind="stable")
-    self.keys = keys[self._order]
+    parts = ([directory] if isinstance(directory, (str, os.PathLike))
+             else list(directory))
+    self.row_dtypes, self.shard_tokens = [], []
+    keys, shard, row = [], [], []
+    for i, part in enumerate(parts):
+      local = feature_store.local_copy(os.fspath(part), FORMAT_VERSION)
+      self.row_dtypes.append(feature_store.row_dtype_of(local))
+      part_keys = np.load(local / feature_store.KEYS)
+      tokens = np.load(local / feature_store.ROWS, mmap_mode="r")
+      if len(part_keys) > len(tokens):
+        raise ValueError(f"{part}: {len(part_keys)} keys but only "
+                         f"{len(tokens)} token rows")
+      self.shard_tokens.append(tokens)
+      keys.append(part_keys)
+      shard.append(np.full(len(part_keys), i, np.int32))
+      row.append(np.arange(len(part_keys), dtype=np.int64))
+    keys = np.concatenate(keys)
+    order = np.argsort(keys, kind="stable")
+    self.keys = keys[order]
+    self._shard = np.concatenate(shard)[order]
+    self._row = np.concatenate(row)[order]
+    self.row_dtype = self.row_dtypes[0]
+    self.tokens = self.shard_tokens[0]
     self.no_photo = preprocess.no_photo_key()
 
   def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -267,10 +295,21 @@ class ImageFeatureCache:
                      f"feature cache {self.directory} (first key "
                      f"{int(keys[missing][0])}); the cache is keyed by the "
                      "data, so this means the data changed while in use")
-    # Sorted, unique row reads are much faster from a memory map.
-    unique, inverse = np.unique(self._order[rows], return_inverse=True)
-    return feature_store.from_stored(self.tokens[unique],
-                                     self.row_dtype)[inverse]
+    shards, rows = self._shard[rows], self._row[rows]
+    if len(self.shard_tokens) == 1:
+      return self._read(0, rows)
+    out = np.empty((len(keys), *self.tokens.shape[1:]), np.float32)
+    for i in np.unique(shards).tolist():
+      here = shards == i
+      out[here] = self._read(i, rows[here])
+    return out
+
+  def _read(self, shard: int, rows: np.ndarray) -> np.ndarray:
+    """Rows of one shard as float32; sorted, unique row reads are much
+    faster from a memory map."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return feature_store.from_stored(self.shard_tokens[shard][unique],
+                                     self.row_dtypes[shard])[inverse]
 
   def attach(self, batches: Iterable[dict[str, np.ndarray]],
              *, withhold: bool = False) -> Iterator[dict[str, np.ndarray]]:
@@ -327,14 +366,18 @@ def _count_photos(data_dir: str) -> int:
 def build(directory: str | os.PathLike[str], tower: nn.Module,
           img_params: Any, data_dir: str, image_size: int, *,
           batch_size: int = 64, depth: int | None = None,
-          row_dtype: str = "float32") -> None:
+          row_dtype: str = "float32", share: Hosts | None = None) -> None:
   """Runs ``tower`` over every distinct photo and writes the cache.
 
   ``depth``: only the first ``depth`` blocks (their hidden tokens are
   cached); None: the whole tower. ``row_dtype``: how the rows are kept
-  (:data:`feature_store.ROW_DTYPES`). Written as
-  :class:`feature_store.Writer` does (complete or absent, also on SIGTERM).
+  (:data:`feature_store.ROW_DTYPES`). ``share``: only the batches of host
+  ``share.index`` of ``share.count`` (every count-th batch of the whole
+  build, so each row is computed exactly as the whole build computes it).
+  Written as :class:`feature_store.Writer` does (complete or absent, also
+  on SIGTERM).
   """
+  share = share or Hosts()
   kwargs = {} if depth is None else {"stop_block": depth}
   apply = jax.jit(lambda p, x: tower.apply({"params": p}, x, train=False,
                                            **kwargs))
@@ -344,8 +387,10 @@ def build(directory: str | os.PathLike[str], tower: nn.Module,
   with feature_store.Writer(directory, total, feature_store.mirror_root(),
                             row_dtype) as writer:
     last = 0.0
-    for batch_keys, pixels in _unique_photos(data_dir, image_size,
-                                             batch_size):
+    for index, (batch_keys, pixels) in enumerate(_unique_photos(
+        data_dir, image_size, batch_size)):
+      if index % share.count != share.index:
+        continue  # Another host's batch.
       n = len(batch_keys)
       padded = np.zeros((batch_size, *pixels.shape[1:]), np.float32)
       padded[:n] = pixels  # One compiled shape.
@@ -357,8 +402,13 @@ def build(directory: str | os.PathLike[str], tower: nn.Module,
         rate = writer.count / max(now - writer.started, 1e-9)
         logging.info("image features: %d photos done (at most %d), %.1f/s",
                      writer.count, total, rate)
+    if writer.count == 0:  # More hosts than batches: an empty shard.
+      shape = jax.eval_shape(apply, params, jax.ShapeDtypeStruct(
+          (1, image_size, image_size, 3), np.float32)).shape
+      writer.add(np.zeros(0, np.int64), np.zeros((0, *shape[1:]), np.float32))
     # Row i of tokens.npy belongs to keys[i]; rows past len(keys) are unused.
-    writer.commit({"image_size": image_size,
+    writer.commit({"shard": share.index, "shards": share.count,
+                   "batch_size": batch_size, "image_size": image_size,
                    "data_dir": os.path.abspath(data_dir)
                    if not reporting.is_remote(data_dir) else data_dir,
                    "tower": repr(tower), "blocks": depth}, FORMAT_VERSION)
@@ -366,13 +416,78 @@ def build(directory: str | os.PathLike[str], tower: nn.Module,
                  writer.count, directory, time.monotonic() - writer.started)
 
 
+@dataclasses.dataclass(frozen=True)
+class Hosts:
+  """Which share of a cache build this process computes: host ``index`` of
+  ``count`` (count 1: the whole cache)."""
+  index: int = 0
+  count: int = 1
+
+
+def shared_root(config: ml_collections.ConfigDict, root: str) -> bool:
+  """Whether every host sees the same cache ``root``.
+
+  ``image.feature_cache_shared``: True or False says so; unset (None or
+  "auto") means yes for ``gs://``-style roots only, since a local path
+  (``~/.cache`` by default) is usually each host's own disk, where waiting
+  for the other hosts' shards would only time out.
+  """
+  value = config.image.get("feature_cache_shared", None)
+  if value is None or value == "auto":
+    return reporting.is_remote(root)
+  if isinstance(value, str):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"image.feature_cache_shared={value!r}: use True, "
+                       "False or auto")
+    return value.lower() in ("true", "1")
+  return bool(value)
+
+
+def hosts_of_run(config: ml_collections.ConfigDict, root: str) -> Hosts:
+  """This process's share: its JAX process index of the count, when the
+  root is shared (:func:`shared_root`), else the whole cache."""
+  count = jax.process_count()
+  if count > 1 and shared_root(config, root):
+    return Hosts(jax.process_index(), count)
+  if count > 1:
+    logging.info("image features: the cache root %s is not shared by the %d "
+                 "hosts (set image.feature_cache_shared=True if it is), so "
+                 "this host builds the whole cache", root, count)
+  return Hosts()
+
+
+WAIT_SECONDS = 3600.0
+
+
+def _check_same_split(shards: Sequence[str]) -> None:
+  """Raises unless every shard was cut with the same batch size and host
+  count: hosts that disagree would each skip photos the other took (or
+  compute them twice), which only a lookup would reveal later."""
+  seen = {}
+  for path in shards:
+    with tf.io.gfile.GFile(feature_store.join(path, feature_store.META)) as f:
+      meta = json.load(f)
+    seen[path] = (meta.get("batch_size"), meta.get("shards"))
+  if len(set(seen.values())) > 1:
+    raise ValueError(
+        "image feature cache shards built with different (batch size, host "
+        "count): " + ", ".join(f"{p}: {v}" for p, v in seen.items()) +
+        "; run the same command (image.feature_cache_batch_size) on every "
+        "host, after moving these shards away")
+
+
 def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
-           img_params: Any, data_dir: str) -> ImageFeatureCache:
+           img_params: Any, data_dir: str, hosts: Hosts | None = None
+           ) -> ImageFeatureCache:
   """The cache of this run's frozen tower, built first if it is missing.
 
   Sweeps abandoned builds first; a cache that fails its checks on open (on
   a local disk also one that has lost its ``cache.json``) is moved aside
-  with a warning and built again.
+  with a warning and built again. ``hosts`` (default :func:`hosts_of_run`):
+  with several, a complete whole cache or complete shards of any host count
+  are reused; else this host builds its own shard unless it is already
+  complete, then waits (``image.feature_cache_wait_seconds``) for the
+  others' and reads them all.
   """
   root = os.fspath(config.image.get("feature_cache_dir") or default_root())
   size = int(config.image.size)
@@ -382,17 +497,42 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
   if reporting.is_remote(root):  # Its builds are staged on local disk.
     feature_store.sweep(str(feature_store.mirror_root()))
   kept = row_dtype(config)
-  directory = feature_store.directory(
-      root, cache_key(frozen_part(img_params, depth), tower, size, data_dir,
-                      depth, kept))
+  digest = cache_key(frozen_part(img_params, depth), tower, size, data_dir,
+                     depth, kept)
+  directory = feature_store.directory(root, digest)
   if feature_store.usable(directory, FORMAT_VERSION):
     logging.info("image features: reusing %s", directory)
     return ImageFeatureCache(directory, batch_key)
+  shards = feature_store.complete_shards(root, digest, FORMAT_VERSION)
+  if shards:
+    logging.info("image features: reusing the %d shards %s", len(shards),
+                 shards[0].rsplit(".", 1)[0] + ".*")
+    return ImageFeatureCache(shards, batch_key)
+  hosts = hosts or hosts_of_run(config, root)
   what = ("outputs" if depth is None else
           f"hidden tokens after block {depth} (the top "
           f"{top_blocks(config)} train)")
-  logging.info("image features: computing the frozen image tower's %s once "
-               "for every photo -> %s", what, directory)
-  build(directory, tower, img_params, data_dir, size, depth=depth,
-        row_dtype=kept)
-  return ImageFeatureCache(directory, batch_key)
+  batch_size = int(config.image.get("feature_cache_batch_size", None) or 64)
+  if hosts.count == 1:
+    logging.info("image features: computing the frozen image tower's %s "
+                 "once for every photo -> %s", what, directory)
+    build(directory, tower, img_params, data_dir, size, depth=depth,
+          row_dtype=kept, batch_size=batch_size)
+    return ImageFeatureCache(directory, batch_key)
+  shards = [feature_store.shard_directory(root, digest, i, hosts.count)
+            for i in range(hosts.count)]
+  mine = shards[hosts.index]
+  if feature_store.usable(mine, FORMAT_VERSION):
+    logging.info("image features: reusing this host's shard %s", mine)
+  else:
+    logging.info("image features: computing the frozen image tower's %s for "
+                 "this host's share (%d of %d) of the photos -> %s", what,
+                 hosts.index, hosts.count, mine)
+    build(mine, tower, img_params, data_dir, size, depth=depth,
+          row_dtype=kept, share=hosts, batch_size=batch_size)
+  wait = float(config.image.get("feature_cache_wait_seconds", None)
+               or WAIT_SECONDS)
+  feature_store.wait_for(shards, FORMAT_VERSION, wait)
+  _check_same_split(shards)
+  logging.info("image features: reading the %d hosts' shards", hosts.count)
+  return ImageFeatureCache(shards, batch_key)

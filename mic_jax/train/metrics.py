@@ -210,6 +210,52 @@ def top_k_accuracy(probs: Any, labels: Any, k: int = 5) -> float:
   return float((top == labels[:, None]).any(axis=-1).mean())
 
 
+def top_confusions(confusion: Any, k: int = 30) -> list[dict[str, Any]]:
+  """The ``k`` largest off-diagonal cells of a confusion matrix.
+
+  At a thousand classes the matrix itself cannot be read (a million cells,
+  mostly zero); which true class is most often taken for which other is
+  what a reader wants from it. Each entry: ``true``, ``predicted`` (class
+  ids), ``count`` and ``fraction`` (of the true class's examples), largest
+  count first, ties by fraction then by class ids; zero cells are left out.
+  """
+  confusion = np.asarray(confusion, np.int64)
+  off = confusion.copy()
+  np.fill_diagonal(off, 0)
+  flat = off.reshape(-1)
+  nonzero = np.flatnonzero(flat)
+  if nonzero.size > k:  # argpartition: linear in the cells, not C^2 log.
+    keep = np.argpartition(-flat[nonzero], k - 1)[:k]
+    threshold = flat[nonzero[keep]].min()
+    nonzero = nonzero[flat[nonzero] >= threshold]  # All ties of the last.
+  support = confusion.sum(axis=1)
+  rows = []
+  for cell in nonzero.tolist():
+    true, predicted = divmod(cell, confusion.shape[1])
+    count = int(flat[cell])
+    rows.append({"true": true, "predicted": predicted, "count": count,
+                 "fraction": count / int(support[true])})
+  rows.sort(key=lambda r: (-r["count"], -r["fraction"], r["true"],
+                           r["predicted"]))
+  return rows[:k]
+
+
+def per_class_order(report: dict[str, Any]) -> np.ndarray:
+  """Class ids in the order reports list them: worst F1 first.
+
+  At a thousand classes a reader looks for the classes to fix, so they
+  come first: F1 ascending, then support descending (of equally bad
+  classes the most frequent first), then class id; classes absent from
+  both the labels and the predictions (no F1 to speak of) go last.
+  """
+  f1 = np.asarray(report["f1"], np.float64)
+  support = np.asarray(report["support"], np.int64)
+  evaluated = np.zeros(f1.shape[0], bool)
+  evaluated[np.asarray(report["classes_evaluated"], np.int64)] = True
+  ids = np.arange(f1.shape[0])
+  return np.lexsort((ids, -support, f1, ~evaluated))
+
+
 FREQUENCY_GROUPS = ("head", "middle", "tail")
 
 

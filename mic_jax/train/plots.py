@@ -3,6 +3,12 @@
 A 141-class confusion matrix or a per-class F1 table is read faster as a
 picture than as numbers. Rows of the confusion matrix are normalised by
 class support so rare classes are as visible as frequent ones.
+
+Past :data:`MATRIX_MAX_CLASSES` classes a matrix is a grey square (a
+thousand classes: a million cells in a few hundred pixels), so
+:func:`confusion_matrix` draws the largest confusions as labelled bars
+instead, and :func:`per_class_f1` the worst and best classes only; the
+CSVs (``per_class_*``, ``top_confusions_*``) keep every number.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from mic_jax.train import metrics  # noqa: E402
+
 
 def _save(fig, path: str) -> None:
   buf = io.BytesIO()
@@ -28,9 +36,18 @@ def _save(fig, path: str) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+MATRIX_MAX_CLASSES = 50   # Above: the top confusions, not the matrix.
+TOP_CONFUSIONS = 30       # Bars of that figure.
+F1_BARS_EACH_END = 30     # Above twice this many classes: worst and best.
+
+
 def confusion_matrix(path: str, matrix: np.ndarray, labels: Sequence[str],
                      title: str) -> None:
-  """Row-normalised confusion matrix; class names shown up to 60 classes."""
+  """Row-normalised confusion matrix, class names shown; past
+  :data:`MATRIX_MAX_CLASSES` classes the top confusions instead."""
+  if len(labels) > MATRIX_MAX_CLASSES:
+    top_confusions(path, matrix, labels, title)
+    return
   matrix = np.asarray(matrix, np.float64)
   rows = matrix.sum(axis=1, keepdims=True)
   norm = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
@@ -54,6 +71,36 @@ def confusion_matrix(path: str, matrix: np.ndarray, labels: Sequence[str],
   _save(fig, path)
 
 
+def top_confusions(path: str, matrix: np.ndarray, labels: Sequence[str],
+                   title: str, k: int = TOP_CONFUSIONS) -> None:
+  """Bars of the ``k`` largest off-diagonal cells, "true -> predicted",
+  each with its share of the true class's examples."""
+  rows = metrics.top_confusions(matrix, k)
+  fig, ax = plt.subplots(figsize=(9, max(3.0, 0.28 * len(rows) + 1.2)))
+  if rows:
+    ax.barh(range(len(rows)), [r["count"] for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), [
+        f"{_short(labels[r['true']])} -> {_short(labels[r['predicted']])}"
+        for r in rows], fontsize=8)
+    for i, r in enumerate(rows):
+      ax.text(r["count"], i, f" {r['count']} ({100 * r['fraction']:.0f}%)",
+              va="center", fontsize=7)
+    ax.invert_yaxis()  # Largest on top.
+  else:
+    ax.text(0.5, 0.5, "no confusions", ha="center", va="center",
+            transform=ax.transAxes)
+  ax.set_xlabel("examples (share of the true class)")
+  ax.set_title(f"{title}\n{len(rows)} largest confusions of {len(labels)} "
+               "classes (true -> predicted)", fontsize=10)
+  _save(fig, path)
+
+
+def _short(name: str, width: int = 40) -> str:
+  """A label cut to ``width`` characters: long category paths would
+  otherwise take the whole figure's width."""
+  return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
 def _legend_outside(ax) -> None:
   """The legend right of the axes: bars reach every corner of the plot."""
   ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
@@ -62,15 +109,22 @@ def _legend_outside(ax) -> None:
 
 def per_class_f1(path: str, report: Mapping[str, Any], labels: Sequence[str],
                  title: str) -> None:
-  """Horizontal bars of F1 per class, sorted, with support in the label."""
+  """Horizontal bars of F1 per class, sorted, with support in the label;
+  past twice :data:`F1_BARS_EACH_END` classes only the worst and the best
+  that many (the CSV has all of them)."""
   f1 = np.asarray(report["f1"], np.float64)
   support = np.asarray(report["support"])
-  order = [i for i in np.argsort(f1) if support[i] > 0]
+  order = [i for i in np.argsort(f1, kind="stable") if support[i] > 0]
+  shown = len(order)
+  if shown > 2 * F1_BARS_EACH_END:
+    order = order[:F1_BARS_EACH_END] + order[-F1_BARS_EACH_END:]
+    title = (f"{title}: the {F1_BARS_EACH_END} worst and best of {shown} "
+             "classes")
   height = min(max(3.0, 0.16 * len(order) + 1), 30.0)
   fig, ax = plt.subplots(figsize=(8, height))
   ax.barh(range(len(order)), f1[order], color="tab:blue")
   ax.set_yticks(range(len(order)),
-                [f"{labels[i]} (n={support[i]})" for i in order],
+                [f"{_short(labels[i])} (n={support[i]})" for i in order],
                 fontsize=max(4, 9 - len(order) // 25))
   ax.set_xlim(0, 1)
   ax.axvline(report["macro_f1"], color="tab:red", linestyle="--",

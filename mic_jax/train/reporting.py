@@ -5,7 +5,9 @@
   logged; a resumed run first drops the lines after its restored step (it
   logs those steps again) and appends after the rest.
 * ``results.json``: validation and test metrics of the best checkpoint.
-* ``per_class_<split>.csv``: precision / recall / F1 / support per label.
+* ``per_class_<split>.csv``: precision / recall / F1 / support per label,
+  worst F1 first.
+* ``top_confusions_<split>.csv``: the most frequent (true, predicted) pairs.
 * TensorBoard events and stdout, through CLU's metric writers.
 
 Only process 0 writes files; the other hosts log to stdout.
@@ -29,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from mic_jax import console
+from mic_jax.train import metrics
 from mic_jax.train import rundir
 
 
@@ -162,16 +165,38 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
 
 def write_per_class_csv(path: str, report: Mapping[str, Any],
                         labels: Sequence[str]) -> None:
-  """One row per class: name, precision, recall, F1, support."""
+  """One row per class: id, name, precision, recall, F1, support.
+
+  Worst first (:func:`metrics.per_class_order`: F1 ascending, then support
+  descending; classes neither in the labels nor predicted last), so that
+  at a thousand classes the top of the file is the list of classes to
+  look at; ``label_id`` gives the class order back.
+  """
   tmp = f"{path}.tmp-{os.getpid()}"
   with tf.io.gfile.GFile(tmp, "w") as f:
     writer = csv.writer(f)
     writer.writerow(["label_id", "label", "precision", "recall", "f1",
                      "support"])
-    for i, name in enumerate(labels):
-      writer.writerow([i, name, f"{report['precision'][i]:.6f}",
+    for i in metrics.per_class_order(dict(report)).tolist():
+      writer.writerow([i, labels[i], f"{report['precision'][i]:.6f}",
                        f"{report['recall'][i]:.6f}", f"{report['f1'][i]:.6f}",
                        int(report["support"][i])])
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def write_top_confusions_csv(path: str, confusions: Sequence[Mapping[str, Any]],
+                             labels: Sequence[str]) -> None:
+  """The largest off-diagonal cells (:func:`metrics.top_confusions`), one
+  row each, largest first: what the confusion matrix says, at any size."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    writer = csv.writer(f)
+    writer.writerow(["true_id", "true", "predicted_id", "predicted", "count",
+                     "fraction_of_true"])
+    for row in confusions:
+      writer.writerow([row["true"], labels[row["true"]], row["predicted"],
+                       labels[row["predicted"]], row["count"],
+                       f"{row['fraction']:.6f}"])
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 

@@ -18,7 +18,8 @@ import jax
 from mic_jax import console
 
 # What a run writes into its workdir, in the order a person looks for it.
-OUTPUTS = ("results.json", "metrics.jsonl", "per_class_*.csv", "*.png",
+OUTPUTS = ("results.json", "metrics.jsonl", "per_class_*.csv",
+           "top_confusions_*.csv", "*.png",
            "calibration.json", "config.json", "checkpoints/", "best/")
 
 
