@@ -30,8 +30,11 @@ def _artifacts() -> pathlib.Path:
   return path
 
 
-@pytest.fixture()
-def browser():
+@pytest.fixture(scope="module")
+def _chromium():
+  """One Playwright driver and one Chromium for the whole module: starting
+  them is most of a short browser test's cost. Tests stay apart because
+  each page they open has a context of its own (cookies, storage)."""
   sync_api, executable = review_helpers.chromium_or_skip()
   with sync_api.sync_playwright() as p:
     b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
@@ -39,6 +42,14 @@ def browser():
       yield b
     finally:
       b.close()
+
+
+@pytest.fixture()
+def browser(_chromium):
+  """The module's Chromium; the pages a test opened are closed after it."""
+  yield _chromium
+  for context in _chromium.contexts:
+    context.close()
 
 
 @pytest.fixture()

@@ -109,7 +109,7 @@ def test_demo_run_writes_every_output(tmp_path):
                                       new_run.abstract_state.params)
 
 
-def test_kill_and_resume_is_bitwise_exact(tmp_path):
+def test_kill_and_resume_is_bitwise_exact(tmp_path, seed_demo_workdir):
   """SIGKILL after a checkpoint, rerun: same final params as no interruption."""
   args = ["--config=configs/cross_modal.py:demo", "--config.total_steps=40",
           "--config.checkpoint_every_steps=4", "--config.log_every_steps=1",
@@ -119,7 +119,10 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   cmd = [sys.executable, "-m", "mic_jax.main"]
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  # Both runs share the generated demo data so only the interruption differs.
+  # Both runs start from copies of one demo preparation (the session's) so
+  # only the interruption differs.
+  for workdir in (straight, resumed):
+    seed_demo_workdir(workdir)
   subprocess.run(cmd + args + [f"--workdir={straight}"], check=True, env=env,
                  cwd=REPO, timeout=600, capture_output=True)
   proc = subprocess.Popen(cmd + args + [f"--workdir={resumed}"], env=env,
