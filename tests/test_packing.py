@@ -19,9 +19,11 @@ TINY_BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                  max_position_embeddings=LENGTH)
 
 
-def _tiny_model(kind, text_repr, rate):
+def _tiny_model(kind, text_repr, rate, scan=False):
   config = common.make_config(kind, "demo")
   with config.unlocked():
+    config.model.scan_layers = scan
+    config.text.remat = scan
     config.num_classes = 8
     config.text.max_length = LENGTH
     config.text.bert = TINY_BERT
@@ -83,21 +85,23 @@ def test_pack_plan_and_unpack_round_trip():
     packing.pack(products, pack_length=24, slots=3, rows=len(per_row) - 1)
 
 
-CASES = [("cross_modal", "pooler"), ("text_only", "cls"),
-         ("text_only", "mean"), ("early", "pooler")]
+CASES = [("cross_modal", "pooler", False), ("text_only", "cls", False),
+         ("text_only", "mean", False), ("early", "pooler", False),
+         ("text_only", "pooler", True)]
 
 
-@pytest.mark.parametrize("kind,text_repr", CASES)
-def test_packed_loss_and_grads_equal_padded(kind, text_repr):
+@pytest.mark.parametrize("kind,text_repr,scan", CASES)
+def test_packed_loss_and_grads_equal_padded(kind, text_repr, scan):
   """Loss and gradients of a packed batch equal those of the same products
-  padded (in slot order), dropout off and on (0.3 in BERT, fusion, head)."""
+  padded (in slot order), dropout off and on (0.3 in BERT, fusion, head);
+  ``scan``: BERT's layers under nn.scan with remat."""
   rng = np.random.default_rng(1)
   products = _products(rng, 10)
   packed = packing.pack(products, pack_length=32, slots=4, rows=4)
   assert 0 < (packed["mask"] == 0).sum()  # Empty slots are part of the test.
   padded = packing.unpack(packed, LENGTH)
   for rate in (0.0, 0.3):
-    model = _tiny_model(kind, text_repr, rate)
+    model = _tiny_model(kind, text_repr, rate, scan)
     params = nn.meta.unbox(jax.jit(lambda b, model=model: model.init(
         {"params": jax.random.key(0), "dropout": jax.random.key(1)}, b))(
             padded)["params"])
@@ -316,3 +320,19 @@ def test_packed_run_trains_evaluates_and_exports_a_padded_model(tmp_path):
   want = np.asarray(jax.nn.softmax(np.asarray(logits)[packed["mask"] > 0]
                                    / temperature, axis=-1))
   assert np.abs(got - want).max() <= 1e-5
+
+
+def test_resolve_packing(data_dir):
+  info = pipeline.DatasetInfo.load(data_dir)
+  got = pipeline.resolve_packing(info, pack_length=0, slots=0,
+                                 global_batch_size=12, row_multiple=2,
+                                 process_count=2)
+  # Titles of 2..16 tokens, mean 7.6: 64-token rows, 13 slots (1.5 x 64 /
+  # 7.6, under 64 / 2), 12 titles of about 7.5 per row -> 2 rows, 1 a host.
+  assert got == pipeline.Packing(length=4 * LENGTH, slots=13, rows=1)
+  assert pipeline.resolve_packing(
+      info, pack_length=40, slots=3, global_batch_size=30,
+      row_multiple=1).rows == 10  # 3 titles a row at most.
+  with pytest.raises(ValueError, match="pack_length"):
+    pipeline.resolve_packing(info, pack_length=8, slots=3,
+                             global_batch_size=4, row_multiple=1)

@@ -416,10 +416,11 @@ def resolve_packing(info: DatasetInfo, *, pack_length: int, slots: int,
 
   ``pack_length`` 0 takes ``4 * max_length`` (a row holds a few titles
   whatever their lengths, and the attention over a row stays a small
-  square). ``slots`` 0 takes twice the titles of mean length a row holds,
-  capped by ``pack_length`` over the shortest title: room for runs of
-  short titles, while every slot costs a photo and an unpacked title of
-  ``max_length`` in the fusion. The rows per step hold about
+  square). ``slots`` 0 takes 1.5 times the titles of mean length a row
+  holds, capped by ``pack_length`` over the shortest title: some room for
+  runs of short titles, while every slot, empty or not, costs a photo
+  (the photo tower runs per slot; a feature cache makes that a lookup)
+  and an unpacked title of ``max_length`` in the fusion. The rows per step hold about
   ``global_batch_size`` titles of the training split's mean length, in a
   multiple of ``row_multiple * process_count`` (the data-parallel devices
   and gradient-accumulation steps a batch is split into), so a packed
@@ -437,7 +438,7 @@ def resolve_packing(info: DatasetInfo, *, pack_length: int, slots: int,
     shortest = max(1, int(present[0]))
   if not slots:
     slots = min(pack_length // shortest,
-                max(1, int(np.ceil(2 * pack_length / max(mean, 1.0)))))
+                max(1, int(np.ceil(1.5 * pack_length / max(mean, 1.0)))))
   packing_lib.check(pack_length, int(slots), info.max_length)
   # Greedy rows are not full: the next title often does not fit the rest.
   per_row = max(1.0, min(float(slots), 0.9 * pack_length / max(mean, 1.0)))
