@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -422,8 +423,9 @@ def resolve_packing(info: DatasetInfo, *, pack_length: int, slots: int,
   (the photo tower runs per slot; a feature cache makes that a lookup)
   and an unpacked title of ``max_length`` in the fusion. The rows per step hold about
   ``global_batch_size`` titles of the training split's mean length, in a
-  multiple of ``row_multiple * process_count`` (the data-parallel devices
-  and gradient-accumulation steps a batch is split into), so a packed
+  multiple of ``row_multiple`` (the data-parallel devices of the mesh times
+  the gradient-accumulation steps a batch is split into) and of
+  ``process_count``, so a packed
   step does about the work of ``global_batch_size`` products and
   ``optim`` settings keep their meaning.
   """
@@ -442,7 +444,8 @@ def resolve_packing(info: DatasetInfo, *, pack_length: int, slots: int,
   packing_lib.check(pack_length, int(slots), info.max_length)
   # Greedy rows are not full: the next title often does not fit the rest.
   per_row = max(1.0, min(float(slots), 0.9 * pack_length / max(mean, 1.0)))
-  multiple = max(1, int(row_multiple)) * process_count
+  # row_multiple counts devices of the whole mesh; each host reads a share.
+  multiple = math.lcm(max(1, int(row_multiple)), process_count)
   rows = int(np.ceil(global_batch_size / per_row / multiple)) * multiple
   logging.info("packing titles: %d rows of %d tokens per step, up to %d "
                "titles each (mean title %.1f tokens; about %.0f titles per "
