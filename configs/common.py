@@ -245,6 +245,14 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # compiled train/eval step per bucket. The run records the lengths it used
   # here (config.json), and the export serves the same buckets.
   c.data.length_buckets = ""
+  # Pack several titles into each row of the text tower (mic_jax/data/
+  # packing.py): only real tokens are computed, at one static shape. Rows
+  # of pack_length tokens (0: 4 * text.max_length) hold up to pack_slots
+  # titles (0: chosen from the training lengths); batch_size then sets
+  # about how many products a step holds. Excludes length_buckets.
+  c.data.pack_titles = False
+  c.data.pack_length = 0
+  c.data.pack_slots = 0
 
   c.text = ml_collections.ConfigDict()
   c.text.checkpoint = PAPER_TEXT  # HF directory or hub id; "" = scratch.

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from mic_jax.data import buckets as buckets_lib
+from mic_jax.data import packing as packing_lib
 from mic_jax.data import preprocess
 from mic_jax.data import records
 
@@ -394,6 +396,142 @@ def _bucketed_train(files: list[str], sizes: list[int], info: DatasetInfo,
     yield next(iterators[k])
 
 
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """How titles are packed (``config.data.pack_titles`` and its fields).
+
+  Attributes:
+    length: tokens per packed row (``data.pack_length``).
+    slots: products per row at most (``data.pack_slots``).
+    rows: rows per batch on this host.
+  """
+  length: int
+  slots: int
+  rows: int
+
+
+def resolve_packing(info: DatasetInfo, *, pack_length: int, slots: int,
+                    global_batch_size: int, row_multiple: int,
+                    process_count: int = 1) -> Packing:
+  """``config.data.pack_*`` -> this run's :class:`Packing` (per host rows).
+
+  ``pack_length`` 0 takes ``4 * max_length`` (a row holds a few titles
+  whatever their lengths, and the attention over a row stays a small
+  square). ``slots`` 0 takes 1.5 times the titles of mean length a row
+  holds, capped by ``pack_length`` over the shortest title: some room for
+  runs of short titles, while every slot, empty or not, costs a photo
+  (the photo tower runs per slot; a feature cache makes that a lookup)
+  and an unpacked title of ``max_length`` in the fusion. The rows per step hold about
+  ``global_batch_size`` titles of the training split's mean length, in a
+  multiple of ``row_multiple`` (the data-parallel devices of the mesh times
+  the gradient-accumulation steps a batch is split into) and of
+  ``process_count``, so a packed
+  step does about the work of ``global_batch_size`` products and
+  ``optim`` settings keep their meaning.
+  """
+  pack_length = int(pack_length) or 4 * info.max_length
+  counts = (split_length_counts(info, "train") if info.has_split("train")
+            else None)
+  if counts is None or counts.sum() == 0:
+    mean, shortest = float(info.max_length), 1
+  else:
+    present = np.nonzero(counts)[0]
+    mean = float((counts * np.arange(len(counts))).sum() / counts.sum())
+    shortest = max(1, int(present[0]))
+  if not slots:
+    slots = min(pack_length // shortest,
+                max(1, int(np.ceil(1.5 * pack_length / max(mean, 1.0)))))
+  packing_lib.check(pack_length, int(slots), info.max_length)
+  # Greedy rows are not full: the next title often does not fit the rest.
+  per_row = max(1.0, min(float(slots), 0.9 * pack_length / max(mean, 1.0)))
+  # row_multiple counts devices of the whole mesh; each host reads a share.
+  multiple = math.lcm(max(1, int(row_multiple)), process_count)
+  rows = int(np.ceil(global_batch_size / per_row / multiple)) * multiple
+  logging.info("packing titles: %d rows of %d tokens per step, up to %d "
+               "titles each (mean title %.1f tokens; about %.0f titles per "
+               "step)", rows, pack_length, slots, mean, rows * per_row)
+  return Packing(length=pack_length, slots=int(slots),
+                 rows=rows // process_count)
+
+
+def _packed_epoch_plan(files: list[str], sizes: list[int], epoch: int, *,
+                       max_length: int, packing: Packing, order_seed: int,
+                       host_seed: int, shuffle_buffer: int, index: int,
+                       per_epoch: int) -> list[int]:
+  """Titles per packed batch in one epoch of this host: the epoch's record
+  stream read for its title lengths only (no photo is decoded)."""
+  ds = _epoch_records(files, sizes, tf.constant(epoch, tf.int64), order_seed,
+                      host_seed, shuffle_buffer, index, per_epoch)
+  ds = ds.map(_token_length(max_length), num_parallel_calls=AUTOTUNE,
+              deterministic=True).batch(4096)
+  lengths = np.concatenate([np.zeros(0, np.int64), *ds.as_numpy_iterator()])
+  return packing_lib.plan_batches(lengths, packing.length, packing.slots,
+                                  packing.rows)
+
+
+def _packed_train(files: list[str], sizes: list[int], info: DatasetInfo,
+                  packing: Packing, *, start_step: int, index: int,
+                  per_epoch: int, order_seed: int, host_seed: int,
+                  shuffle_buffer: int, decode, empty_slot: Batch
+                  ) -> Iterator[Batch]:
+  """The training stream in packed rows (see :func:`train_batches`).
+
+  Each epoch is this host's usual epoch stream (file order, shuffle and
+  augmentation positions of the padded path), packed greedily in order
+  (:func:`packing.plan_rows`); batches take ``packing.rows`` rows, and the
+  epoch's last batch is completed with empty rows rather than borrowing
+  from the next epoch, so every epoch is every example of the host's share
+  exactly once, and the batches of an epoch are a function of its title
+  lengths alone. Resuming at ``start_step`` replays the plans of the
+  epochs before it from their title lengths (records read, no photo
+  decoded), then skips the raw records of the batches already taken.
+  """
+  plan = functools.partial(
+      _packed_epoch_plan, files, sizes, max_length=info.max_length,
+      packing=packing, order_seed=order_seed, host_seed=host_seed,
+      shuffle_buffer=shuffle_buffer, index=index, per_epoch=per_epoch)
+  epoch, skip, done = 0, 0, 0
+  while True:
+    batches = plan(epoch)
+    if start_step < done + len(batches):
+      skip = sum(batches[:start_step - done])
+      break
+    done += len(batches)
+    epoch += 1
+  for epoch in itertools.count(epoch):
+    ds = _epoch_records(files, sizes, tf.constant(epoch, tf.int64),
+                        order_seed, host_seed, shuffle_buffer, index,
+                        per_epoch)
+    ds = ds.enumerate(start=epoch * per_epoch).skip(skip)
+    skip = 0
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    yield from _pack_stream(
+        _with_options(ds.prefetch(AUTOTUNE)).as_numpy_iterator(), packing,
+        empty_slot)
+
+
+def _pack_stream(examples: Iterator[Batch], packing: Packing,
+                 empty_slot: Batch | None) -> Iterator[Batch]:
+  """Packed batches of ``examples`` in order, as :func:`packing.
+  plan_batches` cuts them (the last one partial), built as they arrive."""
+  rows, length, slots = packing.rows, packing.length, packing.slots
+  pending: list[Batch] = []
+  opened, used, count = 0, 0, 0
+  for example in examples:
+    n = packing_lib.title_length(example)
+    if not count or used + n > length or count == slots:
+      if opened == rows:  # The next title opens row rows + 1: emit.
+        yield packing_lib.pack(pending, pack_length=length, slots=slots,
+                               rows=rows, empty_slot=empty_slot)
+        pending, opened = [], 0
+      opened, used, count = opened + 1, 0, 0
+    used, count = used + n, count + 1
+    pending.append(example)
+  if pending:
+    yield packing_lib.pack(pending, pack_length=length, slots=slots,
+                           rows=rows, empty_slot=empty_slot)
+
+
 def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
   options = tf.data.Options()
   options.deterministic = True
@@ -407,7 +545,8 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
                   process_count: int | None = None,
                   shuffle_buffer: int = 10_000,
                   image_keys: bool = False,
-                  length_buckets: tuple[int, ...] = ()) -> Iterator[Batch]:
+                  length_buckets: tuple[int, ...] = (),
+                  packing: Packing | None = None) -> Iterator[Batch]:
   """Endless training batches for this host, resumable at ``start_step``.
 
   Across hosts, each epoch is every training example once, minus at most
@@ -435,9 +574,17 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
       the hosts' average rate: a host whose share of an epoch holds more
       (fewer) titles of a bucket than the average carries them into (takes
       them early from) its next epoch -- nothing is dropped or repeated.
+    packing: pack titles into rows (:mod:`mic_jax.data.packing`) instead;
+      ``batch_size`` is then unused (``packing.rows`` rows per batch, up to
+      ``packing.slots`` products each). Every epoch is every example of the
+      host's share exactly once (its last batch completed with empty
+      slots), all shapes are static, and hosts whose shares pack into
+      different numbers of batches simply move on to their next epoch at
+      different steps.
 
   Yields:
-    The batch dict of the trainer contract (``mask`` all ones).
+    The batch dict of the trainer contract (``mask`` all ones; packed,
+    ``mask`` 0 on empty slots).
   """
   index, count = _process(process_index, process_count)
   info = DatasetInfo.load(data_dir)
@@ -465,6 +612,18 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
                                    image_size, image_seed)
     return _to_batch_features(ex, image, tf.constant(1.0))
 
+  if packing is not None:
+    if length_buckets:
+      raise ValueError("data.pack_titles and data.length_buckets are "
+                       "exclusive: packed rows have one static length")
+    packing_lib.check(packing.length, packing.slots, info.max_length)
+    empty_slot = {"image_key": preprocess.no_photo_key()} if image_keys else None
+    yield from _named_read_errors(_packed_train(
+        files, sizes, info, packing, start_step=start_step, index=index,
+        per_epoch=per_epoch, order_seed=order_seed, host_seed=host_seed,
+        shuffle_buffer=shuffle_buffer, decode=decode, empty_slot=empty_slot),
+                                  info, "train")
+    return
   if length_buckets:
     yield from _named_read_errors(_bucketed_train(
         files, sizes, info, tuple(length_buckets), batch_size=batch_size,
@@ -490,11 +649,39 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
   yield from _named_read_errors(ds.as_numpy_iterator(), info, "train")
 
 
+def _packed_eval(files: list[str], total: int, info: DatasetInfo,
+                 packing: Packing, *, index: int, count: int, decode,
+                 pad: Batch, image_keys: bool) -> Iterator[Batch]:
+  """The packed evaluation stream of one process (see :func:`eval_batches`)."""
+  records_ds = tf.data.TFRecordDataset(files, num_parallel_reads=None).apply(
+      tf.data.experimental.assert_cardinality(total))
+  lengths = np.concatenate([np.zeros(0, np.int64), *records_ds.map(
+      _token_length(info.max_length), num_parallel_calls=AUTOTUNE,
+      deterministic=True).batch(4096).as_numpy_iterator()])
+  num_batches = max(len(packing_lib.plan_batches(
+      lengths[p::count], packing.length, packing.slots, packing.rows))
+                    for p in range(count))
+  empty_slot = {"image_key": preprocess.no_photo_key()} if image_keys else None
+  ds = records_ds.shard(count, index).map(decode, num_parallel_calls=AUTOTUNE,
+                                          deterministic=True)
+  made = 0
+  for batch in _pack_stream(ds.prefetch(AUTOTUNE).as_numpy_iterator(),
+                            packing, empty_slot):
+    made += 1
+    yield batch
+  empty = packing_lib.pack([pad], pack_length=packing.length,
+                           slots=packing.slots, rows=packing.rows,
+                           empty_slot=empty_slot)
+  for _ in range(num_batches - made):
+    yield empty
+
+
 def eval_batches(data_dir: str, split: str, *, batch_size: int,
                  image_size: int, process_index: int | None = None,
                  process_count: int | None = None,
                  image_keys: bool = False,
-                 length_buckets: tuple[int, ...] = ()) -> Iterator[Batch]:
+                 length_buckets: tuple[int, ...] = (),
+                 packing: Packing | None = None) -> Iterator[Batch]:
   """Every example of ``split`` exactly once across processes, padded.
 
   All processes yield the same number of batches,
@@ -508,6 +695,12 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
   yields the same number of batches of each bucket, in bucket order, from
   the split's length counts. The order of examples is then bucket by
   bucket, the same for every model that uses the same buckets.
+
+  With ``packing`` each process packs its dealt examples in order
+  (:func:`packing.plan_batches`); the split's title lengths are read once
+  (no photo decoded) to find the process with the most batches, and the
+  others follow with empty batches (``mask`` 0 on every slot), so all
+  yield the same number of batches of the same shapes.
   """
   index, count = _process(process_index, process_count)
   info = DatasetInfo.load(data_dir)
@@ -553,6 +746,16 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
     num_batches = -(-(-(-examples // count)) // batch_size)
     return ds.take(num_batches * batch_size).batch(batch_size)
 
+  if packing is not None:
+    if length_buckets:
+      raise ValueError("data.pack_titles and data.length_buckets are "
+                       "exclusive: packed rows have one static length")
+    packing_lib.check(packing.length, packing.slots, info.max_length)
+    yield from _named_read_errors(_packed_eval(
+        files, total, info, packing, index=index, count=count,
+        decode=decode, pad={k: v.numpy() for k, v in pad.items()},
+        image_keys=image_keys), info, split)
+    return
   if not length_buckets:
     parts = [dealt(None, total)]
   else:

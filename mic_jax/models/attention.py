@@ -67,6 +67,7 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
                           dropout_rate: float = 0.0,
                           deterministic: bool = True,
                           position_dropout: bool = False,
+                          packed: Any = None,
                           dtype: Dtype = jnp.float32) -> jnp.ndarray:
   """``softmax(q k^T * scale + bias, masked) v`` per head.
 
@@ -87,6 +88,9 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
       pair (:class:`mic_jax.models.dropout.TokenDropout`), so it does not
       depend on how far the titles are padded; for attention over title
       tokens (BERT, the fusion). Otherwise one ``nn.Dropout`` draw.
+    packed: a :class:`mic_jax.models.packing.PackedIndex` when query and
+      key are packed titles: the dropout mask is then the padded batch's
+      (needs ``position_dropout``).
     dtype: compute dtype of the probabilities-times-values product.
 
   Returns:
@@ -95,6 +99,8 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
   check_implementation(implementation)
   if empty_rows_zero and mask is None:
     raise ValueError("empty_rows_zero needs a mask")
+  if packed is not None and not position_dropout:
+    raise ValueError("packed titles need position_dropout")
   use_dropout = dropout_rate > 0 and not deterministic
   if implementation != "einsum" and use_dropout:
     logging.log_first_n(
@@ -119,7 +125,7 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
       weights = jax.nn.softmax(logits, axis=-1)
     if position_dropout:
       weights = dropout_lib.TokenDropout(dropout_rate, position_axes=(2, 3))(
-          weights, deterministic=not use_dropout)
+          weights, deterministic=not use_dropout, packed=packed)
     else:
       weights = nn.Dropout(dropout_rate)(weights,
                                          deterministic=not use_dropout)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from mic_jax.models import attention
 from mic_jax.models import dropout as dropout_lib
+from mic_jax.models import packing as packing_lib
 from mic_jax.models import partitioning as P
 from mic_jax.models import precision
 
@@ -177,7 +178,9 @@ class BertEmbeddings(_BertModule):
   """Word + position + token-type embeddings, LayerNorm, dropout."""
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, *, train: bool):
+  def __call__(self, input_ids, token_type_ids, *, train: bool,
+               packed: packing_lib.PackedIndex | None = None):
+    """``packed``: positions restart at 0 for each packed title."""
     cfg = self.config
     init = nn.initializers.normal(cfg.initializer_range)
 
@@ -185,19 +188,21 @@ class BertEmbeddings(_BertModule):
       return nn.Embed(num, cfg.hidden_size, embedding_init=P.logical(
           init, names), name=name, **self.kw)
 
-    length = input_ids.shape[1]
+    # A packed row may be longer than any position: its titles are not.
+    length = input_ids.shape[1] if packed is None else packed.title_length
     if length > cfg.max_position_embeddings:
       raise ValueError(f"sequence length {length} exceeds "
                        f"max_position_embeddings {cfg.max_position_embeddings}")
     x = embed(cfg.vocab_size, (P.VOCAB, P.EMBED), "word_embeddings")(input_ids)
-    positions = jnp.arange(length)[None, :]
+    positions = (jnp.arange(length)[None, :] if packed is None
+                 else packed.title_positions)
     x = x + embed(cfg.max_position_embeddings, (P.POSITIONS, P.EMBED),
                   "position_embeddings")(positions)
     x = x + embed(cfg.type_vocab_size, (P.TYPES, P.EMBED),
                   "token_type_embeddings")(token_type_ids)
     x = _layer_norm(cfg, **self.kw)(x)
     x = dropout_lib.TokenDropout(cfg.hidden_dropout_prob)(
-        x, deterministic=not train)
+        x, deterministic=not train, packed=packed)
     return P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
 
 
@@ -209,7 +214,7 @@ class BertSelfAttention(_BertModule):
   """
 
   @nn.compact
-  def __call__(self, x, attention_bias, *, train: bool):
+  def __call__(self, x, attention_bias, *, train: bool, packed=None):
     cfg = self.config
     batch, length, _ = x.shape
 
@@ -222,7 +227,8 @@ class BertSelfAttention(_BertModule):
     out = attention.dot_product_attention(
         q, k, v, bias=attention_bias, implementation=cfg.attention_impl,
         dropout_rate=cfg.attention_probs_dropout_prob,
-        deterministic=not train, position_dropout=True, dtype=self.dtype)
+        deterministic=not train, position_dropout=True, packed=packed,
+        dtype=self.dtype)
     return out.reshape(batch, length, cfg.hidden_size)
 
 
@@ -231,11 +237,11 @@ class BertOutput(_BertModule):
   in_axis: str = P.MLP
 
   @nn.compact
-  def __call__(self, h, residual, *, train: bool):
+  def __call__(self, h, residual, *, train: bool, packed=None):
     cfg = self.config
     h = _dense(cfg.hidden_size, (self.in_axis, P.EMBED), cfg, **self.kw)(h)
     h = dropout_lib.TokenDropout(cfg.hidden_dropout_prob)(
-        h, deterministic=not train)
+        h, deterministic=not train, packed=packed)
     return _layer_norm(cfg, **self.kw)(h + residual)
 
 
@@ -243,11 +249,11 @@ class BertAttention(_BertModule):
   """``attention/self`` then ``attention/output``, as Hugging Face names them."""
 
   @nn.compact
-  def __call__(self, x, attention_bias, *, train: bool):
+  def __call__(self, x, attention_bias, *, train: bool, packed=None):
     a = BertSelfAttention(self.config, name="self", **self.kw)(
-        x, attention_bias, train=train)
+        x, attention_bias, train=train, packed=packed)
     return BertOutput(self.config, in_axis=P.HEADS, name="output", **self.kw)(
-        a, x, train=train)
+        a, x, train=train, packed=packed)
 
 
 class BertIntermediate(_BertModule):
@@ -270,11 +276,12 @@ class BertLayer(_BertModule):
   scan_body: bool = False
 
   @nn.compact
-  def __call__(self, x, attention_bias, train: bool):
+  def __call__(self, x, attention_bias, train: bool, packed=None):
     x = BertAttention(self.config, name="attention", **self.kw)(
-        x, attention_bias, train=train)
+        x, attention_bias, train=train, packed=packed)
     h = BertIntermediate(self.config, name="intermediate", **self.kw)(x)
-    x = BertOutput(self.config, name="output", **self.kw)(h, x, train=train)
+    x = BertOutput(self.config, name="output", **self.kw)(h, x, train=train,
+                                                          packed=packed)
     x = P.constrain(x, (P.BATCH, P.LENGTH, P.ACT_EMBED))
     return (x, None) if self.scan_body else x
 
@@ -290,19 +297,19 @@ class BertLayerStack(_BertModule):
   scan: bool = False
 
   @nn.compact
-  def __call__(self, x, attention_bias, *, train: bool):
+  def __call__(self, x, attention_bias, *, train: bool, packed=None):
     # static_argnums counts the module as argument 0, so ``train`` is 3.
     layer_cls = (nn.remat(BertLayer, static_argnums=(3,)) if self.remat
                  else BertLayer)
     if self.scan:
       stack = P.scan_layers(layer_cls, length=self.config.num_hidden_layers,
-                            num_broadcast=2)
+                            num_broadcast=3)
       x, _ = stack(self.config, scan_body=True, name="layer", **self.kw)(
-          x, attention_bias, train)
+          x, attention_bias, train, packed)
       return x
     for i in range(self.config.num_hidden_layers):
       x = layer_cls(self.config, name=f"layer_{i}", **self.kw)(
-          x, attention_bias, train)
+          x, attention_bias, train, packed)
     return x
 
 
@@ -334,7 +341,8 @@ class BertEncoder(_BertModule):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-               train: bool = False):
+               train: bool = False,
+               packed: packing_lib.PackedIndex | None = None):
     """Encodes token ids.
 
     Args:
@@ -343,20 +351,33 @@ class BertEncoder(_BertModule):
         when omitted.
       token_type_ids: int ``[B, L]``; zeros when omitted.
       train: enables dropout (needs a ``dropout`` RNG).
+      packed: the rows are packed titles (:mod:`mic_jax.models.packing`):
+        attention is block-diagonal by segment, positions restart per
+        title, and the outputs are per product, unpacked.
 
     Returns:
-      ``(sequence [B, L, H], pooled [B, H])`` in the compute dtype.
+      ``(sequence [B, L, H], pooled [B, H])`` in the compute dtype; packed,
+      ``(sequence [R * S, T, H], pooled [R * S, H])`` with ``T =
+      packed.title_length`` (:func:`packing.unpack`; its mask is
+      ``packing.unpack``'s too).
     """
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = BertEmbeddings(self.config, name="embeddings", **self.kw)(
-        input_ids, token_type_ids, train=train)
-    # Additive mask; float32 min keeps fully padded rows finite after softmax.
-    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
-                     jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        input_ids, token_type_ids, train=train, packed=packed)
+    if packed is None:
+      # Additive mask; float32 min keeps fully padded rows finite after
+      # softmax.
+      bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                       jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    else:
+      bias = packing_lib.attention_bias(packed, attention_mask)
     seq = BertLayerStack(self.config, remat=self.remat, scan=self.scan_layers,
-                         name="encoder", **self.kw)(x, bias, train=train)
+                         name="encoder", **self.kw)(x, bias, train=train,
+                                                    packed=packed)
+    if packed is not None:
+      seq, _ = packing_lib.unpack(seq, packed)
     pooled = BertPooler(self.config, name="pooler", **self.kw)(seq)
     return seq, pooled

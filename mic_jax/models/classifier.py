@@ -39,6 +39,7 @@ import ml_collections
 from mic_jax.models import attention as attention_lib
 from mic_jax.models import bert as bert_lib
 from mic_jax.models import fusion as fusion_lib
+from mic_jax.models import packing as packing_lib
 
 Batch = Mapping[str, jnp.ndarray]
 KINDS = ("text_only", "image_only", "early", "cross_modal")
@@ -136,6 +137,9 @@ class MultimodalClassifier(nn.Module):
     attention_impl: how the fusion's attention runs ("einsum", "xla",
       "cudnn"; :mod:`mic_jax.models.attention`); the towers carry their own
       in their configs.
+    title_length: the width packed titles are unpacked to after the text
+      tower (``text.max_length``; :mod:`mic_jax.models.packing`). Only
+      packed batches read it; they need it set.
     dtype: compute dtype; parameters keep their own ``param_dtype``.
   """
   kind: str
@@ -154,6 +158,7 @@ class MultimodalClassifier(nn.Module):
   aux_heads: bool = False
   image_start_block: int = 0
   attention_impl: str = "einsum"
+  title_length: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -209,17 +214,56 @@ class MultimodalClassifier(nn.Module):
         ``label`` and ``mask`` are ignored).
       train: enables dropout (needs a ``dropout`` RNG).
 
+    A packed batch (``segment_ids``, :mod:`mic_jax.models.packing`) has
+    token arrays ``[R, P]`` and per-slot ``image*`` / ``image_present``
+    ``[R, S, ...]``: the text tower runs packed, its output is unpacked to
+    ``[R * S, title_length]`` per product, and everything after it runs as
+    on the padded batch of those ``R * S`` products in slot order.
+
     Returns:
       ``(logits [B, C] float32, aux)``; ``aux`` holds the features the head
       saw (``features``), the towers' global vectors (``text_cls``,
       ``image_cls``) and, for cross_modal, ``gate_mean`` (a float32 scalar,
       the visual gate averaged over real tokens of products with a photo).
+      Packed, the logits (and ``text_logits``, ``image_logits``) are ``[R,
+      S, C]``, the shape of the batch's per-slot ``label`` and ``mask``, so
+      the loss reads them as it reads a padded batch; the other ``aux``
+      arrays are per product, ``[R * S, ...]``.
     """
+    packed = None
+    if packing_lib.is_packed(batch):
+      if not self.title_length:
+        raise ValueError("a packed batch needs the model's title_length "
+                         "(build_model sets it from text.max_length)")
+      packed = packing_lib.PackedIndex.from_batch(batch, self.title_length)
+      slot_keys = ("image", "image_tokens", "image_hidden", "image_present")
+      batch = {**batch, **{k: packing_lib.flatten_slots(batch[k])
+                           for k in slot_keys if k in batch}}
+    logits, aux = self._classify(batch, train, packed)
+    if packed is not None:
+      rows, slots = packed.slot_start.shape
+      unflatten = lambda x: x.reshape(rows, slots, *x.shape[1:])
+      logits = unflatten(logits)
+      for name in ("text_logits", "image_logits"):
+        if name in aux:
+          aux[name] = unflatten(aux[name])
+    return logits, aux
+
+  def _classify(self, batch: Batch, train: bool,
+                packed: packing_lib.PackedIndex | None
+                ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """:meth:`__call__` on per-product image inputs (text may be packed)."""
     aux: dict[str, jnp.ndarray] = {}
     if self.txt is not None:
       text_mask = batch["attention_mask"]
       seq, pooled = self.txt(batch["input_ids"], text_mask,
-                             batch.get("token_type_ids"), train=train)
+                             batch.get("token_type_ids"), train=train,
+                             packed=packed)
+      if packed is not None:
+        # The slot's own tokens, where the batch's mask keeps them (a
+        # withheld title keeps only its [CLS]).
+        values, own = packing_lib.unpack(text_mask[..., None], packed)
+        text_mask = values[..., 0] * own
       text_cls = text_vector(seq, pooled, text_mask, self.text_repr)
       aux["text_cls"] = text_cls
     if self.img is not None:
@@ -446,6 +490,7 @@ def build_model(config: ml_collections.ConfigDict,
       aux_heads=aux_heads,
       image_start_block=image_start_block,
       attention_impl=attention_impl(config),
+      title_length=int(config.text.get("max_length", 0) or 0),
       dtype=dtype, param_dtype=jnp.float32)
 
 

@@ -25,9 +25,12 @@ position (per pair) and exactly the bits used. The price is that a padded
 run draws other masks than ``nn.Dropout`` did (the same distribution, so
 the same model in expectation; a padded run is not bitwise the one before).
 
-Packing several titles into one row would need the position within each
-title (and the title's own row in the batch) as the index, not the row
-position; :func:`keep_mask` takes the axes, the index is ``arange``.
+Packed titles (:mod:`mic_jax.models.packing`) share a row, so a token's
+row position is neither its position in its title nor its row in the padded
+batch. :class:`TokenDropout` called with a ``packed`` index draws the padded
+batch's mask (``[R * S, title_length, ...]``) and gathers each token's
+element at (its product, its title position), so a packed step gets the
+very masks of the padded step of the same products.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mic_jax.models import packing
 
 
 def keep_mask(key: jax.Array, keep_prob: float, shape: Sequence[int],
@@ -75,13 +80,46 @@ class TokenDropout(nn.Module):
   position_axes: tuple[int, ...] = (1,)
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, *, deterministic: bool,
+               packed: packing.PackedIndex | None = None) -> jnp.ndarray:
+    """``packed``: ``x`` is packed titles (``[R, P, D]`` states or ``[R, H,
+    P, P]`` attention probabilities); see the module docstring."""
     if deterministic or self.rate == 0.0:
       return x
     if self.rate == 1.0:
       return jnp.zeros_like(x)
     keep_prob = 1.0 - self.rate
-    keep = keep_mask(self.make_rng("dropout"), keep_prob, x.shape,
-                     self.position_axes)
+    key = self.make_rng("dropout")
+    if packed is None:
+      keep = keep_mask(key, keep_prob, x.shape, self.position_axes)
+    else:
+      keep = _packed_keep_mask(key, keep_prob, x.shape, self.position_axes,
+                               packed)
     return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype),
                      jnp.zeros_like(x))
+
+
+def _packed_keep_mask(key: jax.Array, keep_prob: float, shape: Sequence[int],
+                      position_axes: Sequence[int],
+                      packed: packing.PackedIndex) -> jnp.ndarray:
+  """The padded batch's :func:`keep_mask`, gathered at the packed tokens.
+
+  Supports the two layouts the models use: hidden states ``[R, P, ...]``
+  with ``position_axes=(1,)`` and attention probabilities ``[R, H, P, P]``
+  with ``(2, 3)``. A (query, key) pair of two titles gets some mask: its
+  probability is 0 (the segment mask), so the mask never matters there.
+  """
+  n, t = packed.num_examples, packed.title_length
+  example, pos = packed.example_ids, packed.title_positions  # [R, P]
+  axes = tuple(a % len(shape) for a in position_axes)
+  if axes == (1,):
+    full = keep_mask(key, keep_prob, (n, t, *shape[2:]), (1,))
+    return full[example, pos]
+  if axes == (2, 3) and len(shape) == 4:
+    full = keep_mask(key, keep_prob, (n, shape[1], t, t), (2, 3))
+    # Advanced indices around a slice: the result is [R, P, P, H].
+    picked = full[example[:, :, None], :, pos[:, :, None], pos[:, None, :]]
+    return jnp.moveaxis(picked, 3, 1)
+  raise ValueError(f"packed dropout supports [R, P, D] (axes (1,)) and "
+                   f"[R, H, P, P] (axes (2, 3)), got shape {tuple(shape)} "
+                   f"with axes {tuple(position_axes)}")

@@ -65,7 +65,8 @@ class Evaluator:
         self.run.data_dir, split, batch_size=shd.per_host_batch_size(self.batch_size),
         image_size=self.run.config.image.size,
         image_keys=features is not None,
-        length_buckets=getattr(self.run, "buckets", ()))
+        length_buckets=getattr(self.run, "buckets", ()),
+        packing=getattr(self.run, "packing", None))
     if features is not None:
       batches = features.attach(batches, withhold=withhold_images)
     for batch in batches:

@@ -285,8 +285,12 @@ class ImageFeatureCache:
     self.no_photo = preprocess.no_photo_key()
 
   def lookup(self, keys: np.ndarray) -> np.ndarray:
-    """Tokens of each key (``[B, T, D]``); an unknown key is an error."""
+    """Tokens of each key (``[B, T, D]``; ``[R, S, T, D]`` for a packed
+    batch's ``[R, S]`` keys); an unknown key is an error."""
     keys = np.asarray(keys, np.int64)
+    if keys.ndim != 1:
+      flat = self.lookup(keys.reshape(-1))
+      return flat.reshape(*keys.shape, *flat.shape[1:])
     rows = np.searchsorted(self.keys, keys)
     rows = np.minimum(rows, len(self.keys) - 1)
     missing = self.keys[rows] != keys

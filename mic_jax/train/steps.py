@@ -112,7 +112,10 @@ _TITLE_DROP = 0x717E
 def withhold_photos(batch: Batch, key: jax.Array, rate: float) -> Batch:
   """``batch`` with each photo withheld (``image_present = 0``) w.p. ``rate``."""
   present = batch["image_present"]
-  keep = jax.random.bernoulli(key, 1.0 - rate, present.shape)
+  # Drawn flat: a packed batch's [R, S] slots get the draws of the padded
+  # batch of the same products in slot order.
+  keep = jax.random.bernoulli(key, 1.0 - rate, (present.size,)).reshape(
+      present.shape)
   return {**batch, "image_present": jnp.where(keep, present,
                                               jnp.zeros_like(present))}
 
@@ -126,8 +129,17 @@ def withhold_titles(batch: Batch, key: jax.Array, rate: float) -> Batch:
   example is left with neither.
   """
   mask = batch["attention_mask"]
-  drop = jax.random.bernoulli(key, rate, mask.shape[:1]) & (
-      batch["image_present"] > 0)
+  present = batch["image_present"]
+  drop = jax.random.bernoulli(key, rate, (present.size,)).reshape(
+      present.shape) & (present > 0)
+  if "segment_ids" in batch:
+    # Packed: products are slots [R, S]; each token reads its slot's draw
+    # and a withheld title keeps its own first token.
+    seg = batch["segment_ids"]
+    slot = jnp.take_along_axis(drop, jnp.maximum(seg - 1, 0), axis=1)
+    cut = slot & (seg > 0) & (batch["positions"] > 0)
+    return {**batch, "attention_mask": jnp.where(cut, 0, mask).astype(
+        mask.dtype)}
   first = (jnp.arange(mask.shape[1]) == 0)[None, :]
   return {**batch, "attention_mask": jnp.where(
       drop[:, None], first.astype(mask.dtype), mask)}

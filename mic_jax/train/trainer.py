@@ -77,6 +77,8 @@ class Run:
   features: Any = None
   # Title lengths batches are cut to (pipeline.resolve_buckets); () = padded.
   buckets: tuple[int, ...] = ()
+  # Packed titles (config.data.pack_titles; pipeline.resolve_packing).
+  packing: pipeline.Packing | None = None
 
   def train_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     """This host's training stream from ``start_step`` (pixels or tokens)."""
@@ -85,7 +87,8 @@ class Run:
         self.data_dir, batch_size=shd.per_host_batch_size(config.batch_size),
         image_size=config.image.size, seed=config.seed, start_step=start_step,
         shuffle_buffer=config.data.shuffle_buffer,
-        image_keys=self.features is not None, length_buckets=self.buckets)
+        image_keys=self.features is not None, length_buckets=self.buckets,
+        packing=self.packing)
     return batches if self.features is None else self.features.attach(batches)
 
 
@@ -154,6 +157,21 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
     # The lengths this run uses ('auto' resolved), as config.json records them.
     config.data.length_buckets = ",".join(map(str, buckets))
   mesh = shd.make_mesh(config.mesh, devices)
+  packing = None
+  if config.data.get("pack_titles"):
+    if buckets:
+      raise TrainingError("data.pack_titles and data.length_buckets are "
+                          "exclusive: packed rows have one static length")
+    packing = pipeline.resolve_packing(
+        info, pack_length=int(config.data.get("pack_length", 0) or 0),
+        slots=int(config.data.get("pack_slots", 0) or 0),
+        global_batch_size=config.batch_size,
+        row_multiple=(mesh.shape["data"] * mesh.shape["fsdp"]
+                      * config.grad_accum_steps),
+        process_count=jax.process_count())
+    with config.unlocked():  # Recorded resolved, as buckets are.
+      config.data.pack_length = packing.length
+      config.data.pack_slots = packing.slots
   rules = shd.validate_rules(config.mesh.rules or shd.DEFAULT_RULES)
   devices_per_batch = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % (devices_per_batch * config.grad_accum_steps):
@@ -184,7 +202,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
     shd.log_param_shardings(param_shardings, abstract_params)
   return Run(config, workdir, data_dir, info, mesh, rules, spec.model,
              state_shardings, abstract_state, spec=spec, tx=tx,
-             schedule=schedule, buckets=buckets)
+             schedule=schedule, buckets=buckets, packing=packing)
 
 
 def init_state(run: Run, checkpoints: checkpointing.RunCheckpoints
