@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import ml_collections
 
@@ -89,6 +90,9 @@ PRETRAINED_IMAGE_SIZE = 224
 SMALL_PHOTO_IMAGE_SIZE = 112
 SMALL_PHOTO_SIDE = 128
 SCRATCH_IMAGE_SIZE = 64
+# image.train_top_blocks = -1 resolves to this for a frozen pretrained ViT
+# (the H&M choice of issue 31, README), else to 0 (see resolve_auto).
+PRETRAINED_TOP_BLOCKS = 1
 
 
 def photo_sides(data_dir: str) -> dict[int, int]:
@@ -146,8 +150,11 @@ def resolve_auto(config: ml_collections.ConfigDict
   small photos) for a tower loaded from a checkpoint and
   :data:`SCRATCH_IMAGE_SIZE` for one trained from scratch, and
   ``image.freeze_pretrained`` adds the image tower to ``optim.freeze`` when
-  it is loaded from a checkpoint. An explicit value always wins; resolving
-  twice changes nothing. The trainer resolves every config it builds.
+  it is loaded from a checkpoint, and ``image.train_top_blocks = -1``
+  becomes :data:`PRETRAINED_TOP_BLOCKS` for a frozen pretrained ViT (its top
+  blocks train over the cache) and 0 for any other tower (a scratch tower
+  trains whole anyway). An explicit value always wins; resolving twice
+  changes nothing. The trainer resolves every config it builds.
   """
   config = config.copy_and_resolve_references()
   image = config.get("image")
@@ -163,6 +170,13 @@ def resolve_auto(config: ml_collections.ConfigDict
       patterns = [p for p in str(config.optim.freeze).split("|") if p]
       if "img" not in patterns:
         config.optim.freeze = "|".join(patterns + ["img"])
+    if int(image.get("train_top_blocks", 0) or 0) < 0:
+      freeze = str(config.optim.freeze)
+      frozen = bool(freeze and re.match(freeze, "img/"))
+      image.train_top_blocks = (
+          PRETRAINED_TOP_BLOCKS
+          if pretrained and frozen and image.get("kind") == "vit"
+          and kind_uses_image(config.model.kind) else 0)
   return config
 
 
@@ -255,8 +269,9 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # N blocks and final LayerNorm all the same. The cache then holds the
   # tokens entering block depth - N, so only the top N blocks run in a step
   # (mic_jax.train.image_features); 0 keeps the whole tower frozen, N = depth
-  # trains all of it from pixels. Their learning rate: optim.lr_multipliers
-  # (e.g. "txt=0.25,img=0.25").
+  # trains all of it from pixels; -1: PRETRAINED_TOP_BLOCKS for a frozen
+  # pretrained ViT, else 0 (resolve_auto). Their learning rate:
+  # optim.lr_multipliers (e.g. "txt=0.25,img=0.25").
   c.image.train_top_blocks = 0
   # How the cache keeps its rows: "float32", or "bfloat16" for half the disk
   # (the fashion catalogue's 224 px tokens: about 17 GB in float32); the

@@ -231,6 +231,39 @@ def test_auto_fields_follow_the_photo_tower():
     classifier.example_batch(unresolved)
 
 
+def test_auto_top_blocks_train_only_over_a_frozen_pretrained_vit():
+  """``image.train_top_blocks = -1`` trains the top of a frozen pretrained
+  ViT (:data:`common.PRETRAINED_TOP_BLOCKS`) and is 0 for a scratch tower, a
+  pretrained tower left training, BiT and a model without photos; an
+  explicit value wins; resolving twice changes nothing."""
+  def resolved(kind="cross_modal", arg="small", **fields):
+    config = common.make_config(kind, arg)
+    with config.unlocked():
+      config.image.train_top_blocks = -1
+      config.image.size = 112
+      for key, value in fields.items():
+        common.override(config, key.replace("__", "."), value)
+    return common.resolve_auto(config)
+
+  frozen = resolved(image__checkpoint="ckpt", image__freeze_pretrained=True)
+  assert frozen.image.train_top_blocks == common.PRETRAINED_TOP_BLOCKS > 0
+  assert common.resolve_auto(frozen).to_dict() == frozen.to_dict()
+  assert resolved(image__checkpoint="ckpt", image__freeze_pretrained=False,
+                  optim__freeze="img").image.train_top_blocks == (
+                      common.PRETRAINED_TOP_BLOCKS)
+  assert resolved().image.train_top_blocks == 0  # Scratch tower.
+  assert resolved(image__checkpoint="ckpt", image__freeze_pretrained=False,
+                  optim__freeze="").image.train_top_blocks == 0
+  assert resolved(arg="small,image=bit", image__checkpoint="ckpt",
+                  image__freeze_pretrained=True).image.train_top_blocks == 0
+  assert resolved("text_only", image__checkpoint="ckpt",
+                  image__freeze_pretrained=True).image.train_top_blocks == 0
+  explicit = common.make_config("cross_modal", "small")
+  with explicit.unlocked():
+    explicit.image.checkpoint, explicit.image.train_top_blocks = "ckpt", 2
+  assert common.resolve_auto(explicit).image.train_top_blocks == 2
+
+
 @pytest.mark.parametrize("histogram, size", [
     ({"<=128": 35346, "<=64": 4}, common.SMALL_PHOTO_IMAGE_SIZE),  # fashion
     ({"<=512": 9345}, common.PRETRAINED_IMAGE_SIZE),                # H&M
