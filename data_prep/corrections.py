@@ -20,9 +20,11 @@ Per product:
 Labels are replaced *after* the splits are chosen (from the catalogue's
 labels), so a correction never moves a product to another split, and the
 class list is the catalogue's. A correction whose label is not in the
-class list, or whose product is not among the prepared products (absent
-from the catalogue or rejected there), is not applied and is counted by
-reason. Decisions name the export whose scores were reviewed; those naming
+class list, or whose product the catalogue rejected, is not applied and is
+counted by reason; one whose product is in neither the catalogue nor the
+new products stops ``prepare`` unless ``--unmatched_decisions=count``
+(then counted as ``unknown_product``); decisions on new products are
+applied by :mod:`data_prep.new_products`. Decisions name the export whose scores were reviewed; those naming
 another export than most do are counted (``other_export``), not refused.
 
 Only the splits given (``--corrections_splits``, train by default) change.
@@ -67,6 +69,10 @@ class Corrections:
   source: str
   decisions: dict[str, tuple[str, str | None]]
   exports: dict[str, str] = dataclasses.field(default_factory=dict)
+  # Product id -> where its decision is (``FILE:LINE``, or the database
+  # and the product): what an error about the decision names.
+  where: dict[str, str] = dataclasses.field(default_factory=dict,
+                                            compare=False)
 
   @property
   def sha256(self) -> str:
@@ -136,14 +142,16 @@ def load(path: str | pathlib.Path) -> Corrections:
                      _cell(row.get("export"))))
   decisions: dict[str, tuple[str, str | None]] = {}
   exports: dict[str, str] = {}
+  places: dict[str, str] = {}
   for where, product, status, label, export in rows:
     product, status, label = _check(where, product, status, label)
     if product in decisions:
       raise CorrectionsError(f"{where}: product {product!r} decided twice")
     decisions[product] = (status, label)
+    places[product] = where
     if export:
       exports[product] = export
-  return Corrections(str(path), decisions, exports)
+  return Corrections(str(path), decisions, exports, places)
 
 
 def parse_splits(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
@@ -190,6 +198,11 @@ class Applier:
       self.by_split[split][reason] += 1
     if len(self._shown) < _SHOWN:
       self._shown.append({"id": product, "reason": reason, "label": label})
+
+  def claim(self, products: set[str]) -> None:
+    """Decisions on these products (new products, added elsewhere) are
+    accounted for: not counted as ``unknown_product``."""
+    self._seen |= products
 
   def decides(self, product: str) -> bool:
     """Whether a decision names ``product`` (whatever it says)."""

@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tqdm import tqdm  # noqa: E402
 
 from data_prep import corrections as corrections_lib
+from data_prep import new_products as new_products_lib
 from data_prep import readers
 from data_prep import split as split_lib
 from data_prep import writer
@@ -115,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
          "grade the model by its answers. Add validation,test only to fix "
          "known catalogue errors before a new benchmark, knowing scores "
          "before and after are then not comparable")
+  a("--new_products", action="append", default=[],
+    help="a file of new products (no label, or an empty label column) that "
+         "mic-jax-predict --input scored and reviewers labelled: each one "
+         "with an accepted or relabelled decision in --corrections is added "
+         "to the train split (never validation/test); read with the column "
+         "flags above, image paths relative to its folder. Repeatable. See "
+         "data_prep/new_products.py")
+  a("--unmatched_decisions", default="error", choices=("error", "count"),
+    help="a --corrections decision whose product is in neither --input nor "
+         "--new_products: stop before writing anything (error), or leave it "
+         "out, counted as unknown_product (count)")
   a("--overwrite", action="store_true", help="delete output_dir first")
   a("-v", "--verbose", action="store_true", help=console.VERBOSE_HELP)
   return p
@@ -212,7 +224,8 @@ class Pass1:
 
   ``groups``: title-group hash (as a string) -> label counts; ``given``:
   ``[split, label, count]`` (split empty unless ``--split_column``);
-  ``taxonomy``: label -> parent path -> count.
+  ``taxonomy``: label -> parent path -> count; ``found``: where the
+  catalogue has the products a decision or a new product names.
   """
   rows_in: int
   rejected: dict[str, int]
@@ -221,6 +234,9 @@ class Pass1:
   groups: dict[str, dict[str, int]]
   given: list[list[Any]]
   taxonomy: dict[str, dict[str, int]]
+  # Product id -> FILE:LINE of its catalogue row (rejected or not), for
+  # the ids a decision or a new product names.
+  found: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -269,11 +285,13 @@ def _id_hash(product_id: str) -> bytes:
                          digest_size=8).digest()
 
 
-def pass1(args: argparse.Namespace, work: pathlib.Path) -> Pass1:
+def pass1(args: argparse.Namespace, work: pathlib.Path,
+          watch: frozenset[str] = frozenset()) -> Pass1:
   """Validates rows, writes good ones to rows.jsonl, counts groups/labels.
 
   Memory is one 8-byte id hash and one small label counter per title group
-  (not per row); rows themselves stream to disk.
+  (not per row); rows themselves stream to disk. Where the ids in
+  ``watch`` (reviewed products, new products) occur is noted in ``found``.
   """
   stream, parents = _rows(args)
   rejects = _Rejects(work / "rejected_pass1.jsonl")
@@ -288,11 +306,14 @@ def pass1(args: argparse.Namespace, work: pathlib.Path) -> Pass1:
   taxonomy: dict[str, collections.Counter[str]] = collections.defaultdict(
       collections.Counter)
   repaired: collections.Counter[str] = collections.Counter()
+  found: dict[str, str] = {}
   rows_in = 0
   with open(work / "rows.jsonl.tmp", "w", encoding="utf-8") as out:
     for row in tqdm(stream, desc="pass 1: validate", unit=" rows",
                     mininterval=2, disable=None):
       rows_in += 1
+      if row.product_id in watch:
+        found.setdefault(row.product_id, row.source)
       if row.error:
         rejects.add(row, row.error, row.detail)
         continue
@@ -337,7 +358,8 @@ def pass1(args: argparse.Namespace, work: pathlib.Path) -> Pass1:
                repaired=dict(repaired), parents=list(parents),
                groups={str(g): dict(c) for g, c in groups.items()},
                given=[[s, l, n] for (s, l), n in given.items()],
-               taxonomy={k: dict(v) for k, v in taxonomy.items()})
+               taxonomy={k: dict(v) for k, v in taxonomy.items()},
+               found=found)
 
 
 def plan(args: argparse.Namespace, p1: Pass1) -> Plan:
@@ -375,10 +397,14 @@ def plan(args: argparse.Namespace, p1: Pass1) -> Plan:
 
 
 def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
-          fix: corrections_lib.Applier | None = None) -> Pass2:
+          fix: corrections_lib.Applier | None = None,
+          dealer: new_products_lib.Dealer | None = None) -> Pass2:
   """Deals validated rows to per-shard spill files; returns shard counts.
 
-  ``fix`` relabels reviewed products once their split is chosen.
+  ``fix`` relabels reviewed products once their split is chosen;
+  ``dealer`` adds reviewed new products to train (after the catalogue's
+  rows, whose splits it must see first) and its record goes to
+  ``.work/new_products.json``.
   """
   labels, rare = chosen.labels, chosen.rare
   unknown, assignment = chosen.unknown, chosen.assignment
@@ -392,6 +418,10 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
       if not split and fix is not None and fix.decides(r["id"]):
         split = "train"  # May be restored (a group of a dropped class).
       counts[split] += 1
+      if dealer is not None:
+        dealer.watch(r["group"], split)
+  added, held = dealer.deal() if dealer is not None else ([], [])
+  counts["train"] += len(added)
   num_shards = {s: max(1, -(-counts[s] // args.examples_per_shard))
                 for s in split_lib.SPLITS if counts[s]}
   handles = {}
@@ -427,9 +457,26 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
       position[split] += 1
       r["label_id"] = label_id[r["label"]]
       handles[(split, shard)].write(json.dumps(r, ensure_ascii=False) + "\n")
+  for product, label, group in added:
+    shard = position["train"] % num_shards["train"]
+    position["train"] += 1
+    handles[("train", shard)].write(json.dumps(
+        {"source": product.source, "id": product.product_id,
+         "title": product.title, "label": label, "image": product.image,
+         "split": "train", "group": group, "label_id": label_id[label]},
+        ensure_ascii=False) + "\n")
+  for product, split in held:
+    rejects.add(readers.RawRow(source=product.source,
+                               product_id=product.product_id,
+                               title=product.title),
+                new_products_lib.SAME_TITLE_AS_EVAL,
+                f"its title group is in {split}")
   for h in handles.values():
     h.close()
   rejects.close()
+  if dealer is not None:  # Before pass2.json (a resume finds both or none).
+    records.write_json_atomic(work / "new_products.json",
+                              dealer.record(added, held))
   return Pass2(num_shards, dict(rejects.counts))
 
 
@@ -455,19 +502,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            split_lib.SPLITS)
   except corrections_lib.CorrectionsError as e:
     raise SystemExit(f"error: {e}") from e
+  # Read now: a bad file stops before any work (and before --overwrite
+  # deletes the previous output).
+  reviewed, new = _reviewed(args)
   out = pathlib.Path(args.output_dir)
   if args.overwrite and out.exists():
     _clear(out)
   work = out / WORK
   work.mkdir(parents=True, exist_ok=True)
   fingerprint = _fingerprint(args)
-  reviewed = None
-  if args.corrections:  # Read now: a bad file stops before any work.
-    try:
-      reviewed = corrections_lib.load(args.corrections)
-    except corrections_lib.CorrectionsError as e:
-      raise SystemExit(f"error: {e}") from e
+  if reviewed is not None:
     fingerprint["corrections_sha256"] = reviewed.sha256
+  if new is not None:
+    fingerprint["new_products_sha256"] = [f["sha256"] for f in new.files]
   fp_file = work / "arguments.json"
   if fp_file.exists():
     old = json.loads(fp_file.read_text(encoding="utf-8"))
@@ -484,17 +531,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   p1_file = work / "pass1.json"
   if not p1_file.exists():
-    records.write_json_atomic(p1_file, pass1(args, work).to_json())
+    watch = frozenset(reviewed.decisions) if reviewed else frozenset()
+    records.write_json_atomic(p1_file, pass1(args, work, watch).to_json())
   p1 = Pass1.from_json(json.loads(p1_file.read_text(encoding="utf-8")))
   chosen = plan(args, p1)
   labels = chosen.labels
   if not labels:
     raise SystemExit(_no_class(args, p1, chosen, out))
+  if reviewed is not None:  # Before anything but work files is written.
+    try:
+      new_products_lib.check(
+          reviewed, new, p1.found, labels, chosen.rare,
+          catalogue_name=str(args.input),
+          count_unmatched=args.unmatched_decisions == "count",
+          min_examples=args.min_examples_per_class)
+    except new_products_lib.NewProductsError as e:
+      # Nothing to resume: a rerun with other flags must not be refused.
+      shutil.rmtree(work, ignore_errors=True)
+      raise SystemExit(f"error: {e}") from e
   p2_file = work / "pass2.json"
   if not p2_file.exists():
     fix = (corrections_lib.Applier(reviewed, labels, allowed) if reviewed
            else None)
-    p2 = pass2(args, work, chosen, fix)
+    dealer = None
+    if new is not None:
+      fix.claim(new.ids())
+      dealer = new_products_lib.Dealer(new, reviewed, args.seed)
+    p2 = pass2(args, work, chosen, fix, dealer)
     if fix is not None:  # Before pass2.json: a resume finds both or none.
       records.write_json_atomic(work / "corrections.json", fix.record())
     records.write_json_atomic(p2_file, p2.to_json())
@@ -534,6 +597,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   bar.close()
   shards = [Shard(s, i, task, done[(s, i)]) for s, i, task in tasks]
   return finish(args, p1, chosen, p2, shards, time.time() - start)
+
+
+def _reviewed(args: argparse.Namespace
+              ) -> tuple[corrections_lib.Corrections | None,
+                         new_products_lib.NewProducts | None]:
+  """``--corrections`` and ``--new_products`` read (or one line of error:
+  nothing is read or written after a bad file)."""
+  if args.new_products and not args.corrections:
+    raise SystemExit("error: --new_products needs --corrections (the "
+                     "review database or its CSV): a new product is added "
+                     "with its reviewed label, and it has no other")
+  if not args.corrections:
+    return None, None
+  try:
+    reviewed = corrections_lib.load(args.corrections)
+    new = (new_products_lib.load(args.new_products, args, reviewed)
+           if args.new_products else None)
+  except (corrections_lib.CorrectionsError,
+          new_products_lib.NewProductsError) as e:
+    raise SystemExit(f"error: {e}") from e
+  return reviewed, new
+
+
+def _shard_rejections(parts: list[pathlib.Path]) -> dict[str, str]:
+  """Product id -> reason of the rows the shard writers rejected."""
+  found = {}
+  for part in parts:
+    if part.exists():
+      with open(part, encoding="utf-8") as f:
+        for line in f:
+          row = json.loads(line)
+          found[row["id"]] = row["reason"]
+  return found
 
 
 def _write_rejected(out: pathlib.Path, parts: list[pathlib.Path]) -> None:
@@ -634,6 +730,12 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
   repaired = collections.Counter(p1.repaired)
   repaired.update(total.get("repaired", {}))
   rows_out = sum(sp["examples"] for sp in splits.values())
+  new = None
+  if (work / "new_products.json").exists():
+    new = new_products_lib.after_shards(
+        json.loads((work / "new_products.json").read_text(encoding="utf-8")),
+        _shard_rejections([pathlib.Path(w.task.rejected) for w in written
+                           if w.split == "train"]))
   stats = {
       "rows_in": p1.rows_in, "rows_out": rows_out,
       "rejected_total": sum(rejected.values()),
@@ -651,7 +753,11 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
       "seconds": round(seconds, 1),
       "products_per_second": round(p1.rows_in / max(seconds, 1e-9), 1),
   }
-  if stats["rows_in"] != rows_out + stats["rejected_total"]:
+  if new is not None:
+    stats["new_products"] = new
+  # Reviewed new products enter beside the catalogue's rows.
+  entered = stats["rows_in"] + (new["entered"] if new else 0)
+  if entered != rows_out + stats["rejected_total"]:
     raise RuntimeError("internal error: rows in != rows out + rejected")
   # The photo steps serving must repeat (the export copies this record).
   extra = {"tokenizer": str(args.tokenizer), "seed": args.seed,
@@ -661,6 +767,8 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
     extra["corrections"] = json.loads((work / "corrections.json").read_text(
         encoding="utf-8"))
     stats["corrections"] = extra["corrections"]
+  if new is not None:
+    extra["new_products"] = new
   if p1.parents:
     taxonomy = {"levels": p1.parents + [args.fashion_level
                 if not args.parent_columns else args.label_column],
@@ -736,8 +844,10 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
   generic catalogue without them has no photos by choice or by oversight).
   """
   splits = stats["splits"]
-  console.say("prepared %s of %s rows in %.1f s (%s rejected, %s) -> %s",
+  new = stats.get("new_products")
+  console.say("prepared %s of %s rows%s in %.1f s (%s rejected, %s) -> %s",
               f"{stats['rows_out']:,}", f"{stats['rows_in']:,}",
+              f" and {new['entered']:,} reviewed new products" if new else "",
               stats["seconds"], f"{stats['rejected_total']:,}",
               ", ".join(f"{s} {v['examples']:,}" for s, v in splits.items()),
               output_dir)
@@ -768,6 +878,13 @@ def report(stats: dict[str, Any], output_dir: str, brief: bool = False,
                 ", ".join(c["splits"]), "; ".join(
                     f"{s} " + ", ".join(f"{k} {v}" for k, v in n.items())
                     for s, n in c["by_split"].items()) or "none")
+  if new:
+    console.say("new      %d of %d new products added to %s with their "
+                "reviewed label (from %s); not added: %d unclear, %d "
+                "undecided%s", new["added"], new["rows"], new["split"],
+                ", ".join(f["path"] for f in new["files"]), new["unclear"],
+                new["undecided"], "".join(
+                    f", {v} {k}" for k, v in new["rejected"].items()))
   repaired = {k: v for k, v in stats["repaired"].items()
               if k not in _PHOTO_REASONS}
   if repaired:

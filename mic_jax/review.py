@@ -12,8 +12,10 @@ model abstained on first, each with its photo, title, top labels and their
 taxonomy paths; a reviewer accepts a label, picks another from the label
 list, or marks the product unclear. Decisions go to the SQLite file with
 who, when and which export; ``python -m data_prep.prepare ...
---corrections=review.sqlite`` trains on them (see
-:mod:`mic_jax.reviewing.server` for the API and the token rules).
+--corrections=review.sqlite`` trains on them, adding the reviewed new
+products of a scored file with ``--new_products=FILE``
+(:mod:`data_prep.new_products`; see :mod:`mic_jax.reviewing.server` for the
+API and the token rules).
 """
 
 from __future__ import annotations

@@ -46,9 +46,11 @@ def test_corrections_relabel_products_and_never_move_them(tmp_path):
            ("nope", "relabelled", "bag"),           # Not a product.
            ("rare", "relabelled", "shoe")]          # Restored from "watch".
   fix = _write_csv(tmp_path / "decisions.csv", rows)
-  # Every split may change here (the groups span all three).
+  # Every split may change here (the groups span all three); "nope" is
+  # counted, not refused (tests/test_new_products.py: the default).
   stats = _run(_args(tmp_path, "fixed", f"--corrections={fix}",
-                     "--corrections_splits=train,validation,test"))
+                     "--corrections_splits=train,validation,test",
+                     "--unmatched_decisions=count"))
   after = _labels(tmp_path / "fixed")
   moved = _split_of(tmp_path / "fixed")
   assert moved.pop("rare")[0] == "train"  # Restored (below).
