@@ -171,13 +171,19 @@ def resolve_auto(config: ml_collections.ConfigDict
       if "img" not in patterns:
         config.optim.freeze = "|".join(patterns + ["img"])
     if int(image.get("train_top_blocks", 0) or 0) < 0:
-      freeze = str(config.optim.freeze)
-      frozen = bool(freeze and re.match(freeze, "img/"))
       image.train_top_blocks = (
           PRETRAINED_TOP_BLOCKS
-          if pretrained and frozen and image.get("kind") == "vit"
+          if pretrained and freezes_image_tower(config)
+          and image.get("kind") == "vit"
           and kind_uses_image(config.model.kind) else 0)
   return config
+
+
+def freezes_image_tower(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``optim.freeze`` holds the ``img`` tower fixed (its pattern
+  matches at the start of the tower's parameter paths)."""
+  freeze = str(config.optim.freeze)
+  return bool(freeze and re.match(freeze, "img/"))
 
 
 def kind_uses_image(kind: str) -> bool:

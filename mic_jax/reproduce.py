@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import re
 
 from absl import app
 from absl import flags
@@ -131,9 +130,8 @@ def photo_rows_possible(config) -> bool:
   """Whether the photo linear rows can run: a pretrained tower, frozen and
   cached (what :func:`mic_jax.train.linear_baseline.photo_vectors` reads)."""
   config = common.resolve_auto(config)
-  freeze = str(config.optim.freeze)
   return bool(config.image.checkpoint and config.image.cache_features and
-              freeze and re.match(freeze, "img/"))
+              common.freezes_image_tower(config))
 
 
 def run_system(system: System, root: str) -> dict:

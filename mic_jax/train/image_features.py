@@ -63,6 +63,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from configs import common
 from mic_jax.data import pipeline
 from mic_jax.data import preprocess
 from mic_jax.data import records
@@ -118,8 +119,7 @@ def resolve_top_blocks(config: ml_collections.ConfigDict,
                      "its blocks or none")
   if not 0 < count <= tower.config.depth:
     raise ValueError(f"{where}: the tower has {tower.config.depth} blocks")
-  freeze = str(config.optim.freeze)
-  if not (freeze and re.match(freeze, "img/")):
+  if not common.freezes_image_tower(config):
     raise ValueError(f"{where} trains the top of a frozen photo tower: set "
                      "image.freeze_pretrained=True (or optim.freeze=img)")
   # All blocks: the whole tower trains, embeddings included, from pixels
