@@ -6,9 +6,9 @@ A tiny demo model is trained and exported (once for the module); then:
   label), which the suspected label errors queue reads); a reviewer
   relabels one product through the server's API; ``data_prep.prepare
   --corrections=DB`` prepares the catalogue again and ``mic_jax.main``
-  trains on it: the
-  corrected product is in the training records the trainer reads with its
-  new label, in the same split, and ``dataset_info.json`` says so;
+  trains on it: the corrected product is in the training records the
+  trainer reads with its new label, in the same split, and
+  ``dataset_info.json`` says so;
 * new products (a CSV without labels) are scored with ``--input``,
   reviewed on the page's API, added to train by ``prepare --new_products``
   and trained on (the README's loop).
