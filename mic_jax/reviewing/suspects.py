@@ -20,8 +20,9 @@ both thresholds are there.
 A score row without ``label_prob`` (a file scored before it was written)
 falls back to the catalogue label's entry in ``top_k``, or, when the label
 is outside the top k, to the smallest top-k probability: an upper bound of
-p(catalogue label), so the margin is a lower bound and such a product is
-never ranked more suspicious than it is.
+p(catalogue label), so the margin is a lower bound: such a product is
+never ranked more suspicious than it is (and may be left out; score the
+split again to have ``label_prob``).
 """
 
 from __future__ import annotations
