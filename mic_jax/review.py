@@ -4,13 +4,19 @@ r"""A web page where people review the products the model is unsure of.
   mic-jax-review --db=review.sqlite --revoke-reviewer=alice  # ends it
   mic-jax-review --scores=scores.jsonl --export=EXPORT --db=review.sqlite \
       [--host=127.0.0.1 --port=8090]
+  mic-jax-review --queue=suspected_label_errors --scores=train_scores.jsonl \
+      --export=EXPORT --db=review.sqlite [--suspect_max_label_prob=0.1 \
+      --suspect_min_top_prob=0.5]
   mic-jax-review --db=review.sqlite --decisions_csv=decisions.csv
 
 The scores come from ``mic-jax-predict --data_dir=... --split=...`` (or a
 catalogue file) with the same export. The page shows the products the
 model abstained on first, each with its photo, title, top labels and their
 taxonomy paths; a reviewer accepts a label, picks another from the label
-list, or marks the product unclear. Decisions go to the SQLite file with
+list, or marks the product unclear. ``--queue=suspected_label_errors`` on
+the scores of a prepared split shows instead only the products whose
+catalogue label the model confidently disagrees with, most suspicious
+first (:mod:`mic_jax.reviewing.suspects`). Decisions go to the SQLite file with
 who, when and which export; ``python -m data_prep.prepare ...
 --corrections=review.sqlite`` trains on them, adding the reviewed new
 products of a scored file with ``--new_products=FILE``
@@ -37,6 +43,18 @@ def _define_flags() -> None:
   flags.DEFINE_string("scores", None, "Score file (mic-jax-predict batch or "
                       "split mode) to review.")
   flags.DEFINE_string("export", None, "The export that made the scores.")
+  flags.DEFINE_enum("queue", "uncertain",
+                    ["uncertain", "suspected_label_errors"],
+                    "uncertain: every scored product, abstained first, "
+                    "least confident first. suspected_label_errors: only the "
+                    "products of a scored split whose catalogue label the "
+                    "model confidently disagrees with, most suspicious first.")
+  flags.DEFINE_float("suspect_max_label_prob", 0.1, "suspected_label_errors: "
+                     "keep a product when the model's probability of its "
+                     "catalogue label is at most this...")
+  flags.DEFINE_float("suspect_min_top_prob", 0.5, "suspected_label_errors: "
+                     "...and its top label (not the catalogue's) has at least "
+                     "this probability.")
   flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
   flags.DEFINE_integer("port", 8090, "Port.")
   flags.DEFINE_integer("max_body_bytes", 16 * 1024,
@@ -92,10 +110,16 @@ def _serve(store) -> None:
   from aiohttp import web
   from mic_jax.reviewing import queue as queue_lib
   from mic_jax.reviewing import server
+  from mic_jax.reviewing import suspects as suspects_lib
   # pylint: enable=g-import-not-at-top
   try:
-    queue = queue_lib.load(FLAGS.scores, FLAGS.export)
-  except (queue_lib.QueueError, OSError) as e:
+    suspects = None
+    if FLAGS.queue == suspects_lib.NAME:
+      suspects = suspects_lib.Suspects(
+          max_label_prob=FLAGS.suspect_max_label_prob,
+          min_top_prob=FLAGS.suspect_min_top_prob)
+    queue = queue_lib.load(FLAGS.scores, FLAGS.export, suspects=suspects)
+  except (queue_lib.QueueError, ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
   console.say("%s", summary(queue, store, FLAGS.scores))
   console.say("export   %s (%s...)", FLAGS.export, queue.export[:12])
@@ -113,6 +137,11 @@ def summary(queue, store, scores: str) -> str:
   counts = queue.progress(store)
   line = (f"review   {scores}: {counts['total']} products "
           f"({counts['abstained']} abstained), {counts['decided']} decided")
+  selection = queue.selection
+  if "kept" in selection:  # A selection: what it read, kept, and why.
+    line = (f"review   {scores}: {selection['queue']}: {selection['kept']} "
+            f"of {selection['considered']} products kept "
+            f"({selection['description']}), {counts['decided']} decided")
   if queue.skipped_errors:
     line += (f"; {queue.skipped_errors} rows skipped (predict could not "
              "score them: they have 'error')")

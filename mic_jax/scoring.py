@@ -9,6 +9,9 @@ record's own bytes, named by ``photo``) is the photo the model scored.
 One row per product, in shard order::
 
   {"id", "title", "label" (the catalogue's), "top_k": [{"label", "prob"}],
+   "label_prob" (the calibrated probability of the catalogue's label, also
+   when it is outside the top k: what the suspected label errors queue of
+   :mod:`mic_jax.reviewing.suspects` ranks by),
    "abstain", "parents" (when the export has a taxonomy),
    "export" (the export's identity, :func:`mic_jax.serving.bundle.identity`),
    "photo": {"tfrecord": absolute shard path, "index": record number} or
@@ -97,12 +100,13 @@ def score_split(predictor: Any, data_dir: str, split: str, *,
     }
     batch = {k: v.astype(np.float32 if k == "image" else np.int32)
              for k, v in batch.items()}
-    results = predictor.results(predictor.probabilities_of_arrays(batch),
-                                top_k=top_k)
-    for (file, index, ex), result in zip(chunk, results):
+    probs = predictor.probabilities_of_arrays(batch)
+    results = predictor.results(probs, top_k=top_k)
+    for (file, index, ex), result, p in zip(chunk, results, probs):
       yield {"id": ex["product_id"].decode("utf-8"),
              "title": ex["title"].decode("utf-8"),
              "label": info.labels[int(ex["label"])], **result,
+             "label_prob": float(p[int(ex["label"])]),
              "export": predictor.identity,
              "photo": ({"tfrecord": file, "index": index}
                        if ex["image/present"] else None)}

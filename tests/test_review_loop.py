@@ -2,11 +2,13 @@
 
 A tiny demo model is trained and exported (once for the module); then:
 
-* ``mic-jax-predict`` scores the train split; a reviewer relabels one
-  product through the server's API; ``data_prep.prepare --corrections=DB``
-  prepares the catalogue again and ``mic_jax.main`` trains on it: the
-  corrected product is in the training records the trainer reads with its
-  new label, in the same split, and ``dataset_info.json`` says so;
+* ``mic-jax-predict`` scores the train split (each row with p(catalogue
+  label), which the suspected label errors queue reads); a reviewer
+  relabels one product through the server's API; ``data_prep.prepare
+  --corrections=DB`` prepares the catalogue again and ``mic_jax.main``
+  trains on it: the corrected product is in the training records the
+  trainer reads with its new label, in the same split, and
+  ``dataset_info.json`` says so;
 * new products (a CSV without labels) are scored with ``--input``,
   reviewed on the page's API, added to train by ``prepare --new_products``
   and trained on (the README's loop).
@@ -28,6 +30,8 @@ from mic_jax import export
 from mic_jax.data import demo
 from mic_jax.data import pipeline
 from mic_jax.data import records
+from mic_jax.reviewing import queue as queue_lib
+from mic_jax.reviewing import suspects as suspects_lib
 from mic_jax.serving import bundle
 from mic_jax.text import title_group_key
 from mic_jax.train import trainer
@@ -97,6 +101,20 @@ def test_a_corrected_product_is_trained_on_with_its_new_label(tmp_path,
              for r in rows)
   before = _train_records(data)
   assert [r["id"] for r in rows] == list(before)[:40]  # Shard order.
+  # Each row carries p(catalogue label), also outside the top 5: what the
+  # suspected label errors queue ranks by; with no thresholds it keeps
+  # exactly the products whose top label is not the catalogue's.
+  for r in rows:
+    top = {e["label"]: e["prob"] for e in r["top_k"]}
+    if r["label"] in top:
+      assert r["label_prob"] == pytest.approx(top[r["label"]])
+    else:
+      assert r["label_prob"] <= min(top.values()) + 1e-6
+  disagreeing = queue_lib.load(scores, export_dir, suspects=(
+      suspects_lib.Suspects(max_label_prob=1, min_top_prob=0)))
+  assert disagreeing.selection["considered"] == 40
+  assert sorted(p["id"] for p in disagreeing.page(0, 100)) == sorted(
+      r["id"] for r in rows if r["top_k"][0]["label"] != r["label"])
 
   # 2. A reviewer relabels one product on the page's API.
   product = rows[0]

@@ -2,8 +2,11 @@
 
 Products the model abstained on come first, then the rest, each group from
 the least to the most confident (ties in file order, so the order is
-stable). Every row must name the export it was scored with, and that export
-must be the one given (:func:`load`): a decision records the export, and
+stable). The ``suspected_label_errors`` queue (:mod:`.suspects`) keeps
+instead only the products whose catalogue label the model confidently
+disagrees with, most suspicious first, and says how many it read and kept.
+Every row must name the export it was scored with, and that export must be
+the one given (:func:`load`): a decision records the export, and
 labels are checked against its list.
 
 At marketplace scale (a million products) the rows are not held as Python
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -35,14 +39,15 @@ import tempfile
 import threading
 from typing import Any, Iterator
 
+from mic_jax.reviewing import suspects as suspects_lib
 from mic_jax.serving import bundle
 
 _BATCH = 5000  # Rows per insert while loading.
 
 _SCHEMA = """
 CREATE TABLE staging (line INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
-  abstain INTEGER NOT NULL, confidence REAL NOT NULL, row TEXT NOT NULL,
-  photo TEXT);
+  abstain INTEGER NOT NULL, grp INTEGER NOT NULL, key REAL NOT NULL,
+  row TEXT NOT NULL, photo TEXT);
 CREATE TABLE products (rank INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
   abstain INTEGER NOT NULL, row TEXT NOT NULL, photo TEXT, status TEXT);
 CREATE TABLE counts (abstain INTEGER NOT NULL, status TEXT NOT NULL,
@@ -63,13 +68,17 @@ class Queue:
 
   def __init__(self, index: pathlib.Path, labels: list[str],
                paths: dict[str, str], export: str, model: str,
-               skipped_errors: int):
+               skipped_errors: int,
+               selection: dict[str, Any] | None = None):
     self.index = index
     self.labels = labels
     self.paths = paths      # label -> its most frequent taxonomy path
     self.export = export    # The export's identity.
     self.model = model
     self.skipped_errors = skipped_errors  # Rows predict could not score.
+    # Which products the queue holds: every scored one ("uncertain"), or a
+    # selection with how many rows it read ("considered") and "kept".
+    self.selection = selection or {"queue": "uncertain"}
     self._sync_lock = threading.Lock()
     with self._connect() as db:
       self.total = db.execute("SELECT count(*) FROM products").fetchone()[0]
@@ -234,9 +243,12 @@ def _temporary_dir() -> pathlib.Path:
 
 
 def load(scores: str | pathlib.Path, export_dir: str | pathlib.Path, *,
-         index: str | pathlib.Path | None = None) -> Queue:
+         index: str | pathlib.Path | None = None,
+         suspects: suspects_lib.Suspects | None = None) -> Queue:
   """Reads the score file into an SQLite index (``index``, or a temporary
-  file) in review order, and the export's labels; checks they belong."""
+  file) in review order, and the export's labels; checks they belong.
+  With ``suspects``, only the suspected label errors, most suspicious
+  first (:mod:`.suspects`)."""
   export_dir = pathlib.Path(export_dir)
   try:
     manifest = bundle.read_manifest(export_dir)
@@ -249,7 +261,7 @@ def load(scores: str | pathlib.Path, export_dir: str | pathlib.Path, *,
   index = pathlib.Path(index) if index else _temporary_dir() / "queue.sqlite"
   if index.exists():
     index.unlink()
-  skipped = 0
+  skipped = considered = kept = 0
   path = pathlib.Path(scores)
   db = sqlite3.connect(index, isolation_level=None)
   try:
@@ -268,17 +280,30 @@ def load(scores: str | pathlib.Path, export_dir: str | pathlib.Path, *,
           skipped += 1  # predict could not score it: nothing to review.
           continue
         _check_row(where, row, identity, export_dir, known)
+        considered += 1
+        abstain = bool(row.get("abstain"))
+        if suspects is None:  # Abstained first, least confident first.
+          grp, key = (0 if abstain else 1), row["top_k"][0]["prob"]
+        else:
+          try:
+            margin = suspects.margin(row, known)
+          except suspects_lib.SuspectsError as e:
+            raise QueueError(f"{where}: {e}") from e
+          if margin is None:
+            continue
+          grp, key = 0, -margin  # Largest margin first.
+          row["label_prob"] = suspects_lib.catalogue_prob(row)
+          row["margin"] = margin
+        kept += 1
         photo = row.pop("photo", None)
         row.pop("export", None)
-        batch.append((line_no, row["id"], bool(row.get("abstain")),
-                      row["top_k"][0]["prob"], json.dumps(row),
+        batch.append((line_no, row["id"], abstain, grp, key, json.dumps(row),
                       json.dumps(photo) if photo else None))
         if len(batch) >= _BATCH:
           _insert(db, batch, path)
     _insert(db, batch, path)
     db.execute("INSERT INTO products (id, abstain, row, photo) SELECT id, "
-               "abstain, row, photo FROM staging ORDER BY abstain DESC, "
-               "confidence, line")
+               "abstain, row, photo FROM staging ORDER BY grp, key, line")
     db.execute("DROP TABLE staging")
     db.execute("CREATE INDEX undecided ON products (rank) WHERE status IS "
                "NULL")
@@ -289,15 +314,20 @@ def load(scores: str | pathlib.Path, export_dir: str | pathlib.Path, *,
     db.execute("VACUUM")
   finally:
     db.close()
+  selection = None
+  if suspects is not None:
+    selection = {"queue": suspects_lib.NAME, "considered": considered,
+                 "kept": kept, **dataclasses.asdict(suspects),
+                 "description": suspects.describe()}
   return Queue(index, labels, paths, identity,
-               str(manifest.get("model", "")), skipped)
+               str(manifest.get("model", "")), skipped, selection)
 
 
 def _insert(db: sqlite3.Connection, batch: list[tuple[Any, ...]],
             path: pathlib.Path) -> None:
   """Adds a batch of rows; a product id seen before is named by line."""
   try:
-    db.executemany("INSERT INTO staging VALUES (?, ?, ?, ?, ?, ?)", batch)
+    db.executemany("INSERT INTO staging VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
   except sqlite3.IntegrityError:
     # The rows before the failing one went in: it is the first whose id
     # is there already from an earlier line.

@@ -20,7 +20,12 @@ JavaScript shipped in the package (``static/``), no build step.
                              whether there is one, never the server's file
                              paths), ``next`` (the cursor of the next page,
                              or null), ``total``, ``resume`` (the rank of
-                             the first undecided product), ``progress``
+                             the first undecided product), ``progress``,
+                             ``selection`` (which products the queue
+                             holds: ``{"queue": "uncertain"}``, or the
+                             suspected label errors with their thresholds
+                             and how many products were ``considered``
+                             and ``kept``)
   GET  /api/progress         decided / remaining, of the abstained ones,
                              and per status (``states``)
   GET  /api/labels           the export's labels and taxonomy paths
@@ -260,7 +265,7 @@ def make_app(queue: queue_lib.Queue, store: store_lib.Store, *,
                                       undecided)
     return web.json_response({
         "reviewer": request[REVIEWER], "export": queue.export,
-        "model": queue.model, **body})
+        "model": queue.model, "selection": queue.selection, **body})
 
   async def progress_counts(request: web.Request) -> web.Response:
     del request

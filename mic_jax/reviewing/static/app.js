@@ -41,6 +41,16 @@ function showProgress(p) {
     `abstained: ${p.abstained_decided} / ${p.abstained} decided`;
 }
 
+// Which products the queue holds: the suspected label errors queue names
+// its rule and how many of the scored products it kept.
+function showSelection(sel) {
+  if (!sel || sel.queue !== "suspected_label_errors") return;
+  $("heading").textContent = "Suspected label errors";
+  $("selection").textContent = `${sel.kept} of ${sel.considered} scored products kept`;
+  $("selection").title = `Kept: ${sel.description}`;  // One header line; the rule on hover.
+  $("selection").hidden = false;
+}
+
 // The product at position i (0-based; its rank is i + 1), if its page is here.
 function productAt(i) {
   const page = state.pages.get(Math.floor(i / PAGE));
@@ -150,7 +160,8 @@ function renderCard() {
   figure.replaceChildren(...photoOf(p));
   $("title").textContent = p.title;
   $("pid").textContent = `id ${p.id}`;
-  $("catalogue").textContent = p.label ? `· catalogue label “${p.label}”` : "";
+  const labelProb = p.label_prob === undefined ? "" : ` (p ${(p.label_prob * 100).toFixed(1)}%)`;
+  $("catalogue").textContent = p.label ? `· catalogue label “${p.label}”${labelProb}` : "";
   $("keep").hidden = !(p.label && state.labels.some((l) => l.label === p.label));
   $("abstain").replaceChildren(p.abstain ? el("span", { className: "badge", textContent: "model abstained" }) : "");
   const chosen = p.decision && p.decision.label;
@@ -318,6 +329,7 @@ async function start() {
   state.labels = labels.body.labels;
   $("who").textContent = `signed in as ${queue.body.reviewer} · model ${queue.body.model} ${queue.body.export.slice(0, 12)}`;
   showProgress(queue.body.progress);
+  showSelection(queue.body.selection);
   state.index = queue.body.resume ? queue.body.resume - 1 : 0;  // Where the reviewer stopped.
   await loadPage(Math.floor(state.index / PAGE));
   render();
