@@ -120,6 +120,11 @@ def _jitted_step(kind: str, arg: str, batch_size: int, dtype: str):
     config.num_classes = NUM_CLASSES
     config.batch_size = batch_size
     config.dtype = dtype
+    # The PyTorch peers are the paper's: eq. (4)'s head on the fused text
+    # alone and BERT's pooler (the preset's photo token in the head and mean
+    # of token states are issue 31's choices for pretrained towers).
+    config.fusion.image_to_head = False
+    config.model.text_repr = "pooler"
   model = classifier.build(architecture.resolve(config)).model
   batch = {k: jnp.asarray(v) for k, v in random_batch(config,
                                                       batch_size).items()}

@@ -91,8 +91,13 @@ SMALL_PHOTO_IMAGE_SIZE = 112
 SMALL_PHOTO_SIDE = 128
 SCRATCH_IMAGE_SIZE = 64
 # image.train_top_blocks = -1 resolves to this for a frozen pretrained ViT
-# (the H&M choice of issue 31, README), else to 0 (see resolve_auto).
+# (the H&M choice of issue 31, README), else to 0 (see resolve_auto) ...
 PRETRAINED_TOP_BLOCKS = 1
+# ... and those blocks then learn at this multiple of optim.lr unless
+# optim.lr_multipliers names the image tower itself: the pretrained text
+# tower's step in the :small preset (a full step overwrote what DINOv2's top
+# block knew within the first hundred steps on H&M).
+PRETRAINED_TOP_LR_MULTIPLIER = 0.25
 
 
 def photo_sides(data_dir: str) -> dict[int, int]:
@@ -152,9 +157,11 @@ def resolve_auto(config: ml_collections.ConfigDict
   ``image.freeze_pretrained`` adds the image tower to ``optim.freeze`` when
   it is loaded from a checkpoint, and ``image.train_top_blocks = -1``
   becomes :data:`PRETRAINED_TOP_BLOCKS` for a frozen pretrained ViT (its top
-  blocks train over the cache) and 0 for any other tower (a scratch tower
-  trains whole anyway). An explicit value always wins; resolving twice
-  changes nothing. The trainer resolves every config it builds.
+  blocks train over the cache, at :data:`PRETRAINED_TOP_LR_MULTIPLIER`
+  unless ``optim.lr_multipliers`` has an ``img`` pattern) and 0 for any
+  other tower (a scratch tower trains whole anyway). An explicit value
+  always wins; resolving twice changes nothing. The trainer resolves every
+  config it builds.
   """
   config = config.copy_and_resolve_references()
   image = config.get("image")
@@ -171,11 +178,15 @@ def resolve_auto(config: ml_collections.ConfigDict
       if "img" not in patterns:
         config.optim.freeze = "|".join(patterns + ["img"])
     if int(image.get("train_top_blocks", 0) or 0) < 0:
-      image.train_top_blocks = (
-          PRETRAINED_TOP_BLOCKS
-          if pretrained and freezes_image_tower(config)
-          and image.get("kind") == "vit"
-          and kind_uses_image(config.model.kind) else 0)
+      top = (PRETRAINED_TOP_BLOCKS
+             if pretrained and freezes_image_tower(config)
+             and image.get("kind") == "vit"
+             and kind_uses_image(config.model.kind) else 0)
+      image.train_top_blocks = top
+      rules = [r for r in str(config.optim.lr_multipliers).split(",") if r]
+      if top and not any(r.strip().startswith("img") for r in rules):
+        config.optim.lr_multipliers = ",".join(
+            rules + [f"img={PRETRAINED_TOP_LR_MULTIPLIER}"])
   return config
 
 
@@ -374,11 +385,16 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _small(c: ml_collections.ConfigDict) -> None:
-  """Real data on a CPU in minutes: pretrained MiniLM + a small scratch ViT.
+  """Real data on a CPU in minutes: pretrained MiniLM and a photo tower.
 
   A legitimate setting for users without accelerators: the text tower is a
-  real pretrained BERT (6 x 384), the image tower a 4-layer ViT trained from
-  scratch on 64x64 photos.
+  real pretrained BERT (6 x 384) read as the mean of its token states. With
+  ``--config.image.checkpoint=DIR`` (e.g. DINOv2-S) the photo tower is the
+  recipe chosen in issue 31 (README, H&M and fashion tables): frozen and
+  cached at 224 px (112 px for small photos), its top block fine-tuned at a
+  quarter step, and, in cross-modal fusion, the photo's token next to the
+  fused text state in the head. Without one it is a 4-layer ViT trained
+  from scratch on 64x64 photos.
   """
   c.total_steps = 800         # ~1.8 epochs of the fashion catalogue.
   c.batch_size = 64
@@ -388,13 +404,18 @@ def _small(c: ml_collections.ConfigDict) -> None:
   c.dtype = "float32"
   c.text.checkpoint = minilm_dir()
   c.text.max_length = 32
-  c.image.size = 64
+  c.model.text_repr = "mean"
+  c.image.size = 0
   c.image.checkpoint = ""
   c.image.variant = "small-scratch" if c.image.kind == "vit" else "R26x1-scratch"
+  c.image.freeze_pretrained = True
+  c.image.train_top_blocks = -1
+  c.fusion.image_to_head = c.model.kind == "cross_modal"
   c.fusion.mlp_dim = 256
   c.optim.lr = 3e-4
   c.optim.warmup_steps = 80
-  # The pretrained text tower wants a smaller step than the scratch towers.
+  # The pretrained text tower wants a smaller step than the scratch towers
+  # (a pretrained photo tower's top blocks get theirs from resolve_auto).
   c.optim.lr_multipliers = "txt=0.25"
 
 

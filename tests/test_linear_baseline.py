@@ -128,11 +128,13 @@ def test_photo_rows_need_a_pretrained_frozen_tower():
   row = next(s for s in reproduce.SYSTEMS if s.subdir == "image_only")
   config = lambda sets: reproduce.system_config(row, "small", "/d", "/r", sets)
   assert not reproduce.photo_rows_possible(config([]))  # Scratch tower.
-  assert not reproduce.photo_rows_possible(config(["image.checkpoint=ckpt"]))
-  assert reproduce.photo_rows_possible(config(["image.checkpoint=ckpt",
-                                               "optim.freeze=img"]))
-  assert reproduce.photo_rows_possible(config(["image.checkpoint=ckpt",
-                                               "image.freeze_pretrained=1"]))
+  # The :small preset freezes a pretrained tower unless told otherwise.
+  assert reproduce.photo_rows_possible(config(["image.checkpoint=ckpt"]))
+  assert not reproduce.photo_rows_possible(config([
+      "image.checkpoint=ckpt", "image.freeze_pretrained=0"]))
+  assert reproduce.photo_rows_possible(config([
+      "image.checkpoint=ckpt", "image.freeze_pretrained=0",
+      "optim.freeze=img"]))
   assert not reproduce.photo_rows_possible(config([
       "image.checkpoint=ckpt", "optim.freeze=img",
       "image.cache_features=false"]))

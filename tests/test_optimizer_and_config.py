@@ -262,6 +262,37 @@ def test_auto_top_blocks_train_only_over_a_frozen_pretrained_vit():
   with explicit.unlocked():
     explicit.image.checkpoint, explicit.image.train_top_blocks = "ckpt", 2
   assert common.resolve_auto(explicit).image.train_top_blocks == 2
+  # The top blocks learn at PRETRAINED_TOP_LR_MULTIPLIER unless the user
+  # gave the image tower a multiplier of their own.
+  assert frozen.optim.lr_multipliers == (
+      f"txt=0.25,img={common.PRETRAINED_TOP_LR_MULTIPLIER}")
+  assert resolved().optim.lr_multipliers == "txt=0.25"  # Nothing to train.
+  own = resolved(image__checkpoint="ckpt", image__freeze_pretrained=True,
+                 optim__lr_multipliers="img/Transformer=0.5,txt=0.1")
+  assert own.optim.lr_multipliers == "img/Transformer=0.5,txt=0.1"
+
+
+def test_small_preset_with_a_photo_checkpoint_is_the_chosen_recipe():
+  """``:small`` plus ``image.checkpoint`` alone gives issue 31's recipe (no
+  other override): frozen, cached tower at the catalogue's size, top block
+  trained at a quarter step, the photo token in the cross-modal head, the
+  title as the mean of its token states; without a checkpoint, a scratch
+  tower at 64 px trained whole at the full step."""
+  config = common.make_config("cross_modal", "small")
+  with config.unlocked():
+    config.image.checkpoint = "ckpt/dinov2"
+  chosen = common.resolve_auto(config)
+  assert (chosen.image.size, chosen.optim.freeze,
+          chosen.image.train_top_blocks, chosen.optim.lr_multipliers,
+          chosen.fusion.image_to_head, chosen.model.text_repr) == (
+              common.PRETRAINED_IMAGE_SIZE, "img", 1, "txt=0.25,img=0.25",
+              True, "mean")
+  scratch = common.resolve_auto(common.make_config("cross_modal", "small"))
+  assert (scratch.image.size, scratch.optim.freeze,
+          scratch.image.train_top_blocks, scratch.optim.lr_multipliers) == (
+              common.SCRATCH_IMAGE_SIZE, "", 0, "txt=0.25")
+  for kind in ("text_only", "image_only", "early", "late"):
+    assert not common.make_config(kind, "small").fusion.image_to_head
 
 
 @pytest.mark.parametrize("histogram, size", [

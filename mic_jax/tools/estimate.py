@@ -50,6 +50,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from configs import common
 from mic_jax import sharding as shd
 from mic_jax.tools import compile_check
 
@@ -162,6 +163,8 @@ def _layers(model: Any, config: ml_collections.ConfigDict
 def estimate(config: ml_collections.ConfigDict, num_devices: int,
              dtype_bytes: int | None = None) -> Estimate:
   """The estimate of ``config`` on ``num_devices`` devices."""
+  # Fields a preset leaves to the towers (image.size = 0) as a run has them.
+  config = common.resolve_auto(config)
   model, boxed = _abstract_params(config)
   params = count_params(boxed)
   mesh = shd.mesh_shape(int(config.mesh.data), int(config.mesh.fsdp),
