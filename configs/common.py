@@ -95,8 +95,8 @@ SCRATCH_IMAGE_SIZE = 64
 PRETRAINED_TOP_BLOCKS = 1
 # ... and those blocks then learn at this multiple of optim.lr unless
 # optim.lr_multipliers names the image tower itself: the pretrained text
-# tower's step in the :small preset (a full step overwrote what DINOv2's top
-# block knew within the first hundred steps on H&M).
+# tower's step in the :small preset, as in the H&M runs that chose the
+# recipe (a full step for pretrained blocks was not tried).
 PRETRAINED_TOP_LR_MULTIPLIER = 0.25
 
 
