@@ -153,11 +153,13 @@ def _entries(root):
   return sorted(p.name for p in pathlib.Path(root).iterdir())
 
 
-# Slow (68 s idle). It failed once in the parallel suite (2026-12-07),
-# most likely because process 0, slowed by the other tests, swept process
-# 1's killed build in the first launch already (nothing keeps its sweep
-# ahead of the kill): correct behaviour that the test did not allow for.
-# It now accepts both orders.
+# Slow: it passes on its own (68 s idle) but failed once in the full
+# parallel suite (2026-12-07) for a reason not yet found; until it is, it
+# runs with the slow tests (python -m pytest -m slow tests). Ruled out: an
+# early sweep of the killed build by process 0 (process 1 stays a zombie,
+# so "alive", until this test reaps it; tried with process 0 started 30 s
+# late). Suspected: under load process 1 reaches its kill only after
+# process 0, which hosts jax.distributed's service, has exited.
 @pytest.mark.slow
 def test_two_hosts_one_killed_and_rerun_equal_one_host(data, reference,
                                                        tmp_path):
@@ -174,12 +176,10 @@ def test_two_hosts_one_killed_and_rerun_equal_one_host(data, reference,
   assert len(shard0) == 1, left
   name = shard0[0].split(".")[0]
   assert feature_store.problem(str(root / shard0[0]), 1) is None
-  # Process 1's half-written shard is only a temporary build, never
-  # published; process 0 sweeps it if it looks after the kill.
-  swept_early = "its writer is gone" in out0
-  killed = [n for n in left if n.startswith(f".{name}.00001")]
-  assert len(killed) == (0 if swept_early else 1), (left, out0[-3000:])
-  assert sorted(left) == sorted([shard0[0], *killed])
+  # Process 1's half-written shard is only a temporary build, never published.
+  assert sorted(left) == sorted([shard0[0], *[n for n in left
+                                              if n.startswith(f".{name}.00001")]])
+  assert len(left) == 2, left
   stamp = (root / shard0[0] / "cache.json").stat().st_mtime_ns
 
   (code0, out0), (code1, out1) = _launch_two(root, data, out, wait=300)
@@ -187,8 +187,7 @@ def test_two_hosts_one_killed_and_rerun_equal_one_host(data, reference,
   assert code1 == 0, out1[-3000:]
   assert "reusing this host's shard" in out0, out0[-3000:]
   assert "this host's share (1 of 2)" in out1, out1[-3000:]
-  # The killed build, swept (now, unless process 0 did it above).
-  assert swept_early or "its writer is gone" in out0 + out1
+  assert "its writer is gone" in out0 + out1  # The killed build, swept.
   assert (root / shard0[0] / "cache.json").stat().st_mtime_ns == stamp
   assert _entries(root) == [f"{name}.00000-of-00002", f"{name}.00001-of-00002"]
 
