@@ -35,10 +35,11 @@ def _session_compilation_cache() -> str:
   cache keys an executable on the lowered program, the compile options and
   the JAX and XLA versions, so a hit runs the very executable a fresh compile
   would have built; the results tests compare do not change. The directory
-  is this session's alone (shared by its xdist workers through their common
-  run id, inherited by the programs tests launch), so no run ever reads an
-  executable that an earlier session or another checkout wrote. An entry
-  left truncated by a killed process is not trusted: JAX warns and compiles.
+  is this session's alone: named by the pytest process that sets it first
+  (the xdist controller), inherited by its workers and by the programs tests
+  launch, so no run ever reads an executable that an earlier session or
+  another checkout wrote. An entry left truncated by a killed process is
+  not trusted: JAX warns and compiles.
   """
   root = pathlib.Path(tempfile.gettempdir()) / "mic_jax_test_xla_cache"
   if not os.environ.get("PYTEST_XDIST_WORKER") and root.is_dir():
@@ -47,8 +48,7 @@ def _session_compilation_cache() -> str:
       with contextlib.suppress(OSError):
         if time.time() - old.stat().st_mtime > 86400:
           shutil.rmtree(old, ignore_errors=True)
-  run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-  return str(root / run_id)
+  return str(root / f"pid{os.getpid()}")
 
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
