@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 import demo_configs
-from mic_jax.train import checkpointing, evaluation, image_features, steps
-from mic_jax.train import trainer
+from mic_jax import trainer
+from mic_jax.evaluation import evaluation
+from mic_jax.features import image_features
+from mic_jax.train import checkpointing, steps
 
 
 def _config(tmp_path, kind="cross_modal", **overrides):
@@ -171,8 +173,8 @@ def test_withhold_photos_rate_and_determinism():
 
 def _one_step(run, state):
   """(state at step 5, one training batch, jitted-step maker by options)."""
-  from mic_jax.train import optimizer  # pylint: disable=g-import-not-at-top
   from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import optimizer  # pylint: disable=g-import-not-at-top
   config = run.config
   tx, schedule = optimizer.make_optimizer(config.optim, state.params,
                                           config.total_steps)
@@ -419,8 +421,8 @@ def test_cache_on_an_object_store(tiny, tmp_path, monkeypatch):
 _BUILD_SCRIPT = """
 import sys, jax, jax.numpy as jnp, ml_collections
 sys.path.insert(0, {tests!r})
+from mic_jax.features import image_features
 from mic_jax.models import vit
-from mic_jax.train import image_features
 tower = vit.get_vit("tiny")
 params = tower.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
 config = ml_collections.ConfigDict({{"image": {{"size": 16,

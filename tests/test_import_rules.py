@@ -89,7 +89,7 @@ def _top(module: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def test_the_package_is_parsed():
-  assert {"mic_jax.train.trainer", "mic_jax.serving.predictor",
+  assert {"mic_jax.trainer", "mic_jax.serving.predictor",
           "mic_jax.models.classifier", "mic_jax.export"} <= set(MODULES)
 
 

@@ -25,7 +25,7 @@ import pytest
 from configs import common
 import demo_configs
 from mic_jax import hostmem
-from mic_jax.train import trainer
+from mic_jax import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -356,8 +356,8 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_focal_loss_reaches_the_train_step(tmp_path):
   """config.loss.{kind, focal_gamma}, smoothing and class weights: the
   step's loss is the focal formula on the model's logits."""
-  from mic_jax.train import checkpointing, steps  # pylint: disable=g-import-not-at-top
   from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import checkpointing, steps  # pylint: disable=g-import-not-at-top
   config = _demo_config(**{"loss.kind": "focal", "loss.focal_gamma": 1.5,
                            "loss.label_smoothing": 0.1,
                            "loss.class_weighting": "inverse",
@@ -387,7 +387,7 @@ def test_metrics_log_on_an_object_store(tmp_path, monkeypatch):
   """metrics.jsonl in a scheme:// workdir (TF's in-memory ram:// here, as
   gs:// in production) goes through tf.io.gfile, not a local open()."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mic_jax.train import reporting  # pylint: disable=g-import-not-at-top
+  from mic_jax.evaluation import reporting  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
   workdir = f"ram://{tmp_path.name}/run"
   tf.io.gfile.makedirs(workdir)

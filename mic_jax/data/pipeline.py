@@ -563,7 +563,7 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
     shuffle_buffer: example shuffle buffer (per host).
     image_keys: yield ``image_key`` (the photo's content key) instead of
       decoded, augmented pixels, for a frozen image tower whose outputs are
-      cached (:mod:`mic_jax.train.image_features`).
+      cached (:mod:`mic_jax.features.image_features`).
     length_buckets: bucket lengths from :func:`resolve_buckets` (``()``:
       every batch padded to ``max_length``). Each batch then holds titles of
       one bucket, its token arrays cut to that bucket's length; the bucket

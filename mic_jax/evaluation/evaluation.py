@@ -19,9 +19,10 @@ import tensorflow as tf
 
 from mic_jax import sharding as shd
 from mic_jax.data import pipeline
-from mic_jax.train import calibration
-from mic_jax.train import metrics as metrics_lib
-from mic_jax.train import faults, plots, reporting, rundir, steps
+from mic_jax.evaluation import calibration
+from mic_jax.evaluation import metrics as metrics_lib
+from mic_jax.evaluation import plots, reporting
+from mic_jax.train import faults, rundir, steps
 
 # Written at the end of every run; the export reads its "temperature".
 CALIBRATION_FILE = rundir.CALIBRATION
@@ -95,7 +96,7 @@ class Evaluator:
   def final_report(self, checkpoints: Any) -> dict[str, Any]:
     """Best checkpoint on validation and test -> results, CSVs, plots.
 
-    A temperature is fitted on validation (:mod:`mic_jax.train.calibration`)
+    A temperature is fitted on validation (:mod:`mic_jax.evaluation.calibration`)
     and stored as ``calibration.json``; every split reports its figures
     before and after it.
     """

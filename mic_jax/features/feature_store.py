@@ -66,8 +66,8 @@ import tensorflow as tf
 
 from mic_jax.data import pipeline
 from mic_jax.data import records
+from mic_jax.evaluation import reporting
 from mic_jax.train import faults
-from mic_jax.train import reporting
 
 KEYS, ROWS, META, WRITER = "keys.npy", "tokens.npy", "cache.json", "writer.json"
 NAME_LENGTH = 24

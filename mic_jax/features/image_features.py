@@ -31,7 +31,7 @@ config, the image size and the prepared data (``dataset_info.json`` but for
 the tokenizer's path, and shard sizes), so changing any of them builds a new
 one. Its files, key,
 atomic writes, checks on open and the sweep of killed builds live in
-:mod:`mic_jax.train.feature_store`.
+:mod:`mic_jax.features.feature_store`.
 
 Across hosts (:class:`Hosts`): when every host sees the same cache root (a
 ``gs://``-style root, or ``image.feature_cache_shared=True`` for a shared
@@ -67,9 +67,9 @@ from configs import common
 from mic_jax.data import pipeline
 from mic_jax.data import preprocess
 from mic_jax.data import records
-from mic_jax.train import feature_store
+from mic_jax.evaluation import reporting
+from mic_jax.features import feature_store
 from mic_jax.train import optimizer
-from mic_jax.train import reporting
 
 FORMAT_VERSION = 1
 

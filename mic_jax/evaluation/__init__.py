@@ -1,0 +1,1 @@
+"""Evaluation of a run: every example once, metrics, calibration, reports, plots."""
