@@ -128,7 +128,8 @@ def system_config(system: System, preset: str, data_dir: str, root: str,
 
 def photo_rows_possible(config) -> bool:
   """Whether the photo linear rows can run: a pretrained tower, frozen and
-  cached (what :func:`mic_jax.baselines.linear_baseline.photo_vectors` reads)."""
+  cached (what :func:`mic_jax.baselines.linear_baseline.photo_vectors`
+  reads)."""
   config = common.resolve_auto(config)
   return bool(config.image.checkpoint and config.image.cache_features and
               common.freezes_image_tower(config))

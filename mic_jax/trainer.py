@@ -90,7 +90,7 @@ class Run:
         image_size=config.image.size, seed=config.seed, start_step=start_step,
         shuffle_buffer=config.data.shuffle_buffer,
         image_keys=self.features is not None, length_buckets=self.buckets,
-        packing=self.packing)
+        packing=self.packing, info=self.info)
     return batches if self.features is None else self.features.attach(batches)
 
 
@@ -181,7 +181,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
         f"batch_size {config.batch_size} must be divisible by data*fsdp "
         f"({devices_per_batch}) times grad_accum_steps "
         f"({config.grad_accum_steps})")
-  spec = classifier.build(architecture.resolve(config), info.num_classes)
+  # The config is resolved once, above; fill reads the checkpoints' shapes.
+  spec = classifier.build(architecture.fill(config), info.num_classes)
   # image.train_top_blocks: which of a frozen tower's blocks still train.
   config = image_features.resolve_top_blocks(config, spec.model.img)
   param_shardings = shd.logical_shardings(spec.boxed_params, mesh, rules)
@@ -289,7 +290,7 @@ def attach_image_features(run: Run, params: Any) -> None:
              for x in jax.tree.leaves(img)):
     img = multihost_utils.process_allgather(img, tiled=True)
   run.features = image_features.ensure(run.config, run.model.img, img,
-                                       run.data_dir)
+                                       run.data_dir, info=run.info)
 
 
 # ---------------------------------------------------------------- loop --

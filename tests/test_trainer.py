@@ -226,6 +226,29 @@ def test_nan_loss_stops_with_clear_message(tmp_path):
   assert not (tmp_path / "nan" / "checkpoints" / "2").exists()
 
 
+def test_a_run_reads_its_data_set_info_once_and_resolves_its_config_once(
+    tmp_path, monkeypatch):
+  """``dataset_info.json`` is read once per run and handed on (train
+  stream, every evaluation, the final report), and ``resolve_auto`` runs
+  once (issue 34)."""
+  from mic_jax.data import records  # pylint: disable=g-import-not-at-top
+  calls = {"read_info": 0, "resolve_auto": 0}
+
+  def counted(name, function):
+    def wrapper(*args, **kwargs):
+      calls[name] += 1
+      return function(*args, **kwargs)
+    return wrapper
+
+  monkeypatch.setattr(records, "read_info",
+                      counted("read_info", records.read_info))
+  monkeypatch.setattr(common, "resolve_auto",
+                      counted("resolve_auto", common.resolve_auto))
+  config = _demo_config(total_steps=2, eval_every=2)
+  trainer.train_and_evaluate(config, str(tmp_path / "once"))
+  assert calls == {"read_info": 1, "resolve_auto": 1}, calls
+
+
 def test_check_finite_names_the_first_bad_step_and_kind():
   """Each branch of the check, and the order (the earliest step wins)."""
   ok = (1, np.float32(0.5), np.True_)

@@ -63,7 +63,8 @@ def gate_values(run: Any, params: Any, split: str
                                            or run.config.batch_size))
   batches = pipeline.eval_batches(run.data_dir, split, batch_size=batch_size,
                                   image_size=run.config.image.size,
-                                  image_keys=features is not None)
+                                  image_keys=features is not None,
+                                  info=run.info)
   if features is not None:
     batches = features.attach(batches)
   fn = _gate_fn(run.model)

@@ -106,7 +106,7 @@ def photo_vectors(config: ml_collections.ConfigDict, workdir: str,
     feats, labels = [], []
     for batch in pipeline.eval_batches(
         run.data_dir, split, batch_size=256, image_size=config.image.size,
-        process_index=0, process_count=1, image_keys=True):
+        process_index=0, process_count=1, image_keys=True, info=run.info):
       keep = batch["mask"] > 0
       cls = run.features.lookup(batch["image_key"][keep])[:, 0]
       present = batch["image_present"][keep].astype(np.float32)[:, None]

@@ -1,1 +1,2 @@
-"""Layers the towers and the fusion are built from: attention, dropout, packing, precision, partitioning."""
+"""The layers the towers and the fusion are built from: attention (with
+``masked_softmax``), dropout, packing, precision, partitioning."""

@@ -132,8 +132,8 @@ class MultimodalClassifier(nn.Module):
     image_start_block: the ViT block that a batch's ``image_hidden``
       tokens enter (cached below the top blocks that
       ``image.train_top_blocks`` trains;
-      :mod:`mic_jax.features.image_features`); 0 when the tower only ever sees pixels or its
-      whole output.
+      :mod:`mic_jax.features.image_features`); 0 when the tower only ever
+      sees pixels or its whole output.
     attention_impl: how the fusion's attention runs ("einsum", "xla",
       "cudnn"; :mod:`mic_jax.layers.attention`); the towers carry their own
       in their configs.
