@@ -385,6 +385,19 @@ def test_key_ignores_where_the_tokenizer_lies(tiny, tmp_path):
       "row3", tokenizer=str(tmp_path / "row1" / "tokenizer")))
 
 
+def test_key_is_the_same_from_the_info_a_run_hands_on(tiny):
+  """A run hands its DatasetInfo to the cache (it reads dataset_info.json
+  once): the key is the one read from the file, and the info is left as
+  it was (the key leaves the tokenizer out of a copy)."""
+  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  _, tower, params, data = tiny
+  info = pipeline.DatasetInfo.load(data)
+  recorded = json.loads(json.dumps(info.recorded))
+  assert (image_features.cache_key(params, tower, 16, data, info=info)
+          == image_features.cache_key(params, tower, 16, data))
+  assert info.recorded == recorded
+
+
 def test_cache_directory_is_readable_by_others(tiny):
   """mkdtemp's 0700 would lock other users out of a shared $MIC_JAX_CACHE."""
   old = os.umask(0o022)
