@@ -73,8 +73,9 @@ class Attention(nn.Module):
     use_bias: biases on the Q/K/V projections.
     out_proj: a final ``Dt x Dt`` projection of the concatenated heads.
     dropout: dropout rate on the attention probabilities.
-    attention_impl: "einsum", "xla" or "cudnn" (:mod:`mic_jax.models.
-      attention`); every one returns zeros for a row with no valid key.
+    attention_impl: "einsum", "xla" or "cudnn"
+      (:mod:`mic_jax.layers.attention`); every one returns zeros for a row
+      with no valid key.
   """
   out_features: int
   heads: int = 1
