@@ -122,7 +122,8 @@ def main() -> None:
   # pylint: disable=g-import-not-at-top
   from configs import common
   from mic_jax import export
-  from mic_jax.train import reporting, trainer
+  from mic_jax import trainer
+  from mic_jax.evaluation import reporting
   # pylint: enable=g-import-not-at-top
   root = pathlib.Path(tempfile.mkdtemp(prefix="bench_server_"))
   workdir = pathlib.Path(args.workdir) if args.workdir else root / "run"

@@ -43,8 +43,8 @@ def main() -> None:
   args = parser.parse_args()
   from configs import common  # pylint: disable=g-import-not-at-top
   from mic_jax import export  # pylint: disable=g-import-not-at-top
+  from mic_jax import trainer  # pylint: disable=g-import-not-at-top
   from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
-  from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(tempfile.mkdtemp(prefix="bench_serving_"))
   workdir = pathlib.Path(args.workdir) if args.workdir else root / "run"
   if not (workdir / "results.json").exists():

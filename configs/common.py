@@ -243,7 +243,7 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # out; the reference), "xla" (jax.nn.dot_product_attention, any backend)
   # or "cudnn" (its fused kernel, NVIDIA GPUs). The fused ones have no
   # dropout on attention probabilities: while that is active in training
-  # the einsum path runs (mic_jax/models/attention.py).
+  # the einsum path runs (mic_jax/layers/attention.py).
   c.model.attention_impl = "einsum"
   # Run the BERT and ViT layer stacks under nn.scan: one compiled layer
   # instead of N (much shorter compiles at the paper's sizes), weights
@@ -293,7 +293,7 @@ def make_config(kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
   # With a pretrained ViT that is frozen and cached (above): fine-tune its top
   # N blocks and final LayerNorm all the same. The cache then holds the
   # tokens entering block depth - N, so only the top N blocks run in a step
-  # (mic_jax.train.image_features); 0 keeps the whole tower frozen, N = depth
+  # (mic_jax.features.image_features); 0 keeps the whole tower frozen, N = depth
   # trains all of it from pixels; -1: PRETRAINED_TOP_BLOCKS for a frozen
   # pretrained ViT, else 0 (resolve_auto). Their learning rate:
   # optim.lr_multipliers (e.g. "txt=0.25,img=0.25").

@@ -62,10 +62,10 @@ from mic_jax.checkpoints import architecture
 from mic_jax.checkpoints import common
 from mic_jax.data import photos
 from mic_jax.data import records
+from mic_jax.evaluation import calibration as calibration_lib
+from mic_jax.evaluation import metrics
 from mic_jax.models import classifier
 from mic_jax.serving import bundle
-from mic_jax.train import calibration as calibration_lib
-from mic_jax.train import metrics
 from mic_jax.train import rundir
 
 FORMAT_VERSION = bundle.FORMAT_VERSION
@@ -184,7 +184,7 @@ def abstain_threshold(probs: np.ndarray, labels: np.ndarray, target: float
 
 
 def read_calibration(workdir: pathlib.Path, late: bool) -> dict[str, Any]:
-  """The run's temperatures (:func:`mic_jax.train.calibration.parse_record`
+  """The run's temperatures (:func:`mic_jax.evaluation.calibration.parse_record`
   owns the file's format). No ``calibration.json`` (a run from before
   calibration) means every temperature is 1."""
   path = workdir / CALIBRATION_FILE

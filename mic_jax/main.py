@@ -121,7 +121,9 @@ def _train():
               jax.devices()[0].platform)
   logging.info("host allocator: %s", allocator)
   # pylint: disable=g-import-not-at-top
-  from mic_jax.train import late_fusion, summary, trainer
+  from mic_jax import trainer
+  from mic_jax.baselines import late_fusion
+  from mic_jax.train import summary
   # pylint: enable=g-import-not-at-top
   # Late fusion is two runs and a mix, above the trainer; the rest is one.
   train = (late_fusion.run if FLAGS.config.model.kind == "late"

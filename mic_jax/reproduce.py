@@ -12,7 +12,7 @@ continues where it stopped.
 Besides the paper's five systems the table has
 
 * the linear anchors a practitioner tries first
-  (:mod:`mic_jax.train.linear_baseline`): logistic regression on the title's
+  (:mod:`mic_jax.baselines.linear_baseline`): logistic regression on the title's
   TF-IDF (word 1-2 grams), on the frozen photo tower's class token, and on
   both side by side; every deep row must beat them. The photo rows need a
   pretrained, frozen photo tower (they read the shared feature cache);
@@ -128,7 +128,8 @@ def system_config(system: System, preset: str, data_dir: str, root: str,
 
 def photo_rows_possible(config) -> bool:
   """Whether the photo linear rows can run: a pretrained tower, frozen and
-  cached (what :func:`mic_jax.train.linear_baseline.photo_vectors` reads)."""
+  cached (what :func:`mic_jax.baselines.linear_baseline.photo_vectors`
+  reads)."""
   config = common.resolve_auto(config)
   return bool(config.image.checkpoint and config.image.cache_features and
               common.freezes_image_tower(config))
@@ -137,7 +138,8 @@ def photo_rows_possible(config) -> bool:
 def run_system(system: System, root: str) -> dict:
   """Trains (unless finished) and returns the system's results.json."""
   # pylint: disable=g-import-not-at-top
-  from mic_jax.train import late_fusion, linear_baseline, trainer
+  from mic_jax import trainer
+  from mic_jax.baselines import late_fusion, linear_baseline
   # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
   if not rundir.has_results(workdir):
@@ -169,7 +171,7 @@ def photo_ablation(system: System, root: str) -> dict | None:
     return None
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
-  from mic_jax.train import photo_ablation as ablation
+  from mic_jax.analysis import ablation
   # pylint: enable=g-import-not-at-top
   workdir = os.path.join(root, system.subdir)
   if tf.io.gfile.exists(rundir.path(workdir, rundir.PHOTO_ABLATION)):

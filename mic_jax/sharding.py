@@ -1,6 +1,6 @@
 """The device mesh, logical-axis rules and the shardings derived from them.
 
-Models name their weight and activation axes (``mic_jax.models.partitioning``);
+Models name their weight and activation axes (``mic_jax.layers.partitioning``);
 the config maps those names onto the three mesh axes ``data``, ``fsdp`` and
 ``tensor``. Data parallelism is ``mesh = (all, 1, 1)``; FSDP shards every
 weight along its ``embed`` axis over ``fsdp`` (optimizer state follows);
@@ -19,7 +19,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from mic_jax.models import partitioning
+from mic_jax.layers import partitioning
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from mic_jax.models import attention
+from mic_jax.layers import attention
 from mic_jax.models import bert
 from mic_jax.models import classifier
 from mic_jax.models import fusion

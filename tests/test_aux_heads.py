@@ -19,8 +19,9 @@ import pytest
 
 import demo_configs
 from mic_jax import export
+from mic_jax import trainer
 from mic_jax.models import classifier
-from mic_jax.train import checkpointing, steps, trainer
+from mic_jax.train import checkpointing, steps
 
 from test_classifier import _batch, _config, _init, C
 

@@ -10,9 +10,11 @@ import pytest
 
 import demo_configs
 from configs import common
+from mic_jax import trainer
 from mic_jax.data import pipeline
+from mic_jax.evaluation import evaluation
 from mic_jax.models import classifier
-from mic_jax.train import evaluation, optimizer, steps, towers, trainer
+from mic_jax.train import optimizer, steps, towers
 
 NO_DROPOUT = {"text.dropout": 0.0, "fusion.dropout": 0.0, "num_classes": 8,
               "optim.warmup_steps": 0, "optim.eps": 1e-3}

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mic_jax.train import calibration, metrics, steps
+from mic_jax.evaluation import calibration, metrics
+from mic_jax.train import steps
 
 def _sampled(seed, n=600, num_classes=12, sharpen=1.0):
   """Logits and labels drawn from softmax(logits): calibrated at T = 1.

@@ -11,9 +11,9 @@ import json
 import pytest
 
 from configs import common
+from mic_jax import trainer
+from mic_jax.analysis import ablation as photo_ablation
 from mic_jax.data import demo
-from mic_jax.train import photo_ablation
-from mic_jax.train import trainer
 
 
 def test_catalogue_hides_colour_from_titles_and_family_from_photos(tmp_path):

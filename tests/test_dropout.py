@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mic_jax.layers import dropout
 from mic_jax.models import bert
-from mic_jax.models import dropout
 
 
 @pytest.mark.parametrize("shape,axes,cut", [

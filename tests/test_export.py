@@ -19,7 +19,7 @@ import pytest
 
 import demo_configs
 from mic_jax import export
-from mic_jax.train import trainer
+from mic_jax import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -22,11 +22,11 @@ import tensorflow as tf
 import demo_configs
 from data_prep import prepare
 from mic_jax import export
+from mic_jax import trainer
 from mic_jax.data import demo
 from mic_jax.data import photos
 from mic_jax.data import pipeline
 from mic_jax.serving import ExportDirError, Predictor
-from mic_jax.train import trainer
 
 PHOTO_FLAGS = {"max_image_side": 48, "jpeg_quality": 80}  # Not the defaults.
 TEMPERATURE = 2.0

@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from mic_jax.train import checkpointing, faults, trainer
+from mic_jax import trainer
+from mic_jax.train import checkpointing, faults
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 6

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mic_jax.train import feature_store, image_features
+from mic_jax.features import feature_store, image_features
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = int(os.environ.get("MIC_JAX_TEST_TIMEOUT", "400"))
@@ -95,8 +95,8 @@ port, index, root, data, out, wait = sys.argv[1:]
 # end process 0 (the peer died) before its own wait times out.
 jax.distributed.initialize(f"localhost:{port}", num_processes=2,
                            process_id=int(index), heartbeat_timeout_seconds=900)
+from mic_jax.features import image_features
 from mic_jax.models import vit
-from mic_jax.train import image_features
 tower = vit.get_vit("tiny")
 params = tower.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
 config = ml_collections.ConfigDict({"image": {"size": 16,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mic_jax.layers import attention
 from mic_jax.models import fusion
 
 B, L, M, DT, DV = 5, 7, 5, 16, 12
@@ -191,7 +192,7 @@ def test_gradients_are_finite_with_masked_rows():
 def test_masked_softmax():
   logits = jnp.array([[1.0, 2.0, 3.0], [5.0, -1e30, 0.0], [1.0, 1.0, 1.0]])
   mask = jnp.array([[1, 1, 1], [1, 0, 1], [0, 0, 0]])
-  got = np.asarray(fusion.masked_softmax(logits, mask))
+  got = np.asarray(attention.masked_softmax(logits, mask))
   np.testing.assert_allclose(got[0], jax.nn.softmax(logits[0]), atol=1e-7)
   pair = np.exp([5.0, 0.0]) / np.exp([5.0, 0.0]).sum()
   np.testing.assert_allclose(got[1], [pair[0], 0.0, pair[1]], atol=1e-7)

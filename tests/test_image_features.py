@@ -25,8 +25,10 @@ import numpy as np
 import pytest
 
 import demo_configs
-from mic_jax.train import checkpointing, evaluation, image_features, steps
-from mic_jax.train import trainer
+from mic_jax import trainer
+from mic_jax.evaluation import evaluation
+from mic_jax.features import image_features
+from mic_jax.train import checkpointing, steps
 
 
 def _config(tmp_path, kind="cross_modal", **overrides):
@@ -176,8 +178,8 @@ def test_withhold_photos_rate_and_determinism():
 
 def _one_step(run, state):
   """(state at step 5, one training batch, jitted-step maker by options)."""
-  from mic_jax.train import optimizer  # pylint: disable=g-import-not-at-top
   from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import optimizer  # pylint: disable=g-import-not-at-top
   config = run.config
   tx, schedule = optimizer.make_optimizer(config.optim, state.params,
                                           config.total_steps)
@@ -388,6 +390,19 @@ def test_key_ignores_where_the_tokenizer_lies(tiny, tmp_path):
       "row3", tokenizer=str(tmp_path / "row1" / "tokenizer")))
 
 
+def test_key_is_the_same_from_the_info_a_run_hands_on(tiny):
+  """A run hands its DatasetInfo to the cache (it reads dataset_info.json
+  once): the key is the one read from the file, and the info is left as
+  it was (the key leaves the tokenizer out of a copy)."""
+  from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  _, tower, params, data = tiny
+  info = pipeline.DatasetInfo.load(data)
+  recorded = json.loads(json.dumps(info.recorded))
+  assert (image_features.cache_key(params, tower, 16, data, info=info)
+          == image_features.cache_key(params, tower, 16, data))
+  assert info.recorded == recorded
+
+
 def test_cache_directory_is_readable_by_others(tiny):
   """mkdtemp's 0700 would lock other users out of a shared $MIC_JAX_CACHE."""
   old = os.umask(0o022)
@@ -424,8 +439,8 @@ def test_cache_on_an_object_store(tiny, tmp_path, monkeypatch):
 _BUILD_SCRIPT = """
 import sys, jax, jax.numpy as jnp, ml_collections
 sys.path.insert(0, {tests!r})
+from mic_jax.features import image_features
 from mic_jax.models import vit
-from mic_jax.train import image_features
 tower = vit.get_vit("tiny")
 params = tower.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
 config = ml_collections.ConfigDict({{"image": {{"size": 16,

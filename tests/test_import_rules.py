@@ -15,6 +15,17 @@ imports are collected, the lazy ones inside functions included. The rules:
   when they run, so importing two programs (``main`` and ``estimate`` both
   have ``--config``) never defines a flag twice. One test imports every
   program in one process to prove it.
+
+The packages by job (issue 34), read from every import, the lazy ones in
+functions included. A package is a sub-package of ``mic_jax``
+(``mic_jax/train/``) or a top-level module (``mic_jax/trainer.py``), which
+counts as its own:
+
+* every package has a place in :data:`LAYERS`, the architecture from the
+  bottom up, and imports only packages of lower layers;
+* no package imports a package that imports it;
+* no two files import each other;
+* no package holds more than 15% of the lines of ``mic_jax``'s code.
 """
 
 from __future__ import annotations
@@ -89,7 +100,7 @@ def _top(module: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def test_the_package_is_parsed():
-  assert {"mic_jax.train.trainer", "mic_jax.serving.predictor",
+  assert {"mic_jax.trainer", "mic_jax.serving.predictor",
           "mic_jax.models.classifier", "mic_jax.export"} <= set(MODULES)
 
 
@@ -108,8 +119,10 @@ def test_models_do_not_import_checkpoints():
 
 
 def test_serving_reaches_no_training_export_preparation_or_flax_code():
-  forbidden = ("mic_jax.train", "mic_jax.export", "mic_jax.exporter",
-               "data_prep", "flax", "mic_jax.models")
+  forbidden = ("mic_jax.train", "mic_jax.trainer", "mic_jax.evaluation",
+               "mic_jax.features", "mic_jax.baselines", "mic_jax.analysis",
+               "mic_jax.export", "mic_jax.exporter", "data_prep", "flax",
+               "mic_jax.models", "mic_jax.layers")
   bad = []
   for start in (n for n in MODULES if n.startswith("mic_jax.serving")):
     seen, todo, via = {start}, [start], {start: start}
@@ -221,3 +234,149 @@ def test_config_fields_the_classifier_reads_are_in_the_schema(kind):
   assert ("head/output/bias" in changed) == (kind == "cross_modal")
   (words,) = [v for k, v in changed.items() if "word_embeddings" in k]
   assert words[0] == 77
+
+
+# The architecture, from the bottom up: a package imports only packages of
+# lower layers (never one of its own layer, never one above). The run's
+# orchestration (``trainer``: train, evaluate, report) sits above the
+# packages it drives; programs (flags, then one library call) sit on top.
+LAYERS = (
+    # Foundations: the console, the host allocator, the layers the networks
+    # are built from (attention, dropout, packing, precision, partitioning).
+    ("console", "hostmem", "layers"),
+    # The networks (towers, fusion, classifier), and the mesh they run on.
+    ("models", "sharding"),
+    # Pretrained weights into the networks.
+    ("checkpoints",),
+    # Titles (normalization, tokenizers) and the prepared data set.
+    ("text", "data"),
+    # The training loop's parts (step, optimizer, checkpoints, faults, run
+    # directory); serving an export; batch scoring.
+    ("train", "serving", "scoring"),
+    # Evaluation of a run (metrics, calibration, reports, plots); the
+    # review page's web side.
+    ("evaluation", "reviewing"),
+    # The photo-feature cache; the export of a trained run.
+    ("features", "exporter"),
+    # The one loop: builds a run, trains, evaluates, reports.
+    ("trainer",),
+    # What runs over trained runs: the baselines, the photo analyses.
+    ("baselines", "analysis"),
+    # Programs: flags, then one library call.
+    ("main", "reproduce", "export", "predict", "serve", "review", "tools"),
+)
+MAX_SHARE = 0.15  # Of mic_jax's code lines, per package.
+
+
+def package_of(module: str) -> str | None:
+  """``mic_jax.train.steps`` -> ``train``; ``mic_jax.trainer`` -> ``trainer``;
+  None for ``mic_jax`` itself and for modules outside mic_jax."""
+  parts = module.split(".")
+  return parts[1] if parts[0] == "mic_jax" and len(parts) > 1 else None
+
+
+def file_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
+  """Module -> the mic_jax modules it imports (lazy imports included)."""
+  graph = {}
+  for name, tree in modules.items():
+    found = set()
+    for m in imports(name, tree):
+      while m not in modules and "." in m:  # ``pkg.Name`` -> ``pkg``.
+        m = m.rsplit(".", 1)[0]
+      if m in modules and m != name:
+        found.add(m)
+    graph[name] = found
+  return graph
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+  """Package -> the other packages its modules import."""
+  packages: dict[str, set[str]] = {}
+  for name, targets in graph.items():
+    if (source := package_of(name)) is None:
+      continue
+    packages.setdefault(source, set()).update(
+        p for p in map(package_of, targets) if p not in (None, source))
+  return packages
+
+
+def mutual(graph: dict[str, set[str]]) -> list[str]:
+  """Pairs that import each other (directly), or that sit on one cycle."""
+  def reaches(start, goal):
+    seen, todo = {start}, [start]
+    while todo:
+      for m in graph.get(todo.pop(), ()):
+        if m == goal:
+          return True
+        if m not in seen:
+          seen.add(m)
+          todo.append(m)
+    return False
+  return sorted(f"{a} <-> {b}" for a in graph for b in graph[a]
+                if a < b and reaches(b, a))
+
+
+def code_lines() -> dict[str, int]:
+  """Lines of .py files per package (``mic_jax/__init__.py`` as ``mic_jax``)."""
+  lines: dict[str, int] = {}
+  for path in ROOT.rglob("*.py"):
+    package = package_of(_module_name(path)) or "mic_jax"
+    with path.open(encoding="utf-8") as f:
+      lines[package] = lines.get(package, 0) + sum(1 for _ in f)
+  return lines
+
+
+FILES = file_graph(MODULES)
+PACKAGES = package_graph(FILES)
+
+
+def test_every_package_has_a_layer():
+  layered = [p for layer in LAYERS for p in layer]
+  assert len(layered) == len(set(layered)), "a package is in two layers"
+  missing = sorted(set(PACKAGES) - set(layered))
+  assert not missing, (f"packages not placed in LAYERS: {missing}; add each "
+                       "where its imports put it")
+  gone = sorted(set(layered) - set(PACKAGES))
+  assert not gone, f"LAYERS names packages that do not exist: {gone}"
+
+
+def test_packages_import_only_lower_layers():
+  layer = {p: i for i, names in enumerate(LAYERS) for p in names}
+  bad = sorted(f"{source} (layer {layer[source]}) imports {target} "
+               f"(layer {layer[target]})"
+               for source, targets in PACKAGES.items() if source in layer
+               for target in targets
+               if target in layer and layer[target] >= layer[source])
+  assert not bad, bad
+
+
+def test_no_package_imports_a_package_that_imports_it():
+  assert not mutual(PACKAGES), mutual(PACKAGES)
+
+
+def test_no_two_files_import_each_other():
+  pairs = sorted(f"{a} <-> {b}" for a, targets in FILES.items()
+                 for b in targets if a < b and a in FILES[b])
+  assert not pairs, pairs
+
+
+def test_the_checks_see_a_cycle_planted_in_a_copy():
+  """The rules above fail when they should: a lazy import from fusion back
+  into attention (the pair that once imported each other) is a file cycle,
+  and one from train back into the trainer a package cycle."""
+  planted = {name: set(targets) for name, targets in FILES.items()}
+  planted["mic_jax.layers.attention"].add("mic_jax.models.fusion")
+  planted["mic_jax.train.steps"].add("mic_jax.trainer")
+  assert "mic_jax.layers.attention <-> mic_jax.models.fusion" in mutual(planted)
+  assert "train <-> trainer" in mutual(package_graph(planted))
+  tree = ast.parse("def f():\n  from mic_jax.models import fusion\n")
+  assert "mic_jax.models.fusion" in imports("mic_jax.layers.attention", tree)
+
+
+def test_no_package_holds_more_than_15_percent_of_the_code():
+  lines = code_lines()
+  total = sum(lines.values())
+  table = ", ".join(f"{p} {n} ({n / total:.1%})"
+                    for p, n in sorted(lines.items(), key=lambda x: -x[1]))
+  big = [p for p, n in lines.items() if n > MAX_SHARE * total]
+  assert not big, f"over {MAX_SHARE:.0%} of {total} lines: {big}; {table}"

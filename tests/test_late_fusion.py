@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import demo_configs
-from mic_jax.train import late_fusion, trainer
+from mic_jax import trainer
+from mic_jax.baselines import late_fusion
 
 
 def _demo_config(kind, **overrides):

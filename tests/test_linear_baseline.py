@@ -7,8 +7,8 @@ import pytest
 
 import demo_configs
 from mic_jax import reproduce
+from mic_jax.baselines import linear_baseline
 from mic_jax.data import demo
-from mic_jax.train import linear_baseline
 
 pytest.importorskip("sklearn")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mic_jax.train import metrics
+from mic_jax.evaluation import metrics
 
 sk_metrics = pytest.importorskip("sklearn.metrics")
 

@@ -33,8 +33,9 @@ import pytest
 
 from configs import common
 from mic_jax import sharding as shd
+from mic_jax import trainer
 from mic_jax.data import pipeline
-from mic_jax.train import checkpointing, faults, trainer
+from mic_jax.train import checkpointing, faults
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4

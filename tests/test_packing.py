@@ -289,8 +289,8 @@ def test_packed_run_trains_evaluates_and_exports_a_padded_model(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   import demo_configs  # pylint: disable=g-import-not-at-top
   from mic_jax import export  # pylint: disable=g-import-not-at-top
+  from mic_jax import trainer  # pylint: disable=g-import-not-at-top
   from mic_jax.serving import Predictor  # pylint: disable=g-import-not-at-top
-  from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   trainer.train_and_evaluate(demo_configs.short_demo(
       "cross_modal", total_steps=3, log_every=3, eval_every=3,

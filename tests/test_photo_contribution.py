@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import demo_configs
-from mic_jax.train import photo_ablation, photo_contribution, trainer
+from mic_jax import trainer
+from mic_jax.analysis import ablation, contribution
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def test_report_matches_the_ablation_and_names_the_classes(trained):
     w.writerow(["label_id", "label", "precision", "recall", "f1", "support"])
     for i, name in enumerate(labels):
       w.writerow([i, name, 1, 1, 1.0 if i == 0 else 0.0, 10])
-  r = photo_contribution.photo_contribution(workdir, "validation",
+  r = contribution.photo_contribution(workdir, "validation",
                                             str(linear))
-  totals = photo_ablation.photo_ablation(workdir, ("validation",))
+  totals = ablation.photo_ablation(workdir, ("validation",))
   assert r["macro_f1_with_photos"] == pytest.approx(
       totals["validation"]["with_photos"]["macro_f1"])
   assert r["macro_f1_photos_withheld"] == pytest.approx(
@@ -69,13 +70,14 @@ def test_report_matches_the_ablation_and_names_the_classes(trained):
 
 def test_gate_values_are_per_product_means_over_real_tokens(trained):
   workdir, _ = trained
-  from mic_jax.train import checkpointing, reporting  # pylint: disable=g-import-not-at-top
   from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mic_jax.evaluation import reporting  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   run = trainer.build_run(reporting.read_config(workdir), workdir)
   ckpt = checkpointing.RunCheckpoints(workdir, keep=1, async_save=False)
   _, params = ckpt.restore_best(run.abstract_state.params)
   ckpt.close()
-  gate, labels, present = photo_contribution.gate_values(run, params,
+  gate, labels, present = contribution.gate_values(run, params,
                                                          "validation")
   assert len(gate) == len(labels) == run.info.split_size("validation")
   assert not np.any(gate[present == 0])  # No photo: the gate is shut.

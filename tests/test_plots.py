@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mic_jax.train import plots
+from mic_jax.evaluation import plots
 
 
 @pytest.fixture

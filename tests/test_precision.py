@@ -1,4 +1,4 @@
-"""f32-accumulating dense matmuls (mic_jax.models.precision).
+"""f32-accumulating dense matmuls (mic_jax.layers.precision).
 
 At float32 compute the models use Flax's own dot (nothing changes). At bf16
 the custom-VJP matmul must give the gradients of ``x @ w`` computed in float32
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mic_jax.models import precision
+from mic_jax.layers import precision
 
 
 def test_float32_keeps_flax_dot():

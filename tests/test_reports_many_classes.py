@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mic_jax.train import evaluation, metrics, plots
+from mic_jax.evaluation import evaluation, metrics, plots
 
 C = 1000
 PLANTED = [(3, 7, 60), (10, 11, 50), (500, 2, 40)]  # true, predicted, count

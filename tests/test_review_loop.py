@@ -27,6 +27,7 @@ import tensorflow as tf
 import demo_configs
 import review_helpers
 from mic_jax import export
+from mic_jax import trainer
 from mic_jax.data import demo
 from mic_jax.data import pipeline
 from mic_jax.data import records
@@ -34,7 +35,6 @@ from mic_jax.reviewing import queue as queue_lib
 from mic_jax.reviewing import suspects as suspects_lib
 from mic_jax.serving import bundle
 from mic_jax.text import title_group_key
-from mic_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,7 @@ import transformers
 
 from configs import common
 from mic_jax import sharding as shd
+from mic_jax import trainer
 from mic_jax.checkpoints import architecture
 from mic_jax.checkpoints import bert as bert_ckpt
 from mic_jax.checkpoints import common as ckpt_common
@@ -25,7 +26,7 @@ from mic_jax.checkpoints import layer_stacks
 from mic_jax.checkpoints import vit as vit_ckpt
 from mic_jax.data import pipeline
 from mic_jax.models import bert, classifier, vit
-from mic_jax.train import checkpointing, optimizer, steps, towers, trainer
+from mic_jax.train import checkpointing, optimizer, steps, towers
 
 TOL = 1e-5
 

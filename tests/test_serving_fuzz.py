@@ -35,8 +35,8 @@ import pytest
 import demo_configs
 from data_prep import prepare
 from mic_jax import export
+from mic_jax import trainer
 from mic_jax.data import demo
-from mic_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_INSTANCES = 8

@@ -15,8 +15,9 @@ import pytest
 
 from configs import common
 from mic_jax import sharding as shd
+from mic_jax import trainer
 from mic_jax.data import pipeline
-from mic_jax.train import checkpointing, trainer
+from mic_jax.train import checkpointing
 
 STEPS = 3
 BATCH = 16

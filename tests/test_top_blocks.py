@@ -13,8 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mic_jax import trainer
+from mic_jax.evaluation import evaluation
+from mic_jax.features import image_features
 from mic_jax.models import vit
-from mic_jax.train import checkpointing, evaluation, image_features, trainer
+from mic_jax.train import checkpointing
 from test_image_features import _config as cache_config
 
 

@@ -25,7 +25,7 @@ import pytest
 from configs import common
 import demo_configs
 from mic_jax import hostmem
-from mic_jax.train import trainer
+from mic_jax import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -226,6 +226,29 @@ def test_nan_loss_stops_with_clear_message(tmp_path):
   assert not (tmp_path / "nan" / "checkpoints" / "2").exists()
 
 
+def test_a_run_reads_its_data_set_info_once_and_resolves_its_config_once(
+    tmp_path, monkeypatch):
+  """``dataset_info.json`` is read once per run and handed on (train
+  stream, every evaluation, the final report), and ``resolve_auto`` runs
+  once (issue 34)."""
+  from mic_jax.data import records  # pylint: disable=g-import-not-at-top
+  calls = {"read_info": 0, "resolve_auto": 0}
+
+  def counted(name, function):
+    def wrapper(*args, **kwargs):
+      calls[name] += 1
+      return function(*args, **kwargs)
+    return wrapper
+
+  monkeypatch.setattr(records, "read_info",
+                      counted("read_info", records.read_info))
+  monkeypatch.setattr(common, "resolve_auto",
+                      counted("resolve_auto", common.resolve_auto))
+  config = _demo_config(total_steps=2, eval_every=2)
+  trainer.train_and_evaluate(config, str(tmp_path / "once"))
+  assert calls == {"read_info": 1, "resolve_auto": 1}, calls
+
+
 def test_check_finite_names_the_first_bad_step_and_kind():
   """Each branch of the check, and the order (the earliest step wins)."""
   ok = (1, np.float32(0.5), np.True_)
@@ -356,8 +379,8 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_focal_loss_reaches_the_train_step(tmp_path):
   """config.loss.{kind, focal_gamma}, smoothing and class weights: the
   step's loss is the focal formula on the model's logits."""
-  from mic_jax.train import checkpointing, steps  # pylint: disable=g-import-not-at-top
   from mic_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mic_jax.train import checkpointing, steps  # pylint: disable=g-import-not-at-top
   config = _demo_config(**{"loss.kind": "focal", "loss.focal_gamma": 1.5,
                            "loss.label_smoothing": 0.1,
                            "loss.class_weighting": "inverse",
@@ -387,7 +410,7 @@ def test_metrics_log_on_an_object_store(tmp_path, monkeypatch):
   """metrics.jsonl in a scheme:// workdir (TF's in-memory ram:// here, as
   gs:// in production) goes through tf.io.gfile, not a local open()."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mic_jax.train import reporting  # pylint: disable=g-import-not-at-top
+  from mic_jax.evaluation import reporting  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
   workdir = f"ram://{tmp_path.name}/run"
   tf.io.gfile.makedirs(workdir)

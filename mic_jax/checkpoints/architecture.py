@@ -30,11 +30,18 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   (:func:`configs.common.resolve_auto`). Other configs come back as an
   equal copy.
   """
+  return fill(common.resolve_auto(config))
+
+
+def fill(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """:func:`resolve` of a config already resolved by
+  :func:`configs.common.resolve_auto` (a run's: the trainer resolves it
+  once), without resolving it again."""
   # pylint: disable=g-import-not-at-top
   from mic_jax.checkpoints import bert as bert_ckpt
   from mic_jax.checkpoints import hub
   # pylint: enable=g-import-not-at-top
-  resolved = common.resolve_auto(config)
+  resolved = config.copy_and_resolve_references()
   kind = resolved.model.kind
   builds = kind in classifier.KINDS
   with resolved.unlocked():

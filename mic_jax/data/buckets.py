@@ -7,7 +7,7 @@ emit batches whose token arrays are cut to the smallest bucket length that
 holds every title in them, so XLA compiles one step per bucket (a handful)
 and no batch pays for more padding than its bucket. Masked positions never
 mattered to the models and their dropout masks are drawn per title position
-(:mod:`mic_jax.models.dropout`), so results equal the padded path up to
+(:mod:`mic_jax.layers.dropout`), so results equal the padded path up to
 float summation order, in training too.
 
 This module owns the choices, not the reading: which lengths

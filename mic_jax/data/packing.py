@@ -7,7 +7,7 @@ computes (nearly) only real tokens, at one static shape.
 
 A packed batch of ``R`` rows, ``P = pack_length`` tokens and ``S = slots``
 products per row (the trainer contract's packed form; the models read it
-through :mod:`mic_jax.models.packing`):
+through :mod:`mic_jax.layers.packing`):
 
   input_ids, attention_mask, token_type_ids  [R, P]  titles back to back
   segment_ids  [R, P]  1..S: which slot's title; 0: padding
@@ -136,7 +136,7 @@ def unpack(batch: Mapping[str, np.ndarray], title_length: int) -> Batch:
 
   Product ``r * S + s`` is slot ``s`` of row ``r``; an empty slot is a row
   of zeros with ``mask`` 0. What the models compute on a packed batch equals
-  what they compute on this (:mod:`mic_jax.models.packing`); tests and
+  what they compute on this (:mod:`mic_jax.layers.packing`); tests and
   checks use it.
   """
   rows, slots = batch["slot_start"].shape

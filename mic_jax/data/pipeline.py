@@ -55,6 +55,10 @@ class DatasetInfo:
   max_length: int
   shards: dict[str, list[dict[str, Any]]]
   taxonomy: dict[str, Any] | None = None
+  # dataset_info.json as read (what the feature cache's key hashes), so a
+  # run reads the file once and hands this object on.
+  recorded: dict[str, Any] | None = dataclasses.field(
+      default=None, compare=False, repr=False)
 
   @classmethod
   def load(cls, data_dir: str) -> DatasetInfo:
@@ -67,7 +71,7 @@ class DatasetInfo:
       taxonomy = json.loads((path / info["taxonomy_file"]).read_text(
           encoding="utf-8"))
     return cls(str(path), labels, int(info["max_length"]), info["shards"],
-               taxonomy)
+               taxonomy, recorded=info)
 
   @property
   def num_classes(self) -> int:
@@ -546,7 +550,8 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
                   shuffle_buffer: int = 10_000,
                   image_keys: bool = False,
                   length_buckets: tuple[int, ...] = (),
-                  packing: Packing | None = None) -> Iterator[Batch]:
+                  packing: Packing | None = None,
+                  info: DatasetInfo | None = None) -> Iterator[Batch]:
   """Endless training batches for this host, resumable at ``start_step``.
 
   Across hosts, each epoch is every training example once, minus at most
@@ -563,7 +568,7 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
     shuffle_buffer: example shuffle buffer (per host).
     image_keys: yield ``image_key`` (the photo's content key) instead of
       decoded, augmented pixels, for a frozen image tower whose outputs are
-      cached (:mod:`mic_jax.train.image_features`).
+      cached (:mod:`mic_jax.features.image_features`).
     length_buckets: bucket lengths from :func:`resolve_buckets` (``()``:
       every batch padded to ``max_length``). Each batch then holds titles of
       one bucket, its token arrays cut to that bucket's length; the bucket
@@ -581,13 +586,15 @@ def train_batches(data_dir: str, *, batch_size: int, image_size: int,
       slots), all shapes are static, and hosts whose shares pack into
       different numbers of batches simply move on to their next epoch at
       different steps.
+    info: ``data_dir``'s :class:`DatasetInfo` when the caller has it (a
+      run reads ``dataset_info.json`` once); else it is read here.
 
   Yields:
     The batch dict of the trainer contract (``mask`` all ones; packed,
     ``mask`` 0 on empty slots).
   """
   index, count = _process(process_index, process_count)
-  info = DatasetInfo.load(data_dir)
+  info = DatasetInfo.load(data_dir) if info is None else info
   if not info.has_split("train"):
     raise ValueError(f"{data_dir} has no train split")
   files, sizes = _split_shards(info, "train")
@@ -681,13 +688,14 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
                  process_count: int | None = None,
                  image_keys: bool = False,
                  length_buckets: tuple[int, ...] = (),
-                 packing: Packing | None = None) -> Iterator[Batch]:
+                 packing: Packing | None = None,
+                 info: DatasetInfo | None = None) -> Iterator[Batch]:
   """Every example of ``split`` exactly once across processes, padded.
 
   All processes yield the same number of batches,
   ``ceil(ceil(N / process_count) / batch_size)``; padding rows have
   ``mask`` 0 (and zero features, label 0; with ``image_keys``, the key of
-  "no photo"). ``image_keys`` is as in :func:`train_batches`.
+  "no photo"). ``image_keys`` and ``info`` are as in :func:`train_batches`.
 
   With ``length_buckets`` the split is read once per bucket, keeping that
   bucket's titles (in file order), and each bucket is dealt and padded as
@@ -703,7 +711,7 @@ def eval_batches(data_dir: str, split: str, *, batch_size: int,
   yield the same number of batches of the same shapes.
   """
   index, count = _process(process_index, process_count)
-  info = DatasetInfo.load(data_dir)
+  info = DatasetInfo.load(data_dir) if info is None else info
   total = info.split_size(split)
   if total == 0:
     return

@@ -32,11 +32,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mic_jax.models import attention
-from mic_jax.models import dropout as dropout_lib
-from mic_jax.models import packing as packing_lib
-from mic_jax.models import partitioning as P
-from mic_jax.models import precision
+from mic_jax.layers import attention
+from mic_jax.layers import dropout as dropout_lib
+from mic_jax.layers import packing as packing_lib
+from mic_jax.layers import partitioning as P
+from mic_jax.layers import precision
 
 Dtype = Any
 
@@ -67,7 +67,7 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   pad_token_id: int = 0
-  # How attention runs, not the architecture (mic_jax.models.attention).
+  # How attention runs, not the architecture (mic_jax.layers.attention).
   attention_impl: str = "einsum"
 
   def __post_init__(self):
@@ -351,7 +351,7 @@ class BertEncoder(_BertModule):
         when omitted.
       token_type_ids: int ``[B, L]``; zeros when omitted.
       train: enables dropout (needs a ``dropout`` RNG).
-      packed: the rows are packed titles (:mod:`mic_jax.models.packing`):
+      packed: the rows are packed titles (:mod:`mic_jax.layers.packing`):
         attention is block-diagonal by segment, positions restart per
         title, and the outputs are per product, unpacked.
 

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mic_jax.models import partitioning as P
+from mic_jax.layers import partitioning as P
 
 Dtype = Any
 

@@ -2,7 +2,7 @@
 
 One module covers the four end-to-end systems of the paper's Table 2 (late
 fusion is two separately trained ``text_only`` / ``image_only`` models whose
-probabilities are mixed afterwards, see :func:`mic_jax.train.metrics.
+probabilities are mixed afterwards, see :func:`mic_jax.evaluation.metrics.
 choose_alpha`):
 
   kind          towers      fusion                      head input
@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mic_jax.models import attention as attention_lib
+from mic_jax.layers import attention as attention_lib
+from mic_jax.layers import packing as packing_lib
 from mic_jax.models import bert as bert_lib
 from mic_jax.models import fusion as fusion_lib
-from mic_jax.models import packing as packing_lib
 
 Batch = Mapping[str, jnp.ndarray]
 KINDS = ("text_only", "image_only", "early", "cross_modal")
@@ -88,7 +88,7 @@ def _check_kind(kind: str) -> None:
   if kind == "late":
     raise ValueError("late fusion is not one model: train a 'text_only' and "
                      "an 'image_only' model and mix their probabilities "
-                     "(mic_jax.train.metrics.choose_alpha)")
+                     "(mic_jax.evaluation.metrics.choose_alpha)")
   if kind not in KINDS:
     raise ValueError(f"unknown model kind {kind!r}; known: {KINDS} (and "
                      "'late', built from two of them)")
@@ -131,14 +131,14 @@ class MultimodalClassifier(nn.Module):
       drops them (:data:`AUX_HEADS`; ``mic_jax.exporter``).
     image_start_block: the ViT block that a batch's ``image_hidden``
       tokens enter (cached below the top blocks that
-      ``image.train_top_blocks`` trains; :mod:`mic_jax.train.
-      image_features`); 0 when the tower only ever sees pixels or its
-      whole output.
+      ``image.train_top_blocks`` trains;
+      :mod:`mic_jax.features.image_features`); 0 when the tower only ever
+      sees pixels or its whole output.
     attention_impl: how the fusion's attention runs ("einsum", "xla",
-      "cudnn"; :mod:`mic_jax.models.attention`); the towers carry their own
+      "cudnn"; :mod:`mic_jax.layers.attention`); the towers carry their own
       in their configs.
     title_length: the width packed titles are unpacked to after the text
-      tower (``text.max_length``; :mod:`mic_jax.models.packing`). Only
+      tower (``text.max_length``; :mod:`mic_jax.layers.packing`). Only
       packed batches read it; they need it set.
     dtype: compute dtype; parameters keep their own ``param_dtype``.
   """
@@ -214,7 +214,7 @@ class MultimodalClassifier(nn.Module):
         ``label`` and ``mask`` are ignored).
       train: enables dropout (needs a ``dropout`` RNG).
 
-    A packed batch (``segment_ids``, :mod:`mic_jax.models.packing`) has
+    A packed batch (``segment_ids``, :mod:`mic_jax.layers.packing`) has
     token arrays ``[R, P]`` and per-slot ``image*`` / ``image_present``
     ``[R, S, ...]``: the text tower runs packed, its output is unpacked to
     ``[R * S, title_length]`` per product, and everything after it runs as
@@ -267,8 +267,8 @@ class MultimodalClassifier(nn.Module):
       text_cls = text_vector(seq, pooled, text_mask, self.text_repr)
       aux["text_cls"] = text_cls
     if self.img is not None:
-      # A frozen tower's outputs may come precomputed (mic_jax.train.
-      # image_features); the tower then does not run at all.
+      # A frozen tower's outputs may come precomputed
+      # (mic_jax.features.image_features); the tower then does not run at all.
       if "image_tokens" in batch:
         tokens = batch["image_tokens"]
       elif "image_hidden" in batch:  # Only the top blocks train and run.

@@ -41,41 +41,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mic_jax.models import attention
-from mic_jax.models import partitioning as P
-from mic_jax.models import precision
+from mic_jax.layers import attention
+from mic_jax.layers import partitioning as P
+from mic_jax.layers import precision
 
 Dtype = Any
 POOLS = ("sum", "mean")
-
-
-def masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray,
-                   axis: int = -1) -> jnp.ndarray:
-  """Softmax over ``axis`` restricted to ``mask``; all-masked rows give 0.
-
-  The usual additive ``-inf`` / ``finfo.min`` bias turns an all-masked row
-  into a uniform average over the masked entries (or NaN), which would let a
-  photo-less product attend to its placeholder image. Here masked entries
-  get probability exactly 0 and a row with nothing to attend to is all
-  zeros, with finite gradients.
-
-  Args:
-    logits: any float array; computed in float32.
-    mask: boolean (or 0/1) array broadcastable to ``logits``.
-    axis: the axis normalised over.
-
-  Returns:
-    float32 probabilities with ``logits``'s shape.
-  """
-  logits = logits.astype(jnp.float32)
-  mask = jnp.broadcast_to(mask.astype(bool), logits.shape)
-  peak = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=axis, keepdims=True)
-  peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-  # The inner where keeps exp() away from masked (possibly huge) logits so
-  # neither the value nor its gradient can overflow.
-  e = jnp.where(mask, jnp.exp(jnp.where(mask, logits - peak, 0.0)), 0.0)
-  total = jnp.sum(e, axis=axis, keepdims=True)
-  return e / jnp.where(total > 0, total, 1.0)
 
 
 HEAD_INIT_STD = 0.02
@@ -102,8 +73,9 @@ class Attention(nn.Module):
     use_bias: biases on the Q/K/V projections.
     out_proj: a final ``Dt x Dt`` projection of the concatenated heads.
     dropout: dropout rate on the attention probabilities.
-    attention_impl: "einsum", "xla" or "cudnn" (:mod:`mic_jax.models.
-      attention`); every one returns zeros for a row with no valid key.
+    attention_impl: "einsum", "xla" or "cudnn"
+      (:mod:`mic_jax.layers.attention`); every one returns zeros for a row
+      with no valid key.
   """
   out_features: int
   heads: int = 1
@@ -199,7 +171,7 @@ class CrossModalAttention(nn.Module):
       (a documented deviation from eq. 4, off by default). The token is
       zeroed for a product without a photo, as the cross term is.
     return_stats: also return a dict of monitoring scalars (gate mean).
-    attention_impl: how both SA terms run (:mod:`mic_jax.models.attention`).
+    attention_impl: how both SA terms run (:mod:`mic_jax.layers.attention`).
   """
   heads: int = 1
   gate: bool = True

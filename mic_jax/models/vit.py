@@ -42,9 +42,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mic_jax.models import attention
-from mic_jax.models import partitioning as P
-from mic_jax.models import precision
+from mic_jax.layers import attention
+from mic_jax.layers import partitioning as P
+from mic_jax.layers import precision
 
 Dtype = Any
 
@@ -99,7 +99,7 @@ class ViTConfig:
       applies ``((images + 1) / 2 - mean) / std`` itself. None (default)
       feeds the images as they are, which is what mean = std = 0.5 means.
     attention_impl: how attention runs, not the architecture: "einsum",
-      "xla" or "cudnn" (:mod:`mic_jax.models.attention`).
+      "xla" or "cudnn" (:mod:`mic_jax.layers.attention`).
   """
   patch_size: int = 16
   width: int = 768
@@ -378,7 +378,7 @@ class Encoder(_ViTModule):
   embeddings are added only when the stack starts at block 0, the final
   LayerNorm only when it ends at the top. A frozen lower part's output can
   so be computed once (``last``) and the top blocks trained on it
-  (``first``; :mod:`mic_jax.train.image_features`).
+  (``first``; :mod:`mic_jax.features.image_features`).
   """
 
   @nn.compact

@@ -1,7 +1,7 @@
 """Compile the real train step ahead of time for a mesh of N devices.
 
 What the estimator's ``--compile`` runs. The step is the trainer's own
-(:func:`mic_jax.train.trainer.jit_train_step`: the same model, optimizer,
+(:func:`mic_jax.trainer.jit_train_step`: the same model, optimizer,
 loss, ``NamedSharding`` in and out and donated state), lowered on abstract
 inputs only (``jax.ShapeDtypeStruct`` with their shardings; nothing is
 allocated) and compiled by XLA for the mesh the config builds on N devices.
@@ -151,8 +151,8 @@ def compile_train_step(config: ml_collections.ConfigDict, num_devices: int
     ValueError: fewer devices than asked for, or a batch the mesh cannot
       split (the trainer's own check).
   """
+  from mic_jax import trainer  # pylint: disable=g-import-not-at-top
   from mic_jax.models import classifier  # pylint: disable=g-import-not-at-top
-  from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   if len(devices) < num_devices:
     raise ValueError(f"compiling for {num_devices} devices, but JAX has only "

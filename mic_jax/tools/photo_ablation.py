@@ -25,7 +25,7 @@ from absl import flags
 from mic_jax import console
 from mic_jax import hostmem
 
-# The library is mic_jax.train.photo_ablation (also used by
+# The library is mic_jax.analysis.ablation (also used by
 # mic_jax.reproduce); it is imported in main, after the console session
 # sends TensorFlow's and JAX's start-up lines to the log file.
 
@@ -52,11 +52,11 @@ def main(argv):
     # Before TensorFlow and JAX start their threads (see mic_jax/hostmem.py).
     hostmem.configure(hostmem.flag_value())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from mic_jax.train import photo_ablation  # pylint: disable=g-import-not-at-top
-    results = photo_ablation.photo_ablation(workdir, splits)
+    from mic_jax.analysis import ablation  # pylint: disable=g-import-not-at-top
+    results = ablation.photo_ablation(workdir, splits)
     console.say("%s run %s, best step %s\n", results["model"], workdir,
                 results["best_step"])
-    console.say("%s", photo_ablation.markdown(results, splits))
+    console.say("%s", ablation.markdown(results, splits))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ r"""What the photo contributes to a trained fused run (gate, per class, linear).
   python -m mic_jax.tools.photo_contribution --workdir=runs/hm/cross_modal \
       [--split=validation] [--photo_linear=runs/hm/linear_photo]
 
-Prints the findings (see :mod:`mic_jax.train.photo_contribution`) and writes
+Prints the findings (see :mod:`mic_jax.analysis.contribution`) and writes
 ``WORKDIR/photo_contribution_<split>.{json,md,png}``. Validation is the
 default split: findings that lead to a choice must not come from test.
 """
@@ -33,7 +33,7 @@ def main(argv):
   with console.session("photo_contribution", FLAGS.workdir,
                        verbose=console.verbose_requested()) as session:
     # pylint: disable=g-import-not-at-top
-    from mic_jax.train import photo_contribution as contribution
+    from mic_jax.analysis import contribution
     # pylint: enable=g-import-not-at-top
     console.say("photo contribution  %s (%s; log: %s)", FLAGS.workdir,
                 FLAGS.split, session.log_path)

@@ -19,9 +19,10 @@ import tensorflow as tf
 
 from mic_jax import sharding as shd
 from mic_jax.data import pipeline
-from mic_jax.train import calibration
-from mic_jax.train import metrics as metrics_lib
-from mic_jax.train import faults, plots, reporting, rundir, steps
+from mic_jax.evaluation import calibration
+from mic_jax.evaluation import metrics as metrics_lib
+from mic_jax.evaluation import plots, reporting
+from mic_jax.train import faults, rundir, steps
 
 # Written at the end of every run; the export reads its "temperature".
 CALIBRATION_FILE = rundir.CALIBRATION
@@ -66,7 +67,8 @@ class Evaluator:
         image_size=self.run.config.image.size,
         image_keys=features is not None,
         length_buckets=getattr(self.run, "buckets", ()),
-        packing=getattr(self.run, "packing", None))
+        packing=getattr(self.run, "packing", None),
+        info=getattr(self.run, "info", None))
     if features is not None:
       batches = features.attach(batches, withhold=withhold_images)
     for batch in batches:
@@ -95,9 +97,10 @@ class Evaluator:
   def final_report(self, checkpoints: Any) -> dict[str, Any]:
     """Best checkpoint on validation and test -> results, CSVs, plots.
 
-    A temperature is fitted on validation (:mod:`mic_jax.train.calibration`)
-    and stored as ``calibration.json``; every split reports its figures
-    before and after it.
+    A temperature is fitted on validation
+    (:mod:`mic_jax.evaluation.calibration`) and stored as
+    ``calibration.json``; every split reports its figures before and after
+    it.
     """
     run = self.run
     best_step, params = checkpoints.restore_best(run.abstract_state.params)

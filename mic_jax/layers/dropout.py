@@ -25,7 +25,7 @@ position (per pair) and exactly the bits used. The price is that a padded
 run draws other masks than ``nn.Dropout`` did (the same distribution, so
 the same model in expectation; a padded run is not bitwise the one before).
 
-Packed titles (:mod:`mic_jax.models.packing`) share a row, so a token's
+Packed titles (:mod:`mic_jax.layers.packing`) share a row, so a token's
 row position is neither its position in its title nor its row in the padded
 batch. :class:`TokenDropout` called with a ``packed`` index draws the padded
 batch's mask (``[R * S, title_length, ...]``) and gathers each token's
@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mic_jax.models import packing
+from mic_jax.layers import packing
 
 
 def keep_mask(key: jax.Array, keep_prob: float, shape: Sequence[int],

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from mic_jax import trainer
+from mic_jax.evaluation import evaluation, reporting
 from mic_jax.models import classifier
-from mic_jax.train import checkpointing, evaluation, reporting, rundir, trainer
+from mic_jax.train import checkpointing, rundir
 
 WAYS = (("with_photos", False), ("photos_withheld", True))
 

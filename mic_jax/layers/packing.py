@@ -25,12 +25,12 @@ Where the models separate the titles again (the design choice):
   padding saving is already made. The photo side is never packed: slot
   ``(r, s)`` is product ``r * S + s`` of the flattened batch.
 
-Dropout. The position-folded masks of :mod:`mic_jax.models.dropout` make
+Dropout. The position-folded masks of :mod:`mic_jax.layers.dropout` make
 the mask at a title position independent of the padded width; a packed
 title must also get the masks of the same product in the padded batch,
 which depend on its row there (product ``r * S + s``) and its position in
 its own title. :class:`PackedIndex` carries both, and
-:class:`~mic_jax.models.dropout.TokenDropout` gathers the padded batch's
+:class:`~mic_jax.layers.dropout.TokenDropout` gathers the padded batch's
 mask at them. So a packed step equals the padded step of the same products
 (in slot order) up to float rounding, with dropout on too. The price: the
 random bits are drawn for the padded shape ``[R * S, title_length, ...]``

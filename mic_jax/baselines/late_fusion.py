@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 
 from configs import common
-from mic_jax.train import calibration, checkpointing, evaluation, metrics
-from mic_jax.train import reporting, rundir
+from mic_jax.evaluation import calibration, evaluation, metrics, reporting
+from mic_jax.train import checkpointing, rundir
 
 
 def _sub_config(config: ml_collections.ConfigDict, kind: str, data_dir: str
@@ -67,7 +67,7 @@ def member_config(config: ml_collections.ConfigDict, member_workdir: str,
 def _trained_run(config: ml_collections.ConfigDict, workdir: str,
                  data_dir: str):
   """Trains ``workdir`` unless it already has results; returns its run."""
-  from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from mic_jax import trainer  # pylint: disable=g-import-not-at-top
   kind = config.model.kind
   if not rundir.has_results(workdir):
     logging.info("late fusion: training %s in %s", kind, workdir)
@@ -95,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ``p'`` proportional to ``p^(1 / T_mix)``. ``calibration.json`` holds
   ``T_mix`` and the members' temperatures.
   """
-  from mic_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from mic_jax import trainer  # pylint: disable=g-import-not-at-top
   reporting.ensure_dir(workdir)
   data_dir, info = trainer.resolve_data(config, workdir)
   text_dir = config.late.text_workdir or os.path.join(workdir, "text_only")

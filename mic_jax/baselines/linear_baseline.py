@@ -6,7 +6,7 @@ what every deep row of the table must beat:
 * ``title``: TF-IDF of word 1-2 grams of the title;
 * ``photo``: the frozen photo tower's class token (the same pretrained
   tower, image size and feature cache the deep systems use,
-  :mod:`mic_jax.train.image_features`), standardized on the training split,
+  :mod:`mic_jax.features.image_features`), standardized on the training split,
   plus a "has a photo" flag;
 * ``title+photo``: both, side by side in one logistic regression; the
   photo block is multiplied by an image weight so that neither block's scale
@@ -32,7 +32,8 @@ import tensorflow as tf
 
 from mic_jax.data import pipeline
 from mic_jax.data import records
-from mic_jax.train import evaluation, image_features, metrics, reporting
+from mic_jax.evaluation import evaluation, metrics, reporting
+from mic_jax.features import image_features
 from mic_jax.train import rundir
 
 FEATURES = ("title", "photo", "title+photo")
@@ -73,7 +74,8 @@ def photo_vectors(config: ml_collections.ConfigDict, workdir: str,
   frozen, so its outputs come from (or go into) the shared feature cache.
   """
   # pylint: disable=g-import-not-at-top
-  from mic_jax.train import trainer, towers
+  from mic_jax import trainer
+  from mic_jax.train import towers
   # pylint: enable=g-import-not-at-top
   run = trainer.build_run(config, workdir)
   if "img" not in run.abstract_state.params:
@@ -104,7 +106,7 @@ def photo_vectors(config: ml_collections.ConfigDict, workdir: str,
     feats, labels = [], []
     for batch in pipeline.eval_batches(
         run.data_dir, split, batch_size=256, image_size=config.image.size,
-        process_index=0, process_count=1, image_keys=True):
+        process_index=0, process_count=1, image_keys=True, info=run.info):
       keep = batch["mask"] > 0
       cls = run.features.lookup(batch["image_key"][keep])[:, 0]
       present = batch["image_present"][keep].astype(np.float32)[:, None]

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from mic_jax import console
-from mic_jax.train import metrics
+from mic_jax.evaluation import metrics
 from mic_jax.train import rundir
 
 

@@ -66,8 +66,8 @@ import tensorflow as tf
 
 from mic_jax.data import pipeline
 from mic_jax.data import records
+from mic_jax.evaluation import reporting
 from mic_jax.train import faults
-from mic_jax.train import reporting
 
 KEYS, ROWS, META, WRITER = "keys.npy", "tokens.npy", "cache.json", "writer.json"
 NAME_LENGTH = 24
@@ -103,11 +103,13 @@ def join(root: str | os.PathLike[str], *parts: str) -> str:
 UNKEYED_INFO_FIELDS = ("tokenizer",)
 
 
-def key(description: str, params: Any, data_dir: str) -> str:
+def key(description: str, params: Any, data_dir: str,
+        info: pipeline.DatasetInfo | None = None) -> str:
   """Hex digest of (what is computed, its weights, the prepared data).
 
   The data is ``dataset_info.json`` but for :data:`UNKEYED_INFO_FIELDS`,
-  and each shard's name and size.
+  and each shard's name and size. ``info``: ``data_dir``'s, when the
+  caller has read it (else it is read here).
   """
   digest = hashlib.sha256()
   digest.update(description.encode())
@@ -117,12 +119,16 @@ def key(description: str, params: Any, data_dir: str) -> str:
     digest.update(jax.tree_util.keystr(path).encode())
     digest.update(f"{array.dtype}{array.shape}".encode())
     digest.update(array.tobytes())
-  with tf.io.gfile.GFile(join(data_dir, records.INFO_FILE), "rb") as f:
-    recorded = json.load(f)
+  if info is not None and info.recorded is not None:
+    recorded = dict(info.recorded)
+  else:
+    with tf.io.gfile.GFile(join(data_dir, records.INFO_FILE), "rb") as f:
+      recorded = json.load(f)
   for field in UNKEYED_INFO_FIELDS:
     recorded.pop(field, None)
   digest.update(json.dumps(recorded, sort_keys=True).encode())
-  info = pipeline.DatasetInfo.load(data_dir)
+  if info is None:
+    info = pipeline.DatasetInfo.load(data_dir)
   for split in sorted(info.shards):
     for name in info.files(split):
       size = tf.io.gfile.stat(name).length

@@ -46,10 +46,12 @@ from configs import common
 from mic_jax import hostmem
 from mic_jax import sharding as shd
 from mic_jax.checkpoints import architecture
-from mic_jax.models import classifier
-from mic_jax.train import checkpointing, evaluation, optimizer, reporting, steps
-from mic_jax.train import faults, finite, image_features, rundir, summary, towers
 from mic_jax.data import pipeline
+from mic_jax.evaluation import evaluation, reporting
+from mic_jax.features import image_features
+from mic_jax.models import classifier
+from mic_jax.train import checkpointing, optimizer, steps
+from mic_jax.train import faults, finite, rundir, summary, towers
 
 
 class TrainingError(RuntimeError):
@@ -88,7 +90,7 @@ class Run:
         image_size=config.image.size, seed=config.seed, start_step=start_step,
         shuffle_buffer=config.data.shuffle_buffer,
         image_keys=self.features is not None, length_buckets=self.buckets,
-        packing=self.packing)
+        packing=self.packing, info=self.info)
     return batches if self.features is None else self.features.attach(batches)
 
 
@@ -179,7 +181,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, *,
         f"batch_size {config.batch_size} must be divisible by data*fsdp "
         f"({devices_per_batch}) times grad_accum_steps "
         f"({config.grad_accum_steps})")
-  spec = classifier.build(architecture.resolve(config), info.num_classes)
+  # The config is resolved once, above; fill reads the checkpoints' shapes.
+  spec = classifier.build(architecture.fill(config), info.num_classes)
   # image.train_top_blocks: which of a frozen tower's blocks still train.
   config = image_features.resolve_top_blocks(config, spec.model.img)
   param_shardings = shd.logical_shardings(spec.boxed_params, mesh, rules)
@@ -277,7 +280,7 @@ def attach_image_features(run: Run, params: Any) -> None:
   """Sets ``run.features`` when the run's image tower is frozen and cached.
 
   Then the train and eval streams carry cached tower outputs instead of
-  pixels (:mod:`mic_jax.train.image_features`).
+  pixels (:mod:`mic_jax.features.image_features`).
   """
   if not image_features.wanted(run.config, run.abstract_state.params,
                                run.model.img):
@@ -287,7 +290,7 @@ def attach_image_features(run: Run, params: Any) -> None:
              for x in jax.tree.leaves(img)):
     img = multihost_utils.process_allgather(img, tiled=True)
   run.features = image_features.ensure(run.config, run.model.img, img,
-                                       run.data_dir)
+                                       run.data_dir, info=run.info)
 
 
 # ---------------------------------------------------------------- loop --
@@ -390,12 +393,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   """Trains, evaluates and writes every output of one run; returns results.
 
   One model: late fusion (two runs and a mix) sits above the trainer, in
-  :func:`mic_jax.train.late_fusion.run`, which the entry points choose.
+  :func:`mic_jax.baselines.late_fusion.run`, which the entry points choose.
   """
   if config.model.kind == "late":
     raise TrainingError(
         "late fusion is two runs and a mix, not one model: run it with "
-        "mic_jax.train.late_fusion.run(config, workdir) (python -m "
+        "mic_jax.baselines.late_fusion.run(config, workdir) (python -m "
         "mic_jax.main chooses it for a 'late' config)")
   reporting.ensure_dir(workdir)
   untuned = hostmem.untuned_warning(jax.default_backend())

@@ -7,11 +7,11 @@ default: the split choices are made on):
   averaged per product over its real title tokens and the width: how far
   the cross-attention term is let into ``h'`` (cross-modal runs only);
 * **the photo ablation per class**: F1 of every class with its photos and
-  with every photo withheld (:mod:`mic_jax.train.photo_ablation` gives the
+  with every photo withheld (:mod:`mic_jax.analysis.ablation` gives the
   totals), so one sees which categories lean on the photo;
 * **what a linear photo model gets that the fused model does not**: with
   the per-class report of the photo-only linear anchor
-  (:mod:`mic_jax.train.linear_baseline`, a ``per_class_<split>.csv``),
+  (:mod:`mic_jax.baselines.linear_baseline`, a ``per_class_<split>.csv``),
   the classes where that model's F1 is higher than the fused model's.
 
 With ``fusion.image_to_head`` the head also reads the photo's global token;
@@ -34,8 +34,9 @@ import numpy as np
 import tensorflow as tf
 
 from mic_jax import sharding as shd
+from mic_jax.analysis import ablation
 from mic_jax.data import pipeline
-from mic_jax.train import photo_ablation, reporting
+from mic_jax.evaluation import reporting
 
 GATE_BINS = 20
 
@@ -62,7 +63,8 @@ def gate_values(run: Any, params: Any, split: str
                                            or run.config.batch_size))
   batches = pipeline.eval_batches(run.data_dir, split, batch_size=batch_size,
                                   image_size=run.config.image.size,
-                                  image_keys=features is not None)
+                                  image_keys=features is not None,
+                                  info=run.info)
   if features is not None:
     batches = features.attach(batches)
   fn = _gate_fn(run.model)
@@ -97,7 +99,7 @@ def _head_image_share(params: Any, text_width: int) -> float | None:
 def photo_contribution(workdir: str, split: str = "validation",
                        photo_linear_workdir: str = "") -> dict[str, Any]:
   """The three views above for the best checkpoint of ``workdir``."""
-  best = photo_ablation.restore_best(workdir)
+  best = ablation.restore_best(workdir)
   run, step, params = best.run, best.step, best.params
   config = run.config
   labels = list(run.info.labels)
@@ -199,6 +201,6 @@ def markdown(results: dict[str, Any], top: int = 10) -> str:
 
 def _plot(path: str, results: dict[str, Any]) -> None:
   # pylint: disable=g-import-not-at-top
-  from mic_jax.train import plots
+  from mic_jax.evaluation import plots
   # pylint: enable=g-import-not-at-top
   plots.photo_contribution(path, results)

@@ -22,9 +22,9 @@ fused kernel.
 Masks. ``bias`` is added to the scaled logits (BERT's additive padding
 bias). ``mask`` is boolean, True where a key may be attended to; with
 ``empty_rows_zero`` a query row with no valid key returns exact zeros (the
-fusion's photo-less products, :func:`mic_jax.models.fusion.masked_softmax`),
-on every path: the fused kernels give such a row a uniform average, which is
-then multiplied by 0.
+fusion's photo-less products, :func:`masked_softmax`), on every path: the
+fused kernels give such a row a uniform average, which is then multiplied
+by 0.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mic_jax.models import dropout as dropout_lib
+from mic_jax.layers import dropout as dropout_lib
 
 IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
@@ -51,10 +51,33 @@ def check_implementation(implementation: str) -> str:
   return implementation
 
 
-def _masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-  # Imported here: fusion imports this module.
-  from mic_jax.models import fusion  # pylint: disable=g-import-not-at-top
-  return fusion.masked_softmax(logits, mask)
+def masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray,
+                   axis: int = -1) -> jnp.ndarray:
+  """Softmax over ``axis`` restricted to ``mask``; all-masked rows give 0.
+
+  The usual additive ``-inf`` / ``finfo.min`` bias turns an all-masked row
+  into a uniform average over the masked entries (or NaN), which would let a
+  photo-less product attend to its placeholder image. Here masked entries
+  get probability exactly 0 and a row with nothing to attend to is all
+  zeros, with finite gradients.
+
+  Args:
+    logits: any float array; computed in float32.
+    mask: boolean (or 0/1) array broadcastable to ``logits``.
+    axis: the axis normalised over.
+
+  Returns:
+    float32 probabilities with ``logits``'s shape.
+  """
+  logits = logits.astype(jnp.float32)
+  mask = jnp.broadcast_to(mask.astype(bool), logits.shape)
+  peak = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=axis, keepdims=True)
+  peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+  # The inner where keeps exp() away from masked (possibly huge) logits so
+  # neither the value nor its gradient can overflow.
+  e = jnp.where(mask, jnp.exp(jnp.where(mask, logits - peak, 0.0)), 0.0)
+  total = jnp.sum(e, axis=axis, keepdims=True)
+  return e / jnp.where(total > 0, total, 1.0)
 
 
 def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
@@ -85,10 +108,10 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
     implementation: one of :data:`IMPLEMENTATIONS`.
     dropout_rate, deterministic: dropout on the attention probabilities.
     position_dropout: draw that dropout's mask per (query, key) position
-      pair (:class:`mic_jax.models.dropout.TokenDropout`), so it does not
+      pair (:class:`mic_jax.layers.dropout.TokenDropout`), so it does not
       depend on how far the titles are padded; for attention over title
       tokens (BERT, the fusion). Otherwise one ``nn.Dropout`` draw.
-    packed: a :class:`mic_jax.models.packing.PackedIndex` when query and
+    packed: a :class:`mic_jax.layers.packing.PackedIndex` when query and
       key are packed titles: the dropout mask is then the padded batch's
       (needs ``position_dropout``).
     dtype: compute dtype of the probabilities-times-values product.
@@ -118,7 +141,7 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray,
     if bias is not None:
       logits = logits + bias
     if empty_rows_zero:
-      weights = _masked_softmax(logits, mask)
+      weights = masked_softmax(logits, mask)
     else:
       if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

@@ -31,7 +31,7 @@ config, the image size and the prepared data (``dataset_info.json`` but for
 the tokenizer's path, and shard sizes), so changing any of them builds a new
 one. Its files, key,
 atomic writes, checks on open and the sweep of killed builds live in
-:mod:`mic_jax.train.feature_store`.
+:mod:`mic_jax.features.feature_store`.
 
 Across hosts (:class:`Hosts`): when every host sees the same cache root (a
 ``gs://``-style root, or ``image.feature_cache_shared=True`` for a shared
@@ -67,9 +67,9 @@ from configs import common
 from mic_jax.data import pipeline
 from mic_jax.data import preprocess
 from mic_jax.data import records
-from mic_jax.train import feature_store
+from mic_jax.evaluation import reporting
+from mic_jax.features import feature_store
 from mic_jax.train import optimizer
-from mic_jax.train import reporting
 
 FORMAT_VERSION = 1
 
@@ -222,17 +222,18 @@ def wanted(config: ml_collections.ConfigDict,
 
 def cache_key(img_params: Any, tower: nn.Module, image_size: int,
               data_dir: str, depth: int | None = None,
-              row_dtype: str = "float32") -> str:
+              row_dtype: str = "float32",
+              info: pipeline.DatasetInfo | None = None) -> str:
   """Hex digest naming one (weights, tower config, size, data, ``depth``:
   the blocks computed, None for the whole tower, and the stored row dtype)
-  combination."""
+  combination. ``info``: ``data_dir``'s, when the caller has it."""
   stop = "" if depth is None else f" blocks={depth}"
   # float32 adds nothing, so the caches built before the choice existed
   # keep their names.
   kept = "" if row_dtype == "float32" else f" rows={row_dtype}"
   return feature_store.key(
       f"v{FORMAT_VERSION} size={image_size} tower={tower!r}{stop}{kept}",
-      img_params, data_dir)
+      img_params, data_dir, info)
 
 
 def row_dtype(config: ml_collections.ConfigDict) -> str:
@@ -332,14 +333,16 @@ class ImageFeatureCache:
       yield batch
 
 
-def _unique_photos(data_dir: str, image_size: int, batch_size: int
+def _unique_photos(data_dir: str, image_size: int, batch_size: int,
+                   info: pipeline.DatasetInfo | None = None
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(keys, eval pixels) of every distinct photo of every split, in batches.
 
   The empty image (products without a photo) is always included: withheld
   photos are scored with it.
   """
-  info = pipeline.DatasetInfo.load(data_dir)
+  if info is None:
+    info = pipeline.DatasetInfo.load(data_dir)
   seen = {preprocess.no_photo_key()}
   yield (np.array([preprocess.no_photo_key()], np.int64),
          np.zeros((1, image_size, image_size, 3), np.float32))
@@ -349,10 +352,10 @@ def _unique_photos(data_dir: str, image_size: int, batch_size: int
     for keyed, pixels in zip(
         pipeline.eval_batches(data_dir, split, batch_size=batch_size,
                               image_size=image_size, process_index=0,
-                              process_count=1, image_keys=True),
+                              process_count=1, image_keys=True, info=info),
         pipeline.eval_batches(data_dir, split, batch_size=batch_size,
                               image_size=image_size, process_index=0,
-                              process_count=1)):
+                              process_count=1, info=info)):
       new = []  # Rows with a photo not seen before (also in this batch).
       for i, key in enumerate(keyed["image_key"].tolist()):
         if keyed["mask"][i] > 0 and key not in seen:
@@ -362,15 +365,18 @@ def _unique_photos(data_dir: str, image_size: int, batch_size: int
         yield keyed["image_key"][new], pixels["image"][new]
 
 
-def _count_photos(data_dir: str) -> int:
-  info = pipeline.DatasetInfo.load(data_dir)
+def _count_photos(data_dir: str,
+                  info: pipeline.DatasetInfo | None = None) -> int:
+  if info is None:
+    info = pipeline.DatasetInfo.load(data_dir)
   return sum(info.split_size(s) for s in records.SPLITS)
 
 
 def build(directory: str | os.PathLike[str], tower: nn.Module,
           img_params: Any, data_dir: str, image_size: int, *,
           batch_size: int = 64, depth: int | None = None,
-          row_dtype: str = "float32", share: Hosts | None = None) -> None:
+          row_dtype: str = "float32", share: Hosts | None = None,
+          info: pipeline.DatasetInfo | None = None) -> None:
   """Runs ``tower`` over every distinct photo and writes the cache.
 
   ``depth``: only the first ``depth`` blocks (their hidden tokens are
@@ -379,7 +385,7 @@ def build(directory: str | os.PathLike[str], tower: nn.Module,
   ``share.index`` of ``share.count`` (every count-th batch of the whole
   build, so each row is computed exactly as the whole build computes it).
   Written as :class:`feature_store.Writer` does (complete or absent, also
-  on SIGTERM).
+  on SIGTERM). ``info``: ``data_dir``'s, when the caller has it.
   """
   share = share or Hosts()
   kwargs = {} if depth is None else {"stop_block": depth}
@@ -387,12 +393,12 @@ def build(directory: str | os.PathLike[str], tower: nn.Module,
                                            **kwargs))
   params = jax.device_get(img_params)
   directory = os.fspath(directory)
-  total = _count_photos(data_dir) + 1
+  total = _count_photos(data_dir, info) + 1
   with feature_store.Writer(directory, total, feature_store.mirror_root(),
                             row_dtype) as writer:
     last = 0.0
     for index, (batch_keys, pixels) in enumerate(_unique_photos(
-        data_dir, image_size, batch_size)):
+        data_dir, image_size, batch_size, info)):
       if index % share.count != share.index:
         continue  # Another host's batch.
       n = len(batch_keys)
@@ -481,8 +487,8 @@ def _check_same_split(shards: Sequence[str]) -> None:
 
 
 def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
-           img_params: Any, data_dir: str, hosts: Hosts | None = None
-           ) -> ImageFeatureCache:
+           img_params: Any, data_dir: str, hosts: Hosts | None = None,
+           info: pipeline.DatasetInfo | None = None) -> ImageFeatureCache:
   """The cache of this run's frozen tower, built first if it is missing.
 
   Sweeps abandoned builds first; a cache that fails its checks on open (on
@@ -491,7 +497,8 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
   with several, a complete whole cache or complete shards of any host count
   are reused; else this host builds its own shard unless it is already
   complete, then waits (``image.feature_cache_wait_seconds``) for the
-  others' and reads them all.
+  others' and reads them all. ``info``: ``data_dir``'s :class:`DatasetInfo`
+  when the caller has read it (a run hands its own on).
   """
   root = os.fspath(config.image.get("feature_cache_dir") or default_root())
   size = int(config.image.size)
@@ -502,7 +509,7 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
     feature_store.sweep(str(feature_store.mirror_root()))
   kept = row_dtype(config)
   digest = cache_key(frozen_part(img_params, depth), tower, size, data_dir,
-                     depth, kept)
+                     depth, kept, info)
   directory = feature_store.directory(root, digest)
   if feature_store.usable(directory, FORMAT_VERSION):
     logging.info("image features: reusing %s", directory)
@@ -521,7 +528,7 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
     logging.info("image features: computing the frozen image tower's %s "
                  "once for every photo -> %s", what, directory)
     build(directory, tower, img_params, data_dir, size, depth=depth,
-          row_dtype=kept, batch_size=batch_size)
+          row_dtype=kept, batch_size=batch_size, info=info)
     return ImageFeatureCache(directory, batch_key)
   shards = [feature_store.shard_directory(root, digest, i, hosts.count)
             for i in range(hosts.count)]
@@ -533,7 +540,7 @@ def ensure(config: ml_collections.ConfigDict, tower: nn.Module,
                  "this host's share (%d of %d) of the photos -> %s", what,
                  hosts.index, hosts.count, mine)
     build(mine, tower, img_params, data_dir, size, depth=depth,
-          row_dtype=kept, share=hosts, batch_size=batch_size)
+          row_dtype=kept, share=hosts, batch_size=batch_size, info=info)
   wait = float(config.image.get("feature_cache_wait_seconds", None)
                or WAIT_SECONDS)
   feature_store.wait_for(shards, FORMAT_VERSION, wait)

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mic_jax.train import metrics  # noqa: E402
+from mic_jax.evaluation import metrics  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
@@ -158,7 +158,7 @@ def reliability_diagram(path: str, before: Mapping[str, Any],
                         after: Mapping[str, Any], title: str) -> None:
   """Accuracy against confidence per bin, before and after calibration.
 
-  ``before`` / ``after`` are :func:`mic_jax.train.calibration.reliability`
+  ``before`` / ``after`` are :func:`mic_jax.evaluation.calibration.reliability`
   results; a perfectly calibrated model lies on the diagonal. Empty bins are
   not drawn; the lower panel shows how many examples each bin holds.
   """

@@ -1,0 +1,1 @@
+"""Analyses of a trained run: what the photo contributes (ablation, gates)."""

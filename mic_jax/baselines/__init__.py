@@ -1,0 +1,1 @@
+"""Baselines beside the deep systems: linear anchors and late fusion."""

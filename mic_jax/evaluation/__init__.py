@@ -1,0 +1,2 @@
+"""Evaluation of a run: every example once, metrics, calibration, reports,
+plots."""

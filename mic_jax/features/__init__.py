@@ -1,0 +1,1 @@
+"""The photo-feature cache: a frozen photo tower's outputs, computed once."""
