@@ -199,3 +199,15 @@ def test_an_index_in_use_is_kept_and_unused_ones_are_pruned(sample):
   assert len(names) == queue_lib.KEEP_INDEXES + 1
   assert served.page(0, 1)[0]["rank"] == 1
   served.close()
+
+
+def test_a_product_twice_is_named_by_its_second_line(sample):
+  s = sample
+  lines = s["scores"].read_text().splitlines(keepends=True)
+  lines[40] = lines[7]    # p7 again on line 41...
+  lines[250] = lines[3]   # ...and p3 on line 251: line 41 is named.
+  s["scores"].write_text("".join(lines))
+  with pytest.raises(queue_lib.QueueError,
+                     match=r"scores\.jsonl:41: product 'p7' appears twice"):
+    _load(s)
+  assert not any(s["index_dir"].glob("queue-*.sqlite"))  # Nothing kept.

@@ -19,7 +19,8 @@ the same database is counted at the next request): a count never scans the
 queue.
 
 The index is built in bulk (large ``executemany`` batches into a file with
-no journal, the rows in file order, ranked and indexed after the load) and,
+no journal, the rows in file order; ranked in a narrow table and indexed
+after the load) and,
 given an ``index_dir`` (the program's: beside the review database), kept:
 its file is named after what shapes it (the score file's SHA-256 and size,
 the export, the queue kind and its thresholds, :data:`INDEX_VERSION`), so
@@ -63,21 +64,19 @@ INDEX_VERSION = 2  # Of the index's layout: another version builds anew.
 KEEP_INDEXES = 3   # Unused indexes kept in an index_dir (most recent).
 _HASH_BLOCK = 1 << 20
 
+# ``rows``: the score file's rows in file order, as read; ``products``:
+# the queue in review order (rank), narrow (what a count, a status update
+# or a look-up by id reads), each naming its row by line.
 _SCHEMA = """
-CREATE TABLE products (rank INTEGER PRIMARY KEY, id TEXT NOT NULL,
-  abstain INTEGER NOT NULL, row TEXT NOT NULL, photo_file TEXT,
-  photo_shard TEXT, photo_index INTEGER, status TEXT);
+CREATE TABLE rows (line INTEGER PRIMARY KEY, id TEXT NOT NULL,
+  abstain INTEGER NOT NULL, grp INTEGER NOT NULL, key REAL NOT NULL,
+  row TEXT NOT NULL, photo_file TEXT, photo_shard TEXT, photo_index INTEGER);
+CREATE TABLE products (rank INTEGER PRIMARY KEY, line INTEGER NOT NULL,
+  id TEXT NOT NULL, abstain INTEGER NOT NULL, status TEXT);
 CREATE TABLE counts (abstain INTEGER NOT NULL, status TEXT NOT NULL,
   n INTEGER NOT NULL, PRIMARY KEY (abstain, status));
 CREATE TABLE synced (history_id INTEGER NOT NULL, product_id TEXT);
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-# The rows in file order while loading (in a file of their own, removed
-# once they are ranked into ``products``).
-_STAGING = """
-CREATE TABLE staging.rows (line INTEGER PRIMARY KEY, id TEXT NOT NULL,
-  abstain INTEGER NOT NULL, grp INTEGER NOT NULL, key REAL NOT NULL,
-  row TEXT NOT NULL, photo_file TEXT, photo_shard TEXT, photo_index INTEGER);
 """
 UNDECIDED = ""  # The status of an undecided product in ``counts``.
 
@@ -148,8 +147,11 @@ class Queue:
     product["rank"] = rank
     return product
 
-  _COLUMNS = ("rank, row, photo_file IS NOT NULL OR photo_shard IS NOT "
-              "NULL")
+  # A product's rank, row and whether it has a photo, from
+  # ``products p CROSS JOIN rows r`` (p first: by rank, or by id).
+  _SELECT = ("SELECT p.rank, r.row, r.photo_file IS NOT NULL OR "
+             "r.photo_shard IS NOT NULL FROM products p CROSS JOIN rows r "
+             "ON r.line = p.line ")
 
   def __contains__(self, product_id: object) -> bool:
     with self._connect() as db:
@@ -159,14 +161,15 @@ class Queue:
   def get(self, product_id: str) -> dict[str, Any] | None:
     """One product by id (as :meth:`page` gives it), or None."""
     with self._connect() as db:
-      row = db.execute(f"SELECT {self._COLUMNS} FROM products WHERE id = ?",
+      row = db.execute(self._SELECT + "WHERE p.id = ?",
                        (product_id,)).fetchone()
     return self._product(*row) if row else None
 
   def photo_source(self, product_id: str) -> dict[str, Any] | None:
     with self._connect() as db:
-      row = db.execute("SELECT photo_file, photo_shard, photo_index FROM "
-                       "products WHERE id = ?", (product_id,)).fetchone()
+      row = db.execute("SELECT r.photo_file, r.photo_shard, r.photo_index "
+                       "FROM products p CROSS JOIN rows r ON r.line = "
+                       "p.line WHERE p.id = ?", (product_id,)).fetchone()
     if not row or (row[0] is None and row[1] is None):
       return None
     if row[0] is not None:
@@ -177,9 +180,9 @@ class Queue:
            undecided: bool = False) -> list[dict[str, Any]]:
     """Up to ``limit`` products ranked after ``after``, in review order
     (only the undecided ones when asked: call :meth:`sync` first)."""
-    query = (f"SELECT {self._COLUMNS} FROM products WHERE rank > ? " +
-             ("AND status IS NULL " if undecided else "") +
-             "ORDER BY rank LIMIT ?")
+    query = (self._SELECT + "WHERE p.rank > ? " +
+             ("AND p.status IS NULL " if undecided else "") +
+             "ORDER BY p.rank LIMIT ?")
     with self._connect() as db:
       rows = db.execute(query, (after, limit)).fetchall()
     return [self._product(*r) for r in rows]
@@ -418,9 +421,7 @@ def _prune(directory: pathlib.Path, keep: pathlib.Path) -> None:
   indexes.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0,
                reverse=True)
   for entry in leftovers + indexes[KEEP_INDEXES - 1:]:
-    # A build's staging file goes with its build (which holds the lock).
-    held = pathlib.Path(str(entry).removesuffix(".staging"))
-    if _in_use(held):
+    if _in_use(entry):
       continue
     _remove(entry)
 
@@ -444,12 +445,10 @@ def _build(index: pathlib.Path, path: pathlib.Path, key: dict[str, Any],
            identity: str, export_dir: pathlib.Path, known: set[str],
            suspects: suspects_lib.Suspects | None) -> None:
   """Streams the score file into a new index at ``index`` (held under an
-  exclusive ``flock`` while it is built): rows in file order into a
-  staging file, then ranked in review order into ``products``, indexed,
-  counted; ``meta`` marks it complete in the last transaction."""
-  staging = index.with_name(index.name + ".staging")
+  exclusive ``flock`` while it is built): rows in file order, then ranked
+  in review order into ``products``, indexed, counted; ``meta`` marks it
+  complete in the last transaction."""
   _remove(index)
-  _remove(staging)
   fd = os.open(index, os.O_RDWR | os.O_CREAT, 0o644)
   fcntl.flock(fd, fcntl.LOCK_EX)
   db = sqlite3.connect(index, isolation_level=None)
@@ -458,30 +457,23 @@ def _build(index: pathlib.Path, path: pathlib.Path, key: dict[str, Any],
                    "cache_size=-65536", "temp_store=FILE"):
       db.execute(f"PRAGMA {pragma}")
     db.executescript(_SCHEMA)
-    db.execute("ATTACH DATABASE ? AS staging", (str(staging),))
-    db.execute("PRAGMA staging.journal_mode=OFF")
-    db.execute("PRAGMA staging.synchronous=OFF")
-    db.executescript(_STAGING)
     skipped, considered, kept = _stream(db, path, identity, export_dir,
                                         known, suspects)
     db.execute("BEGIN")
-    db.execute("INSERT INTO products (id, abstain, row, photo_file, "
-               "photo_shard, photo_index) SELECT id, abstain, row, "
-               "photo_file, photo_shard, photo_index FROM staging.rows "
-               "ORDER BY grp, key, line")
+    # Ranked: a sort of narrow tuples; the rows stay where they are.
+    db.execute("INSERT INTO products (line, id, abstain) SELECT line, id, "
+               "abstain FROM rows ORDER BY grp, key, line")
     try:
       db.execute("CREATE UNIQUE INDEX products_id ON products (id)")
     except sqlite3.IntegrityError:
-      db.execute("ROLLBACK")
       line, product = db.execute(
           "SELECT line, id FROM (SELECT line, id, row_number() OVER "
-          "(PARTITION BY id ORDER BY line) AS k FROM staging.rows) "
+          "(PARTITION BY id ORDER BY line) AS k FROM products) "
           "WHERE k = 2 ORDER BY line LIMIT 1").fetchone()
+      db.execute("ROLLBACK")
       raise QueueError(f"{path}:{line}: product {product!r} appears "
                        "twice") from None
     db.execute("COMMIT")
-    db.execute("DETACH DATABASE staging")
-    _remove(staging)
     db.execute("BEGIN")
     db.execute("CREATE INDEX undecided ON products (rank) WHERE status IS "
                "NULL")
@@ -506,18 +498,16 @@ def _build(index: pathlib.Path, path: pathlib.Path, key: dict[str, Any],
     db.execute("PRAGMA journal_mode=WAL")  # Served: readers never wait.
   finally:
     db.close()
-    _remove(staging)
     os.close(fd)
 
 
 def _stream(db: sqlite3.Connection, path: pathlib.Path, identity: str,
             export_dir: pathlib.Path, known: set[str],
             suspects: suspects_lib.Suspects | None) -> tuple[int, int, int]:
-  """Reads the score file a line at a time into ``staging.rows`` in
-  batches; returns (rows skipped for 'error', considered, kept)."""
+  """Reads the score file a line at a time into ``rows`` in batches; returns (rows skipped for 'error', considered, kept)."""
   skipped = considered = kept = 0
   batch: list[tuple[Any, ...]] = []
-  insert = "INSERT INTO staging.rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+  insert = "INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
   db.execute("BEGIN")
   loads = json.loads
   with open(path, "rb") as f:
