@@ -211,3 +211,43 @@ def test_a_product_twice_is_named_by_its_second_line(sample):
                      match=r"scores\.jsonl:41: product 'p7' appears twice"):
     _load(s)
   assert not any(s["index_dir"].glob("queue-*.sqlite"))  # Nothing kept.
+
+
+def _serve_once(s, db, *extra):
+  """Starts mic-jax-review on the sample until it answers; returns its
+  start-up lines."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import requests  # pylint: disable=g-import-not-at-top
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  server = subprocess.Popen(
+      [sys.executable, "-m", "mic_jax.review", f"--db={db}",
+       f"--scores={s['scores']}", f"--export={s['export']}",
+       f"--port={port}", *extra], cwd=REPO,
+      env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    for _ in range(600):
+      try:
+        requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+        break
+      except requests.ConnectionError:
+        assert server.poll() is None, server.stdout.read()
+        time.sleep(0.1)
+  finally:
+    server.terminate()
+    output, _ = server.communicate(timeout=60)
+  return output
+
+
+def test_the_program_keeps_its_index_beside_the_database(sample):
+  s = sample
+  db = s["index_dir"].parent / "review.sqlite"
+  first = _serve_once(s, db)
+  assert f"{N} products" in first and "(built)" in first, first
+  second = _serve_once(s, db)
+  assert "(reused: the score file is unchanged)" in second, second
+  kept = [p for p in _files(s["index_dir"]) if p.endswith(".sqlite")]
+  assert len(kept) == 1 and kept[0] in second
