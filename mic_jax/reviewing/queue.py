@@ -337,7 +337,8 @@ def _complete(index: pathlib.Path, key: dict[str, Any]) -> bool:
   """Whether ``index`` is a whole index built for ``key`` (not a half
   written or foreign file, nor one of another key)."""
   try:
-    db = sqlite3.connect(f"{index.absolute().as_uri()}?mode=ro", uri=True)
+    db = sqlite3.connect(f"{index.absolute().as_uri()}?mode=ro", uri=True,
+                         timeout=30)
     try:
       meta = dict(db.execute("SELECT name, value FROM meta"))
       if meta.get("complete") != "1" or json.loads(
@@ -380,8 +381,8 @@ def load(scores: str | pathlib.Path, export_dir: str | pathlib.Path, *,
   index = directory / _key_name(key)
   reused = _complete(index, key)
   if not reused:
-    if index.exists():  # Half written or foreign: never served.
-      _remove(index)
+    if index.exists() and not _in_use(index):  # Half written or foreign.
+      _remove(index)  # (One a server holds is whole: never removed.)
     building = directory / f"{index.name}.building-{os.getpid()}"
     try:
       _build(building, path, key, identity, export_dir, set(labels),
