@@ -10,7 +10,9 @@ r"""A web page where people review the products the model is unsure of.
   mic-jax-review --db=review.sqlite --decisions_csv=decisions.csv
 
 The scores come from ``mic-jax-predict --data_dir=... --split=...`` (or a
-catalogue file) with the same export. The page shows the products the
+catalogue file) with the same export. They are streamed once into an
+SQLite index kept in ``DB.queues/`` (or ``--queue_index_dir``): a restart
+on an unchanged score file reuses it (:mod:`mic_jax.reviewing.queue`). The page shows the products the
 model abstained on first, each with its photo, title, top labels and their
 taxonomy paths; a reviewer accepts a label, picks another from the label
 list, or marks the product unclear. ``--queue=suspected_label_errors`` on

@@ -251,3 +251,41 @@ def test_the_program_keeps_its_index_beside_the_database(sample):
   assert "(reused: the score file is unchanged)" in second, second
   kept = [p for p in _files(s["index_dir"]) if p.endswith(".sqlite")]
   assert len(kept) == 1 and kept[0] in second
+
+
+_DECIDE_AND_COUNT = """
+import sys
+from mic_jax.reviewing import queue as queue_lib
+from mic_jax.reviewing import store as store_lib
+scores, export, index_dir, db, first = sys.argv[1:]
+queue = queue_lib.load(scores, export, index_dir=index_dir)
+store = store_lib.Store(db, busy_timeout=60)
+for i in range(int(first), 120, 2):
+  store.decide(f"p{i}", "accepted", "bag", reviewer="ann", export="e",
+               base_version=0)
+  queue.progress(store)
+"""
+
+
+def test_two_servers_syncing_one_index_at_once_count_each_decision_once(
+    sample):
+  s = sample
+  _load(s).close()  # Built once; both processes reuse it.
+  args = [str(s["scores"]), str(s["export"]), str(s["index_dir"]),
+          str(s["store"].path)]
+  workers = [subprocess.Popen(
+      [sys.executable, "-c", _DECIDE_AND_COUNT, *args, str(first)],
+      cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+      stderr=subprocess.PIPE, text=True) for first in (0, 1)]
+  for worker in workers:
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+  queue = _load(s)
+  assert queue.reused
+  counts = queue.progress(s["store"])
+  assert counts["decided"] == 120 and counts["states"] == {"accepted": 120}
+  assert counts["abstained_decided"] == 12
+  assert queue.first_undecided() == queue.page(0, N, undecided=True)[0][
+      "rank"]
+  assert len(queue.page(0, N, undecided=True)) == N - 120
+  queue.close()
