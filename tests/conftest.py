@@ -15,6 +15,8 @@ import os
 import pathlib
 import re
 import shutil
+import tempfile
+import time
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _GIVEN_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
@@ -22,6 +24,37 @@ if not re.search(DEVICE_COUNT_FLAG + r"\b", _GIVEN_XLA_FLAGS):
   os.environ["XLA_FLAGS"] = f"{_GIVEN_XLA_FLAGS} {DEVICE_COUNT_FLAG}=8".strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _session_compilation_cache() -> str:
+  """One XLA compilation cache directory for this test session.
+
+  Why: a third of a short demo run is XLA compiling the same train and eval
+  steps that the previous run (a kill-and-resume rerun, the next test on the
+  same preset, the other xdist worker) compiled already. JAX's persistent
+  cache keys an executable on the lowered program, the compile options and
+  the JAX and XLA versions, so a hit runs the very executable a fresh compile
+  would have built; the results tests compare do not change. The directory
+  is this session's alone: named by the pytest process that sets it first
+  (the xdist controller), inherited by its workers and by the programs tests
+  launch, so no run ever reads an executable that an earlier session or
+  another checkout wrote. An entry left truncated by a killed process is
+  not trusted: JAX warns and compiles.
+  """
+  root = pathlib.Path(tempfile.gettempdir()) / "mic_jax_test_xla_cache"
+  if not os.environ.get("PYTEST_XDIST_WORKER") and root.is_dir():
+    # Earlier sessions' caches (kept a day, for sessions still running).
+    for old in root.iterdir():
+      with contextlib.suppress(OSError):
+        if time.time() - old.stat().st_mtime > 86400:
+          shutil.rmtree(old, ignore_errors=True)
+  return str(root / f"pid{os.getpid()}")
+
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_compilation_cache()
+  # Trivial programs (eager ops) compile faster than a cache lookup.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

@@ -12,6 +12,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import tensorflow as tf
@@ -430,7 +435,6 @@ image_features.ensure(config, tower, params, {data!r})
 
 
 def _build_in_subprocess(tiny, fault):
-  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   config, _, _, data = tiny
   script = _BUILD_SCRIPT.format(tests=os.path.dirname(__file__),
@@ -475,7 +479,6 @@ def test_sweep_keeps_live_builds_and_removes_silent_ones(tmp_path):
     os.utime(marker, (time_now - age, time_now - age))
     return path
 
-  import time  # pylint: disable=g-import-not-at-top
   time_now = time.time()
   name = "0123456789abcdef01234567"
   here = temp(f".{name}.mine.1.x", __import__("socket").gethostname(),
@@ -584,3 +587,28 @@ def test_cache_with_an_unknown_row_dtype_is_damaged(tiny):
   marker.write_text(json.dumps(meta))
   assert "row_dtype" in image_features.feature_store.problem(
       str(good.directory), image_features.FORMAT_VERSION)
+
+
+def test_killed_writer_not_yet_reaped_counts_as_gone(tmp_path):
+  """A writer SIGKILLed on this host whose parent has not reaped it yet is a
+  zombie: ``kill(pid, 0)`` still finds it, but its build will never finish,
+  so the sweep removes it instead of waiting on it forever."""
+  store = image_features.feature_store
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    info = {"host": socket.gethostname(), "pid": child.pid}
+    assert store._writer_alive(info) is True  # pylint: disable=protected-access
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.time() + 30
+    while store._process_state(child.pid) != "Z":  # pylint: disable=protected-access
+      assert time.time() < deadline, "the killed child never became a zombie"
+      time.sleep(0.01)
+    assert store._writer_alive(info) is False  # pylint: disable=protected-access
+    root = tmp_path / "cache"
+    build = root / f".{'0123456789abcdef01234567'}.here.{child.pid}.x"
+    build.mkdir(parents=True)
+    (build / store.WRITER).write_text(json.dumps(info))
+    assert store.sweep(str(root)) == [str(build)]
+  finally:
+    child.kill()
+    child.wait()

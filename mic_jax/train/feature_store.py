@@ -362,7 +362,19 @@ def _writer_alive(info: dict[str, Any]) -> bool | None:
     return False
   except (PermissionError, KeyError, ValueError, TypeError):
     return True if isinstance(info.get("pid"), int) else None
-  return True
+  # A killed writer that its parent has not reaped yet is a zombie: the
+  # signal test above still finds it, yet it will never finish its build.
+  return _process_state(int(info["pid"])) not in ("Z", "X")
+
+
+def _process_state(pid: int) -> str | None:
+  """The state letter of ``pid`` in ``/proc`` (None where there is none)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+      # "pid (command) S ...": the command may hold spaces and parentheses.
+      return f.read().rsplit(")", 1)[1].split()[0]
+  except (OSError, IndexError):
+    return None
 
 
 def sweep(root: str, *, now: float | None = None) -> list[str]:
