@@ -3,15 +3,23 @@
 For each size, writes a synthetic score file (products of a fake export
 with 50 labels, a tenth abstained, each with one of four small JPEGs),
 decides half of the products straight in the review database, starts
-``python -m mic_jax.review`` and measures:
+``python -m mic_jax.review`` twice (the second start reuses the queue's
+index, the score file being unchanged) and measures:
 
-  start-up     from the program's start until it answers HTTP
+  cold start   from the program's start until it answers HTTP, the index
+               built (streamed from the score file, ranked, synced with
+               the half decided)
+  build RSS    that first server's peak RSS (VmHWM) once it answers
+  warm start   the same, the second time: the index reused
   first page   GET /api/queue (its first page), as an API client
+  next page    GET /api/queue?after=RANK (what the page fetches as a key
+               press reaches the end of what it holds; median of 20)
+  API decision POST /api/decisions on an undecided product (median of 20)
   usable page  sign-in form submitted -> the page says it is ready
   key j        a key press -> the next product's title shown (median of 10)
   decision     Enter -> saved, the progress updated and the next undecided
                product shown (median of 10)
-  peak RSS     the server's VmHWM after all of the above
+  peak RSS     the (warm) server's VmHWM after all of the above
 
 in headless Chromium (Debian's, through Playwright).
 
@@ -109,30 +117,37 @@ def measure(n: int, chromium: str, work: pathlib.Path) -> dict[str, float]:
   db = work / "review.sqlite"
   decide_half(db, n, inputs["identity"])
   token = store_lib.Store(db).add_reviewer("alice")
-  port = _free_port()
-  base = f"http://127.0.0.1:{port}"
-  env = {**os.environ, "PYTHONPATH": str(REPO)}
-  t0 = time.perf_counter()
-  server = subprocess.Popen(
-      [sys.executable, "-m", "mic_jax.review", f"--db={db}",
-       f"--scores={inputs['scores']}", f"--export={inputs['export']}",
-       f"--port={port}"], env=env, cwd=work, stdout=subprocess.DEVNULL,
-      stderr=subprocess.DEVNULL)
+  cold = _start(db, inputs, work)
+  out = {"cold start s": cold["seconds"], "build RSS MB":
+         _rss_peak_mb(cold["server"].pid)}
+  _stop(cold["server"])
+  warm = _start(db, inputs, work)
+  server, base = warm["server"], warm["base"]
+  out["warm start s"] = warm["seconds"]
+  auth = {"Authorization": f"Bearer {token}"}
   try:
-    while True:
-      if server.poll() is not None:
-        raise RuntimeError(f"the server exited ({server.returncode})")
-      try:
-        requests.get(base + "/", timeout=5)
-        break
-      except requests.ConnectionError:
-        time.sleep(0.05)
-    out = {"start-up s": time.perf_counter() - t0}
     t = time.perf_counter()
-    r = requests.get(base + "/api/queue", timeout=60,
-                     headers={"Authorization": f"Bearer {token}"})
+    r = requests.get(base + "/api/queue", timeout=60, headers=auth)
     out["first page ms"] = (time.perf_counter() - t) * 1000
     out["first page kB"] = len(r.content) / 1000
+    times = []
+    for k in range(20):
+      after = (k + 1) * 4999 % n
+      t = time.perf_counter()
+      requests.get(f"{base}/api/queue?after={after}&limit=100", timeout=60,
+                   headers=auth).raise_for_status()
+      times.append((time.perf_counter() - t) * 1000)
+    out["next page ms"] = statistics.median(times)
+    times = []
+    for k in range(20):  # Odd products are undecided (decide_half).
+      product = f"p{(2 * k * 7919 + 1) % n:07d}"
+      t = time.perf_counter()
+      requests.post(base + "/api/decisions", timeout=60, headers=auth,
+                    json={"product": product, "status": "accepted",
+                          "label": LABELS[1], "base_version": 0}
+                    ).raise_for_status()
+      times.append((time.perf_counter() - t) * 1000)
+    out["API decision ms"] = statistics.median(times)
     with sync_api.sync_playwright() as p:
       browser = p.chromium.launch(executable_path=chromium,
                                   args=["--no-sandbox"])
@@ -154,9 +169,38 @@ def measure(n: int, chromium: str, work: pathlib.Path) -> dict[str, float]:
       browser.close()
     out["peak RSS MB"] = _rss_peak_mb(server.pid)
   finally:
-    server.terminate()
-    server.wait(30)
+    _stop(server)
   return out
+
+
+def _start(db: pathlib.Path, inputs: dict[str, pathlib.Path],
+           work: pathlib.Path) -> dict[str, object]:
+  """Starts the review program; returns it once it answers HTTP, with
+  how long that took."""
+  port = _free_port()
+  base = f"http://127.0.0.1:{port}"
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  t0 = time.perf_counter()
+  server = subprocess.Popen(
+      [sys.executable, "-m", "mic_jax.review", f"--db={db}",
+       f"--scores={inputs['scores']}", f"--export={inputs['export']}",
+       f"--port={port}"], env=env, cwd=work, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  while True:
+    if server.poll() is not None:
+      raise RuntimeError(f"the server exited ({server.returncode})")
+    try:
+      requests.get(base + "/", timeout=5)
+      break
+    except requests.ConnectionError:
+      time.sleep(0.05)
+  return {"server": server, "base": base,
+          "seconds": time.perf_counter() - t0}
+
+
+def _stop(server: subprocess.Popen) -> None:
+  server.terminate()
+  server.wait(30)
 
 
 def _median_ms(page, key: str, repeats: int) -> float:

@@ -10,7 +10,9 @@ r"""A web page where people review the products the model is unsure of.
   mic-jax-review --db=review.sqlite --decisions_csv=decisions.csv
 
 The scores come from ``mic-jax-predict --data_dir=... --split=...`` (or a
-catalogue file) with the same export. The page shows the products the
+catalogue file) with the same export. They are streamed once into an
+SQLite index kept in ``DB.queues/`` (or ``--queue_index_dir``): a restart
+on an unchanged score file reuses it (:mod:`mic_jax.reviewing.queue`). The page shows the products the
 model abstained on first, each with its photo, title, top labels and their
 taxonomy paths; a reviewer accepts a label, picks another from the label
 list, or marks the product unclear. ``--queue=suspected_label_errors`` on
@@ -55,6 +57,10 @@ def _define_flags() -> None:
   flags.DEFINE_float("suspect_min_top_prob", 0.5, "suspected_label_errors: "
                      "...and its top label (not the catalogue's) has at least "
                      "this probability.")
+  flags.DEFINE_string("queue_index_dir", None, "Where the queue's index "
+                      "(an SQLite file built from --scores) is kept, so a "
+                      "start on an unchanged score file reuses it; default: "
+                      "DB.queues beside --db.")
   flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
   flags.DEFINE_integer("port", 8090, "Port.")
   flags.DEFINE_integer("max_body_bytes", 16 * 1024,
@@ -118,11 +124,15 @@ def _serve(store) -> None:
       suspects = suspects_lib.Suspects(
           max_label_prob=FLAGS.suspect_max_label_prob,
           min_top_prob=FLAGS.suspect_min_top_prob)
-    queue = queue_lib.load(FLAGS.scores, FLAGS.export, suspects=suspects)
+    index_dir = FLAGS.queue_index_dir or f"{FLAGS.db}.queues"
+    queue = queue_lib.load(FLAGS.scores, FLAGS.export, suspects=suspects,
+                           index_dir=index_dir)
   except (queue_lib.QueueError, ValueError, OSError) as e:
     raise SystemExit(f"error: {e}") from e
   console.say("%s", summary(queue, store, FLAGS.scores))
   console.say("export   %s (%s...)", FLAGS.export, queue.export[:12])
+  console.say("index    %s (%s)", queue.index, "reused: the score file "
+              "is unchanged" if queue.reused else "built")
   console.say("serving  http://%s:%d (db %s; log: %s)", FLAGS.host,
               FLAGS.port, FLAGS.db, console.active().log_path)
   web.run_app(server.make_app(queue, store,

@@ -18,6 +18,20 @@ counts are kept in that index too, updated from the review database's
 the same database is counted at the next request): a count never scans the
 queue.
 
+The index is built in bulk (large ``executemany`` batches into a file with
+no journal, the rows in file order; ranked in a narrow table and indexed
+after the load) and,
+given an ``index_dir`` (the program's: beside the review database), kept:
+its file is named after what shapes it (the score file's SHA-256 and size,
+the export, the queue kind and its thresholds, :data:`INDEX_VERSION`), so
+a start on an unchanged score file reuses it and a changed byte builds
+another. A build writes a temporary file and links it under its name only
+once complete (its ``meta`` says so too): an interrupted build, even a
+killed one, is never served, and its leftover is removed at a later start.
+A server holds a shared ``flock`` on the index it serves, so only indexes
+no server uses are removed (all but the :data:`KEEP_INDEXES` most recently
+used).
+
 Photos are the bytes the model scored, read on demand: a prepared split's
 record (found through the record offsets of its shard, indexed on first
 use: eight bytes a record, never the photos themselves) or the catalogue's
@@ -29,6 +43,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -37,22 +53,30 @@ import sqlite3
 import struct
 import tempfile
 import threading
+import time
 from typing import Any, Iterator
 
 from mic_jax.reviewing import suspects as suspects_lib
 from mic_jax.serving import bundle
 
-_BATCH = 5000  # Rows per insert while loading.
+_BATCH = 20_000  # Rows per executemany while loading.
+INDEX_VERSION = 2  # Of the index's layout: another version builds anew.
+KEEP_INDEXES = 3   # Unused indexes kept in an index_dir (most recent).
+_HASH_BLOCK = 1 << 20
 
+# ``rows``: the score file's rows in file order, as read; ``products``:
+# the queue in review order (rank), narrow (what a count, a status update
+# or a look-up by id reads), each naming its row by line.
 _SCHEMA = """
-CREATE TABLE staging (line INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+CREATE TABLE rows (line INTEGER PRIMARY KEY, id TEXT NOT NULL,
   abstain INTEGER NOT NULL, grp INTEGER NOT NULL, key REAL NOT NULL,
-  row TEXT NOT NULL, photo TEXT);
-CREATE TABLE products (rank INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
-  abstain INTEGER NOT NULL, row TEXT NOT NULL, photo TEXT, status TEXT);
+  row TEXT NOT NULL, photo_file TEXT, photo_shard TEXT, photo_index INTEGER);
+CREATE TABLE products (rank INTEGER PRIMARY KEY, line INTEGER NOT NULL,
+  id TEXT NOT NULL, abstain INTEGER NOT NULL, status TEXT);
 CREATE TABLE counts (abstain INTEGER NOT NULL, status TEXT NOT NULL,
   n INTEGER NOT NULL, PRIMARY KEY (abstain, status));
-CREATE TABLE synced (history_id INTEGER NOT NULL);
+CREATE TABLE synced (history_id INTEGER NOT NULL, product_id TEXT);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 UNDECIDED = ""  # The status of an undecided product in ``counts``.
 
@@ -64,52 +88,70 @@ class QueueError(ValueError):
 class Queue:
   """Products in review order (an SQLite index), the export's labels and
   taxonomy paths. Ranks are 1-based positions in review order; a page
-  starts after a rank (the cursor)."""
+  starts after a rank (the cursor).
+
+  One connection to the index serves every thread (under a lock): it is
+  opened once, and keeps the file it opened (an index another start
+  removes stays readable to this one)."""
 
   def __init__(self, index: pathlib.Path, labels: list[str],
                paths: dict[str, str], export: str, model: str,
-               skipped_errors: int,
-               selection: dict[str, Any] | None = None):
+               reused: bool = False):
     self.index = index
     self.labels = labels
     self.paths = paths      # label -> its most frequent taxonomy path
     self.export = export    # The export's identity.
     self.model = model
-    self.skipped_errors = skipped_errors  # Rows predict could not score.
+    self.reused = reused    # Whether a previous start's index was reused.
+    self._lock = threading.RLock()
+    self._checked = False  # Whether sync checked the database's history.
+    self._db = sqlite3.connect(index, isolation_level=None, timeout=30,
+                               check_same_thread=False, uri=True)
+    self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: consistent.
+    # Held while this queue lives: indexes in use are never pruned.
+    self._flock = os.open(index, os.O_RDONLY)
+    fcntl.flock(self._flock, fcntl.LOCK_SH)
+    meta = dict(self._db.execute("SELECT name, value FROM meta"))
+    self.total = int(meta["total"])
+    self.abstained = int(meta["abstained"])
+    self.skipped_errors = int(meta["skipped"])  # Rows predict could not score.
     # Which products the queue holds: every scored one ("uncertain"), or a
     # selection with how many rows it read ("considered") and "kept".
-    self.selection = selection or {"queue": "uncertain"}
-    self._sync_lock = threading.Lock()
-    with self._connect() as db:
-      self.total = db.execute("SELECT count(*) FROM products").fetchone()[0]
-      self.abstained = db.execute(
-          "SELECT count(*) FROM products WHERE abstain").fetchone()[0]
+    self.selection = json.loads(meta["selection"])
 
   def __len__(self) -> int:
     return self.total
 
+  def close(self) -> None:
+    with self._lock:
+      self._db.close()
+      os.close(self._flock)
+
   @contextlib.contextmanager
   def _connect(self) -> Iterator[sqlite3.Connection]:
-    db = sqlite3.connect(self.index, isolation_level=None, timeout=30,
-                         uri=True)  # For ATTACH of a read-only URI.
-    try:
-      yield db
-    finally:
-      db.close()
+    with self._lock:
+      yield self._db
 
   def label_entries(self) -> list[dict[str, str]]:
     return [{"label": l, "path": self.paths.get(l, "")} for l in self.labels]
 
-  def _product(self, rank: int, row: str, photo: str | None
+  def _product(self, rank: int, row: str, has_photo: bool
                ) -> dict[str, Any]:
     """A row as the page gets it: taxonomy paths added, whether there is a
     photo (never the server's file paths)."""
     product = json.loads(row)
+    product.pop("export", None)
     product["top_k"] = [{**e, "path": self.paths.get(e["label"], "")}
                         for e in product["top_k"]]
-    product["photo"] = photo is not None
+    product["photo"] = bool(has_photo)
     product["rank"] = rank
     return product
+
+  # A product's rank, row and whether it has a photo, from
+  # ``products p CROSS JOIN rows r`` (p first: by rank, or by id).
+  _SELECT = ("SELECT p.rank, r.row, r.photo_file IS NOT NULL OR "
+             "r.photo_shard IS NOT NULL FROM products p CROSS JOIN rows r "
+             "ON r.line = p.line ")
 
   def __contains__(self, product_id: object) -> bool:
     with self._connect() as db:
@@ -119,23 +161,28 @@ class Queue:
   def get(self, product_id: str) -> dict[str, Any] | None:
     """One product by id (as :meth:`page` gives it), or None."""
     with self._connect() as db:
-      row = db.execute("SELECT rank, row, photo FROM products WHERE id = ?",
+      row = db.execute(self._SELECT + "WHERE p.id = ?",
                        (product_id,)).fetchone()
     return self._product(*row) if row else None
 
   def photo_source(self, product_id: str) -> dict[str, Any] | None:
     with self._connect() as db:
-      row = db.execute("SELECT photo FROM products WHERE id = ?",
-                       (product_id,)).fetchone()
-    return json.loads(row[0]) if row and row[0] else None
+      row = db.execute("SELECT r.photo_file, r.photo_shard, r.photo_index "
+                       "FROM products p CROSS JOIN rows r ON r.line = "
+                       "p.line WHERE p.id = ?", (product_id,)).fetchone()
+    if not row or (row[0] is None and row[1] is None):
+      return None
+    if row[0] is not None:
+      return {"file": row[0]}
+    return {"tfrecord": row[1], "index": row[2]}
 
   def page(self, after: int = 0, limit: int = 100, *,
            undecided: bool = False) -> list[dict[str, Any]]:
     """Up to ``limit`` products ranked after ``after``, in review order
     (only the undecided ones when asked: call :meth:`sync` first)."""
-    query = ("SELECT rank, row, photo FROM products WHERE rank > ? " +
-             ("AND status IS NULL " if undecided else "") +
-             "ORDER BY rank LIMIT ?")
+    query = (self._SELECT + "WHERE p.rank > ? " +
+             ("AND p.status IS NULL " if undecided else "") +
+             "ORDER BY p.rank LIMIT ?")
     with self._connect() as db:
       rows = db.execute(query, (after, limit)).fetchall()
     return [self._product(*r) for r in rows]
@@ -150,17 +197,32 @@ class Queue:
   def sync(self, store: Any) -> None:
     """Applies the review database's decisions recorded since the last
     call (its ``history``) to the statuses and counts of this queue; the
-    first call reads the current decisions whole, in SQL."""
-    with self._sync_lock, self._connect() as db:
-      last = db.execute("SELECT history_id FROM synced").fetchone()[0]
-      if last < 0:
-        self._sync_all(db, store)
+    first call on an index (or on an index whose last synced decision the
+    review database does not have: another database) reads the current
+    decisions whole, in SQL. Each step is one write transaction of the
+    index, the last synced row read inside it: two servers sharing the
+    index never apply a decision twice."""
+    with self._connect() as db:
+      last, product = db.execute(
+          "SELECT history_id, product_id FROM synced").fetchone()
+      if not self._checked:  # Once: is it the database synced with?
+        if last > 0 and not store.has_history_row(last, product):
+          last, product = -1, "another database"
+        self._checked = True
+      if last < 0:  # Never synced (a new index), or another database.
+        self._sync_all(db, store, reset=product is not None)
         return
       while rows := store.history_since(last):
-        db.execute("BEGIN")
+        db.execute("BEGIN IMMEDIATE")
         try:
+          now, _ = db.execute(
+              "SELECT history_id, product_id FROM synced").fetchone()
+          if now != last:  # Another server synced meanwhile: read again.
+            db.execute("ROLLBACK")
+            last = now
+            continue
           for history_id, product_id, status in rows:
-            last = history_id
+            last, product = history_id, product_id
             found = db.execute("SELECT abstain, status FROM products WHERE "
                                "id = ?", (product_id,)).fetchone()
             if found is None:  # A product of another queue.
@@ -172,30 +234,34 @@ class Queue:
                        "status = ?", (abstain, old or UNDECIDED))
             db.execute("INSERT INTO counts VALUES (?, ?, 1) ON CONFLICT DO "
                        "UPDATE SET n = n + 1", (abstain, status))
-          db.execute("UPDATE synced SET history_id = ?", (last,))
+          db.execute("UPDATE synced SET history_id = ?, product_id = ?",
+                     (last, product))
           db.execute("COMMIT")
         except BaseException:
           db.execute("ROLLBACK")
           raise
 
   @staticmethod
-  def _sync_all(db: sqlite3.Connection, store: Any) -> None:
+  def _sync_all(db: sqlite3.Connection, store: Any, reset: bool) -> None:
     """The statuses and counts from the current decisions, in one read of
     the review database (its decisions and last history row are of one
     snapshot, so the next :meth:`sync` misses nothing)."""
     uri = pathlib.Path(store.path).absolute().as_uri() + "?mode=ro"
     db.execute("ATTACH DATABASE ? AS review", (uri,))
     try:
-      db.execute("BEGIN")
+      db.execute("BEGIN IMMEDIATE")
       try:
-        last = db.execute("SELECT coalesce(max(id), 0) FROM review.history"
-                          ).fetchone()[0]
+        last = db.execute("SELECT id, product_id FROM review.history "
+                          "ORDER BY id DESC LIMIT 1").fetchone() or (0, None)
+        if reset:  # Statuses of another database: none is kept.
+          db.execute("UPDATE products SET status = NULL WHERE status IS "
+                     "NOT NULL")
         db.execute("UPDATE products SET status = d.status FROM "
                    "review.decisions d WHERE d.product_id = products.id")
         db.execute("DELETE FROM counts")
         db.execute("INSERT INTO counts SELECT abstain, coalesce(status, ?),"
                    " count(*) FROM products GROUP BY 1, 2", (UNDECIDED,))
-        db.execute("UPDATE synced SET history_id = ?", (last,))
+        db.execute("UPDATE synced SET history_id = ?, product_id = ?", last)
         db.execute("COMMIT")
       except BaseException:
         db.execute("ROLLBACK")
@@ -215,7 +281,7 @@ class Queue:
       if status == UNDECIDED:
         undecided += n
         abstained_undecided += n if abstain else 0
-      else:
+      elif n:
         states[status] = states.get(status, 0) + n
     return {"total": self.total, "decided": self.total - undecided,
             "remaining": undecided, "abstained": self.abstained,
@@ -242,13 +308,59 @@ def _temporary_dir() -> pathlib.Path:
   return path
 
 
+def file_digest(path: pathlib.Path) -> tuple[str, int, int]:
+  """(SHA-256, size, mtime_ns) of a file, read in blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    stat = os.fstat(f.fileno())
+    while block := f.read(_HASH_BLOCK):
+      digest.update(block)
+  return digest.hexdigest(), stat.st_size, stat.st_mtime_ns
+
+
+def index_key(sha256: str, size: int, identity: str,
+              suspects: suspects_lib.Suspects | None) -> dict[str, Any]:
+  """What shapes an index: the score file's content, the export, the
+  queue kind and its thresholds, the layout's version."""
+  return {"version": INDEX_VERSION, "scores_sha256": sha256,
+          "scores_size": size, "export": identity,
+          "queue": "uncertain" if suspects is None else suspects_lib.NAME,
+          "suspects": dataclasses.asdict(suspects) if suspects else None}
+
+
+def _key_name(key: dict[str, Any]) -> str:
+  text = json.dumps(key, sort_keys=True)
+  return "queue-" + hashlib.sha256(text.encode()).hexdigest()[:32] + ".sqlite"
+
+
+def _complete(index: pathlib.Path, key: dict[str, Any]) -> bool:
+  """Whether ``index`` is a whole index built for ``key`` (not a half
+  written or foreign file, nor one of another key)."""
+  try:
+    db = sqlite3.connect(f"{index.absolute().as_uri()}?mode=ro", uri=True,
+                         timeout=30)
+    try:
+      meta = dict(db.execute("SELECT name, value FROM meta"))
+      if meta.get("complete") != "1" or json.loads(
+          meta.get("key", "null")) != key:
+        return False
+      total = db.execute("SELECT max(rank) FROM products").fetchone()[0]
+      return (total or 0) == int(meta["total"])
+    finally:
+      db.close()
+  except (sqlite3.Error, ValueError, KeyError):
+    return False
+
+
 def load(scores: str | pathlib.Path, export_dir: str | pathlib.Path, *,
-         index: str | pathlib.Path | None = None,
+         index_dir: str | pathlib.Path | None = None,
          suspects: suspects_lib.Suspects | None = None) -> Queue:
-  """Reads the score file into an SQLite index (``index``, or a temporary
-  file) in review order, and the export's labels; checks they belong.
-  With ``suspects``, only the suspected label errors, most suspicious
-  first (:mod:`.suspects`)."""
+  """The queue of a score file: its SQLite index, and the export's labels;
+  checks they belong. With ``index_dir``, an index built there before for
+  the same score file content, export and queue options is reused, else
+  one is built there and kept (see the module doc); without, one is built
+  in a temporary folder removed at exit. With ``suspects``, only the
+  suspected label errors, most suspicious first (:mod:`.suspects`)."""
   export_dir = pathlib.Path(export_dir)
   try:
     manifest = bundle.read_manifest(export_dir)
@@ -256,90 +368,198 @@ def load(scores: str | pathlib.Path, export_dir: str | pathlib.Path, *,
     raise QueueError(str(e)) from e
   identity = bundle.identity(export_dir)
   labels = bundle.read_labels(export_dir, manifest)
-  known = set(labels)
   paths = _taxonomy_paths(bundle.read_taxonomy(export_dir, manifest), labels)
-  index = pathlib.Path(index) if index else _temporary_dir() / "queue.sqlite"
-  if index.exists():
-    index.unlink()
-  skipped = considered = kept = 0
   path = pathlib.Path(scores)
+  sha256, size, mtime = file_digest(path)
+  key = index_key(sha256, size, identity, suspects)
+  model = str(manifest.get("model", ""))
+  directory = pathlib.Path(index_dir) if index_dir else _temporary_dir()
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise QueueError(f"queue index folder {directory}: {e}") from e
+  index = directory / _key_name(key)
+  reused = _complete(index, key)
+  if not reused:
+    if index.exists() and not _in_use(index):  # Half written or foreign.
+      _remove(index)  # (One a server holds is whole: never removed.)
+    building = directory / f"{index.name}.building-{os.getpid()}"
+    try:
+      _build(building, path, key, identity, export_dir, set(labels),
+             suspects)
+      if os.stat(path).st_size != size or os.stat(path).st_mtime_ns != mtime:
+        raise QueueError(f"{path}: changed while it was read; start again")
+      try:  # Under its name only when whole; another start's may win.
+        os.link(building, index)
+      except FileExistsError:
+        if not _complete(index, key):
+          raise
+    finally:
+      _remove(building)
+  os.utime(index)  # Most recently used: pruned last.
+  queue = Queue(index, labels, paths, identity, model, reused)
+  if index_dir:
+    _prune(directory, keep=index)
+  return queue
+
+
+def _remove(index: pathlib.Path) -> None:
+  for suffix in ("", "-wal", "-shm", "-journal"):
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(f"{index}{suffix}")
+
+
+def _prune(directory: pathlib.Path, keep: pathlib.Path) -> None:
+  """Removes the index files of ``directory`` no server holds (a build
+  holds its file too): leftovers of interrupted builds, and all but the
+  :data:`KEEP_INDEXES` most recently used indexes."""
+  indexes, leftovers = [], []
+  for entry in directory.glob("queue-*.sqlite*"):
+    name = entry.name
+    if name.endswith(("-wal", "-shm", "-journal")) or entry == keep:
+      continue
+    (leftovers if ".building-" in name else indexes).append(entry)
+  indexes.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0,
+               reverse=True)
+  for entry in leftovers + indexes[KEEP_INDEXES - 1:]:
+    if _in_use(entry):
+      continue
+    _remove(entry)
+
+
+def _in_use(path: pathlib.Path) -> bool:
+  """Whether a server or a build holds ``path`` (its ``flock``)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except FileNotFoundError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(fd)  # Releases the lock too.
+  return False
+
+
+def _build(index: pathlib.Path, path: pathlib.Path, key: dict[str, Any],
+           identity: str, export_dir: pathlib.Path, known: set[str],
+           suspects: suspects_lib.Suspects | None) -> None:
+  """Streams the score file into a new index at ``index`` (held under an
+  exclusive ``flock`` while it is built): rows in file order, then ranked
+  in review order into ``products``, indexed, counted; ``meta`` marks it
+  complete in the last transaction."""
+  _remove(index)
+  fd = os.open(index, os.O_RDWR | os.O_CREAT, 0o644)
+  fcntl.flock(fd, fcntl.LOCK_EX)
   db = sqlite3.connect(index, isolation_level=None)
   try:
-    db.execute("PRAGMA journal_mode=OFF")  # Rebuilt at each start anyway.
-    db.execute("PRAGMA synchronous=OFF")
+    for pragma in ("journal_mode=OFF", "synchronous=OFF",
+                   "cache_size=-65536", "temp_store=FILE"):
+      db.execute(f"PRAGMA {pragma}")
     db.executescript(_SCHEMA)
+    skipped, considered, kept = _stream(db, path, identity, export_dir,
+                                        known, suspects)
     db.execute("BEGIN")
-    batch: list[tuple[Any, ...]] = []
-    with open(path, "rb") as f:
-      for line_no, raw in enumerate(f, 1):
-        where = f"{path}:{line_no}"
-        row = _parse_line(where, raw)
-        if row is None:
-          continue
-        if "error" in row:
-          skipped += 1  # predict could not score it: nothing to review.
-          continue
-        _check_row(where, row, identity, export_dir, known)
-        considered += 1
-        abstain = bool(row.get("abstain"))
-        if suspects is None:  # Abstained first, least confident first.
-          grp, key = (0 if abstain else 1), row["top_k"][0]["prob"]
-        else:
-          try:
-            margin = suspects.margin(row, known)
-          except suspects_lib.SuspectsError as e:
-            raise QueueError(f"{where}: {e}") from e
-          if margin is None:
-            continue
-          grp, key = 0, -margin  # Largest margin first.
-          row["label_prob"] = suspects_lib.catalogue_prob(row)
-          row["margin"] = margin
-        kept += 1
-        photo = row.pop("photo", None)
-        row.pop("export", None)
-        batch.append((line_no, row["id"], abstain, grp, key, json.dumps(row),
-                      json.dumps(photo) if photo else None))
-        if len(batch) >= _BATCH:
-          _insert(db, batch, path)
-    _insert(db, batch, path)
-    db.execute("INSERT INTO products (id, abstain, row, photo) SELECT id, "
-               "abstain, row, photo FROM staging ORDER BY grp, key, line")
-    db.execute("DROP TABLE staging")
+    # Ranked: a sort of narrow tuples; the rows stay where they are.
+    db.execute("INSERT INTO products (line, id, abstain) SELECT line, id, "
+               "abstain FROM rows ORDER BY grp, key, line")
+    try:
+      db.execute("CREATE UNIQUE INDEX products_id ON products (id)")
+    except sqlite3.IntegrityError:
+      line, product = db.execute(
+          "SELECT line, id FROM (SELECT line, id, row_number() OVER "
+          "(PARTITION BY id ORDER BY line) AS k FROM products) "
+          "WHERE k = 2 ORDER BY line LIMIT 1").fetchone()
+      db.execute("ROLLBACK")
+      raise QueueError(f"{path}:{line}: product {product!r} appears "
+                       "twice") from None
+    db.execute("COMMIT")
+    db.execute("BEGIN")
     db.execute("CREATE INDEX undecided ON products (rank) WHERE status IS "
                "NULL")
     db.execute("INSERT INTO counts SELECT abstain, ?, count(*) FROM products"
                " GROUP BY abstain", (UNDECIDED,))
-    db.execute("INSERT INTO synced VALUES (-1)")  # Never synced.
+    db.execute("INSERT INTO synced VALUES (-1, NULL)")  # Never synced.
+    total = db.execute("SELECT count(*) FROM products").fetchone()[0]
+    abstained = db.execute("SELECT count(*) FROM products WHERE abstain"
+                           ).fetchone()[0]
+    selection: dict[str, Any] = {"queue": "uncertain"}
+    if suspects is not None:
+      selection = {"queue": suspects_lib.NAME, "considered": considered,
+                   "kept": kept, **dataclasses.asdict(suspects),
+                   "description": suspects.describe()}
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [
+        ("key", json.dumps(key)), ("total", str(total)),
+        ("abstained", str(abstained)), ("skipped", str(skipped)),
+        ("selection", json.dumps(selection)),
+        ("built", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        ("complete", "1")])
     db.execute("COMMIT")
-    db.execute("VACUUM")
+    db.execute("PRAGMA journal_mode=WAL")  # Served: readers never wait.
   finally:
     db.close()
-  selection = None
-  if suspects is not None:
-    selection = {"queue": suspects_lib.NAME, "considered": considered,
-                 "kept": kept, **dataclasses.asdict(suspects),
-                 "description": suspects.describe()}
-  return Queue(index, labels, paths, identity,
-               str(manifest.get("model", "")), skipped, selection)
+    os.close(fd)
 
 
-def _insert(db: sqlite3.Connection, batch: list[tuple[Any, ...]],
-            path: pathlib.Path) -> None:
-  """Adds a batch of rows; a product id seen before is named by line."""
-  try:
-    db.executemany("INSERT INTO staging VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
-  except sqlite3.IntegrityError:
-    # The rows before the failing one went in: it is the first whose id
-    # is there already from an earlier line.
-    for entry in batch:
-      seen = db.execute("SELECT line FROM staging WHERE id = ?",
-                        (entry[1],)).fetchone()
-      if seen is not None and seen[0] < entry[0]:
-        db.execute("ROLLBACK")
-        raise QueueError(f"{path}:{entry[0]}: product {entry[1]!r} appears "
-                         "twice") from None
-    raise
-  batch.clear()
+def _stream(db: sqlite3.Connection, path: pathlib.Path, identity: str,
+            export_dir: pathlib.Path, known: set[str],
+            suspects: suspects_lib.Suspects | None) -> tuple[int, int, int]:
+  """Reads the score file a line at a time into ``rows`` in batches; returns (rows skipped for 'error', considered, kept)."""
+  skipped = considered = kept = 0
+  batch: list[tuple[Any, ...]] = []
+  insert = "INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+  db.execute("BEGIN")
+  loads = json.loads
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      try:  # The usual line, quickly; any other through _parse_line.
+        text = raw.decode("utf-8")
+        row = loads(text)
+      except ValueError:  # UnicodeDecodeError and JSONDecodeError too.
+        row = None
+      if row.__class__ is not dict:
+        row = _parse_line(f"{path}:{line_no}", raw)  # Raises, or blank.
+        if row is None:
+          continue
+      if "error" in row:
+        skipped += 1  # predict could not score it: nothing to review.
+        continue
+      if not _row_ok(row, identity, known):
+        _check_row(f"{path}:{line_no}", row, identity, export_dir, known)  # Says why.
+      considered += 1
+      abstain = bool(row.get("abstain"))
+      photo = row.get("photo")
+      if suspects is None:  # Abstained first, least confident first.
+        grp, key = (0 if abstain else 1), row["top_k"][0]["prob"]
+        # ``text``, the line as it is: parsed again when served.
+      else:
+        try:
+          margin = suspects.margin(row, known)
+        except suspects_lib.SuspectsError as e:
+          raise QueueError(f"{path}:{line_no}: {e}") from e
+        if margin is None:
+          continue
+        grp, key = 0, -margin  # Largest margin first.
+        row["label_prob"] = suspects_lib.catalogue_prob(row)
+        row["margin"] = margin
+        row.pop("photo", None)
+        text = json.dumps(row)
+      kept += 1
+      if photo is None:
+        file = shard = number = None
+      elif isinstance(photo.get("file"), str):
+        file, shard, number = photo["file"], None, None
+      else:
+        file, shard, number = None, photo["tfrecord"], photo["index"]
+      batch.append((line_no, row["id"], abstain, grp, key, text, file,
+                    shard, number))
+      if len(batch) >= _BATCH:
+        db.executemany(insert, batch)
+        batch.clear()
+  db.executemany(insert, batch)
+  db.execute("COMMIT")
+  return skipped, considered, kept
 
 
 def _parse_line(where: str, raw: bytes) -> dict[str, Any] | None:
@@ -365,6 +585,33 @@ def _parse_line(where: str, raw: bytes) -> dict[str, Any] | None:
 def _json_type(value: Any) -> str:
   return {list: "list", str: "string", bool: "boolean", type(None): "null",
           int: "number", float: "number"}.get(type(value), "value")
+
+
+def _row_ok(row: dict[str, Any], identity: str, known: set[str]) -> bool:
+  """Whether ``row`` is reviewable, decided quickly (exact types, as
+  ``json`` makes them); when not, :func:`_check_row` says why."""
+  product = row.get("id")
+  if product.__class__ is not str or not product or row.get(
+      "export") != identity:
+    return False
+  top_k = row.get("top_k")
+  if top_k.__class__ is not list or not top_k:
+    return False
+  for entry in top_k:
+    if entry.__class__ is not dict:
+      return False
+    label, prob = entry.get("label"), entry.get("prob")
+    if label.__class__ is not str or label not in known:
+      return False
+    kind = prob.__class__
+    if (kind is not float and kind is not int) or not 0 <= prob <= 1:
+      return False
+  photo = row.get("photo")
+  if photo is None:
+    return True
+  return photo.__class__ is dict and (photo.get("file").__class__ is str or (
+      photo.get("tfrecord").__class__ is str
+      and photo.get("index").__class__ is int))
 
 
 def _check_row(where: str, row: dict[str, Any], identity: str,

@@ -318,6 +318,15 @@ class Store:
           "SELECT id, product_id, status FROM history WHERE id > ? "
           "ORDER BY id LIMIT ?", (history_id, limit))]
 
+  def has_history_row(self, history_id: int, product_id: str | None
+                      ) -> bool:
+    """Whether history row ``history_id`` is of ``product_id`` here (a
+    queue index synced with another database is not)."""
+    with self._connect() as db:
+      row = db.execute("SELECT product_id FROM history WHERE id = ?",
+                       (history_id,)).fetchone()
+    return row is not None and row[0] == product_id
+
   def decisions_of(self, product_ids: list[str]) -> dict[str, Decision]:
     """The current decisions of these products (a page's), by id."""
     out = {}
