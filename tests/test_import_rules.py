@@ -380,3 +380,16 @@ def test_no_package_holds_more_than_15_percent_of_the_code():
                     for p, n in sorted(lines.items(), key=lambda x: -x[1]))
   big = [p for p, n in lines.items() if n > MAX_SHARE * total]
   assert not big, f"over {MAX_SHARE:.0%} of {total} lines: {big}; {table}"
+
+
+def test_the_review_page_starts_without_jax():
+  """The review page reads the bundle's format only: importing it must not
+  load JAX (about 2 s of every start; ``mic_jax.serving`` imports its
+  predictor lazily)."""
+  code = ("import sys; from mic_jax.reviewing import queue, server; "
+          "from mic_jax.serving import bundle; "
+          "print(sorted(m for m in ('jax', 'flax', 'tensorflow') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True, cwd=ROOT.parent).stdout
+  assert out.strip() == "[]", out
