@@ -29,6 +29,15 @@ def test_beam_matches_the_recorded_demo_digest(name, tmp_path):
   assert not (tmp_path / "out" / prepare.WORK).exists()
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_beam_matches_the_recorded_hm_digest(tmp_path):
+  rec, found = test_recorded_digests.prepare_and_digest(
+      "hm-nosplit", tmp_path, ("--engine=beam", "--num_workers=2"))
+  diff = digest_lib.differences(rec["digest"], found)
+  assert not diff, "\n".join(diff)
+
+
 def _catalogue(root: pathlib.Path) -> pathlib.Path:
   """Rows of every kind pass 1 and 2 reject or repair, with parents."""
   tok = root / "tok"
