@@ -7,7 +7,12 @@ must write the same examples, rejections and repairs.
 
 import csv
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import apache_beam  # noqa: F401  (a declared dependency: fail, not skip)
 import pytest
@@ -143,3 +148,38 @@ def test_a_failed_run_leaves_no_data_set_and_a_rerun_completes(
   prepare.main(_argv(tmp_path, path, out, "beam"))
   assert not digest_lib.differences(digest_lib.digest(pool),
                                     digest_lib.digest(out))
+
+
+def test_sigkill_mid_way_leaves_no_data_set_and_the_rerun_matches(tmp_path):
+  """The whole process group (launcher and Beam's workers) is killed once
+  the plan is made; the same command then completes with the demo digest."""
+  record = json.loads((test_recorded_digests.DIGESTS / "demo-split.json")
+                      .read_text(encoding="utf-8"))
+  places = {"python": sys.executable, "raw": str(tmp_path / "raw"),
+            "out": str(tmp_path / "out")}
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [str(test_recorded_digests.REPO), os.environ.get("PYTHONPATH", "")])}
+
+  def command(step):
+    return [test_recorded_digests._fill(a, places) for a in step]  # pylint: disable=protected-access
+
+  subprocess.run(command(record["setup"]), check=True, env=env,
+                 cwd=test_recorded_digests.REPO)
+  prepare_cmd = command(record["command"]) + ["--engine=beam",
+                                              "--num_workers=2"]
+  out = tmp_path / "out"
+  proc = subprocess.Popen(prepare_cmd, env=env, start_new_session=True,
+                          cwd=test_recorded_digests.REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while (not (out / prepare.WORK / beam_pipeline.PASS1).exists()
+         and proc.poll() is None and time.time() < deadline):
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (out / "dataset_info.json").exists()
+  subprocess.run(prepare_cmd, check=True, env=env,
+                 cwd=test_recorded_digests.REPO, capture_output=True)
+  diff = digest_lib.differences(record["digest"], digest_lib.digest(out))
+  assert not diff, "\n".join(diff)
