@@ -127,13 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     help="a --corrections decision whose product is in neither --input nor "
          "--new_products: stop before writing anything (error), or leave it "
          "out, counted as unknown_product (count)")
+  a("--engine", default="pool", choices=("pool", "beam"),
+    help="pool: this process and --num_workers worker processes; beam: an "
+         "Apache Beam pipeline (data_prep/beam_pipeline.py, docs/beam.md), "
+         "on Beam's local runner with --num_workers workers unless Beam "
+         "options such as --runner=DataflowRunner follow; other flags the "
+         "same. Not yet with --corrections/--new_products")
   a("--overwrite", action="store_true", help="delete output_dir first")
   a("-v", "--verbose", action="store_true", help=console.VERBOSE_HELP)
   return p
 
 
 # Arguments that do not change the output (safe to vary on restart).
-_RUNTIME_ONLY = ("num_workers", "overwrite", "verbose")
+# ``beam_args``: the Beam pipeline options after the flags (--engine=beam).
+_RUNTIME_ONLY = ("num_workers", "overwrite", "verbose", "beam_args")
 
 
 def _fingerprint(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,6 +205,15 @@ def _rows(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
                               delimiter=args.delimiter), parents
 
 
+def reject_line(row: readers.RawRow, reason: str, detail: str = "") -> str:
+  """One line of rejected.jsonl (without its line break)."""
+  line = json.dumps(
+      {"source": row.source, "id": row.product_id, "reason": reason,
+       "detail": detail, "title": row.title[:200]}, ensure_ascii=False)
+  # JSON allows raw U+2028/U+2029, but str.splitlines() breaks there.
+  return line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 class _Rejects:
   """Counts rejected rows by reason and logs each to rejected.jsonl."""
 
@@ -207,12 +223,7 @@ class _Rejects:
 
   def add(self, row: readers.RawRow, reason: str, detail: str = "") -> None:
     self.counts[reason] += 1
-    line = json.dumps(
-        {"source": row.source, "id": row.product_id, "reason": reason,
-         "detail": detail, "title": row.title[:200]}, ensure_ascii=False)
-    # JSON allows raw U+2028/U+2029, but str.splitlines() breaks there.
-    self._f.write(line.replace("\u2028", "\\u2028").replace(
-        "\u2029", "\\u2029") + "\n")
+    self._f.write(reject_line(row, reason, detail) + "\n")
 
   def close(self) -> None:
     self._f.close()
@@ -285,6 +296,49 @@ def _id_hash(product_id: str) -> bytes:
                          digest_size=8).digest()
 
 
+def fixed_labels(args: argparse.Namespace) -> set[str] | None:
+  """The ``--labels_file`` classes, or None without one."""
+  if not args.labels_file:
+    return None
+  return set(pathlib.Path(args.labels_file).read_text(
+      encoding="utf-8").splitlines()) - {""}
+
+
+def check_row(row: readers.RawRow, args: argparse.Namespace,
+              fixed: set[str] | None) -> tuple[str, str] | None:
+  """Why pass 1 rejects ``row`` (reason, detail) before looking for
+  duplicate ids, or None when it passes."""
+  if row.error:
+    return row.error, row.detail
+  if not row.product_id:
+    return MISSING_ID, ""
+  if not row.title.strip() or not title_group_key(row.title):
+    return EMPTY_TITLE, ""
+  if not row.label:
+    return MISSING_LABEL, ""
+  if records.label_problem(row.label):
+    return LABEL_LINE_BREAK, row.label
+  if fixed is not None and row.label not in fixed:
+    return UNKNOWN_LABEL, row.label
+  if args.split_column and row.split not in split_lib.SPLITS:
+    return BAD_SPLIT, row.split
+  return None
+
+
+def normalize(row: readers.RawRow, args: argparse.Namespace
+              ) -> tuple[dict[str, Any], bool]:
+  """A row that passed: its rows.jsonl record (title cut to
+  ``--max_title_chars``, title group hash) and whether the title was cut."""
+  title = row.title
+  truncated = len(title) > args.max_title_chars
+  if truncated:
+    title = title[:args.max_title_chars]
+  group = split_lib.group_hash(title_group_key(title), args.seed)
+  return ({"source": row.source, "id": row.product_id, "title": title,
+           "label": row.label, "image": row.image_path, "split": row.split,
+           "group": group}, truncated)
+
+
 def pass1(args: argparse.Namespace, work: pathlib.Path,
           watch: frozenset[str] = frozenset()) -> Pass1:
   """Validates rows, writes good ones to rows.jsonl, counts groups/labels.
@@ -295,10 +349,7 @@ def pass1(args: argparse.Namespace, work: pathlib.Path,
   """
   stream, parents = _rows(args)
   rejects = _Rejects(work / "rejected_pass1.jsonl")
-  fixed = None
-  if args.labels_file:
-    fixed = set(pathlib.Path(args.labels_file).read_text(
-        encoding="utf-8").splitlines()) - {""}
+  fixed = fixed_labels(args)
   seen_ids: set[bytes] = set()
   groups: dict[int, collections.Counter[str]] = collections.defaultdict(
       collections.Counter)
@@ -314,44 +365,23 @@ def pass1(args: argparse.Namespace, work: pathlib.Path,
       rows_in += 1
       if row.product_id in watch:
         found.setdefault(row.product_id, row.source)
-      if row.error:
-        rejects.add(row, row.error, row.detail)
-        continue
-      if not row.product_id:
-        rejects.add(row, MISSING_ID)
-        continue
-      if not row.title.strip() or not title_group_key(row.title):
-        rejects.add(row, EMPTY_TITLE)
-        continue
-      if not row.label:
-        rejects.add(row, MISSING_LABEL)
-        continue
-      if records.label_problem(row.label):
-        rejects.add(row, LABEL_LINE_BREAK, row.label)
-        continue
-      if fixed is not None and row.label not in fixed:
-        rejects.add(row, UNKNOWN_LABEL, row.label)
-        continue
-      if args.split_column and row.split not in split_lib.SPLITS:
-        rejects.add(row, BAD_SPLIT, row.split)
+      problem = check_row(row, args, fixed)
+      if problem is not None:
+        rejects.add(row, *problem)
         continue
       key = _id_hash(row.product_id)
       if key in seen_ids:
         rejects.add(row, DUPLICATE_ID)
         continue
       seen_ids.add(key)
-      if len(row.title) > args.max_title_chars:
-        row.title = row.title[:args.max_title_chars]
+      record, truncated = normalize(row, args)
+      if truncated:
         repaired[TITLE_TRUNCATED] += 1
-      group = split_lib.group_hash(title_group_key(row.title), args.seed)
-      groups[group][row.label] += 1
+      groups[record["group"]][row.label] += 1
       given[(row.split, row.label)] += 1
       if parents:
         taxonomy[row.label][" > ".join(row.parents)] += 1
-      out.write(json.dumps({"source": row.source, "id": row.product_id,
-                            "title": row.title, "label": row.label,
-                            "image": row.image_path, "split": row.split,
-                            "group": group}, ensure_ascii=False) + "\n")
+      out.write(json.dumps(record, ensure_ascii=False) + "\n")
   rejects.close()
   os.replace(work / "rows.jsonl.tmp", work / "rows.jsonl")
   return Pass1(rows_in=rows_in, rejected=dict(rejects.counts),
@@ -396,6 +426,33 @@ def plan(args: argparse.Namespace, p1: Pass1) -> Plan:
   return Plan(labels, rare, assignment, unknown)
 
 
+def counted_split(r: dict[str, Any], assignment: dict[int, str]) -> str:
+  """The split a rows.jsonl record is counted in to size the shards ("" for
+  a group without one: all its rows are dropped)."""
+  return r["split"] or assignment.get(r["group"], "")
+
+
+def final_split(r: dict[str, Any], assignment: dict[int, str]) -> str:
+  """The split a kept rows.jsonl record is written to."""
+  # A group of dropped rows only has no split; a restored row joins
+  # train (it was never evaluation data).
+  return r["split"] or assignment.get(r["group"], "train")
+
+
+def drop_reason(r: dict[str, Any], chosen: Plan, label_id: dict[str, int],
+                args: argparse.Namespace) -> tuple[str, str] | None:
+  """Why pass 2 rejects a rows.jsonl record (reason, detail), or None."""
+  if r["label"] in chosen.unknown:
+    return UNKNOWN_LABEL, r["label"] + " (not in train)"
+  if r["label"] in chosen.rare and args.rare_classes == "drop":
+    # Also when --labels_file gives the class an id: its groups have no
+    # split and a class this rare cannot be learned or measured.
+    return RARE_CLASS, r["label"]
+  if r["label"] not in label_id:
+    return UNKNOWN_LABEL, r["label"]
+  return None
+
+
 def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
           fix: corrections_lib.Applier | None = None,
           dealer: new_products_lib.Dealer | None = None) -> Pass2:
@@ -406,15 +463,14 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
   rows, whose splits it must see first) and its record goes to
   ``.work/new_products.json``.
   """
-  labels, rare = chosen.labels, chosen.rare
-  unknown, assignment = chosen.unknown, chosen.assignment
+  labels, assignment = chosen.labels, chosen.assignment
   label_id = {l: i for i, l in enumerate(labels)}
   rejects = _Rejects(work / "rejected_pass2.jsonl")
   counts: collections.Counter[str] = collections.Counter()
   with open(work / "rows.jsonl", encoding="utf-8") as f:
     for line in f:
       r = json.loads(line)
-      split = r["split"] or assignment.get(r["group"], "")
+      split = counted_split(r, assignment)
       if not split and fix is not None and fix.decides(r["id"]):
         split = "train"  # May be restored (a group of a dropped class).
       counts[split] += 1
@@ -435,18 +491,8 @@ def pass2(args: argparse.Namespace, work: pathlib.Path, chosen: Plan,
       r = json.loads(line)
       row = readers.RawRow(source=r["source"], product_id=r["id"],
                            title=r["title"])
-      dropped = None
-      if r["label"] in unknown:
-        dropped = (UNKNOWN_LABEL, r["label"] + " (not in train)")
-      elif r["label"] in rare and args.rare_classes == "drop":
-        # Also when --labels_file gives the class an id: its groups have no
-        # split and a class this rare cannot be learned or measured.
-        dropped = (RARE_CLASS, r["label"])
-      elif r["label"] not in label_id:
-        dropped = (UNKNOWN_LABEL, r["label"])
-      # A group of dropped rows only has no split; a restored row joins
-      # train (it was never evaluation data).
-      split = r["split"] or assignment.get(r["group"], "train")
+      dropped = drop_reason(r, chosen, label_id, args)
+      split = final_split(r, assignment)
       if dropped is not None:
         if fix is None or not fix.restore(r, split):
           rejects.add(row, *dropped)
@@ -497,6 +543,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
   check_columns(args)
+  beam = getattr(args, "engine", "pool") == "beam"
+  if beam and (args.corrections or args.new_products):
+    raise SystemExit("error: --engine=beam does not take --corrections or "
+                     "--new_products yet (docs/beam.md); use --engine=pool")
   try:
     allowed = corrections_lib.parse_splits(args.corrections_splits,
                                            split_lib.SPLITS)
@@ -528,6 +578,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise SystemExit(f"{out} already holds a prepared data set; use "
                      "--overwrite to replace it")
   records.write_json_atomic(fp_file, fingerprint)
+  if beam:
+    from data_prep import beam_pipeline  # pylint: disable=g-import-not-at-top
+    return beam_pipeline.run(args, start)
 
   p1_file = work / "pass1.json"
   if not p1_file.exists():
@@ -784,7 +837,11 @@ def finish(args: argparse.Namespace, p1: Pass1, chosen: Plan, p2: Pass2,
 
 def main(argv: list[str] | None = None) -> None:
   """The program: flags, a console session, the preparation, a summary."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, beam_args = parser.parse_known_args(argv)
+  if beam_args and args.engine != "beam":
+    parser.error("unrecognized arguments: " + " ".join(beam_args))
+  args.beam_args = beam_args
   nested = console.active() is not None  # E.g. the demo data of a run.
   with console.session("prepare", args.output_dir, verbose=args.verbose):
     if not nested:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from data_prep import images
@@ -58,6 +58,13 @@ def _rows(path: str) -> Iterator[dict[str, Any]]:
 
 def process_shard(task: ShardTask, chunk: int = 256) -> dict[str, Any]:
   """Writes ``task.output``; returns the shard's statistics."""
+  return process_rows(task, _rows(task.spill), chunk)
+
+
+def process_rows(task: ShardTask, rows: Iterable[dict[str, Any]],
+                 chunk: int = 256) -> dict[str, Any]:
+  """:func:`process_shard` on rows given as dicts (``task.spill`` unused):
+  the Beam pipeline hands a shard's rows over this way."""
   tok = _tokenizer(task.tokenizer)
   stats: dict[str, Any] = {
       "examples": 0, "class_counts": [0] * task.num_classes,
@@ -91,7 +98,7 @@ def process_shard(task: ShardTask, chunk: int = 256) -> dict[str, Any]:
               image_jpeg=r["jpeg"])
         batch.clear()
 
-      for row in _rows(task.spill):
+      for row in rows:
         result = images.load(row["image"], max_side=task.max_side,
                              quality=task.jpeg_quality)
         if result.original_size != (0, 0):

@@ -40,9 +40,11 @@ def _fill(text: str, places: dict[str, str]) -> str:
   return text
 
 
-def prepare_and_digest(name: str, tmp: pathlib.Path) -> tuple[dict, dict]:
-  """Runs the recorded command of ``name`` into ``tmp``; returns (record,
-  digest of the new output)."""
+def prepare_and_digest(name: str, tmp: pathlib.Path, extra: tuple[str, ...] = ()
+                       ) -> tuple[dict, dict]:
+  """Runs the recorded command of ``name`` (with ``extra`` arguments, e.g.
+  ``--engine=beam``) into ``tmp``; returns (record, digest of the new
+  output)."""
   record = json.loads((DIGESTS / f"{name}.json").read_text(encoding="utf-8"))
   places = {"python": sys.executable, "raw": str(tmp / "raw"),
             "shared": str(SHARED_DATA), "out": str(tmp / "out")}
@@ -55,7 +57,7 @@ def prepare_and_digest(name: str, tmp: pathlib.Path) -> tuple[dict, dict]:
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(
       [str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
   for step in ([record["setup"]] if record.get("setup") else []) + [
-      record["command"]]:
+      record["command"] + list(extra)]:
     done = subprocess.run([_fill(a, places) for a in step], cwd=REPO,
                           env=env, capture_output=True, text=True,
                           check=False)
