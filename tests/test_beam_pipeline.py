@@ -20,6 +20,7 @@ import pytest
 from data_prep import beam_pipeline
 from data_prep import digest as digest_lib
 from data_prep import prepare
+from mic_jax.data import demo
 import test_recorded_digests
 
 WORDS = ["red", "blue", "shirt", "shoe", "watch", "bag", "cotton", "item"]
@@ -45,12 +46,7 @@ def test_beam_matches_the_recorded_hm_digest(tmp_path):
 
 def _catalogue(root: pathlib.Path) -> pathlib.Path:
   """Rows of every kind pass 1 and 2 reject or repair, with parents."""
-  tok = root / "tok"
-  tok.mkdir()
-  (tok / "vocab.txt").write_text("\n".join(
-      ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-  (tok / "tokenizer_config.json").write_text(json.dumps(
-      {"do_lower_case": True, "tokenizer_class": "BertTokenizer"}))
+  tok = demo.write_tokenizer(root / "tok", WORDS)
   rows = []
   for i in range(60):
     label = ["shirt", "shoe", "bag"][i % 3]

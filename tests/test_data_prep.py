@@ -19,6 +19,7 @@ import tensorflow as tf
 from data_prep import images
 from data_prep import prepare
 from data_prep import writer
+from mic_jax.data import demo
 from mic_jax.data import pipeline
 from mic_jax.data import records
 from mic_jax.text import title_group_key
@@ -29,13 +30,7 @@ WORDS = ["red", "blue", "shirt", "shoe", "watch", "bag", "cotton", "leather",
 
 
 def _tokenizer(root: pathlib.Path) -> pathlib.Path:
-  tok = root / "tok"
-  tok.mkdir(exist_ok=True)
-  (tok / "vocab.txt").write_text("\n".join(
-      ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-  (tok / "tokenizer_config.json").write_text(json.dumps(
-      {"do_lower_case": True, "tokenizer_class": "BertTokenizer"}))
-  return tok
+  return demo.write_tokenizer(root / "tok", WORDS)
 
 
 def _save(img: Image.Image, path: pathlib.Path, fmt: str = "JPEG") -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from data_prep import digest as digest_lib
 from data_prep import prepare
+from mic_jax.data import demo
 from mic_jax.data import records
 
 WORDS = ["red", "blue", "shirt", "shoe", "cotton", "leather", "item", "new"]
@@ -109,12 +110,7 @@ def _catalogue(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   rows.append(["99", "", "shoe"])  # Rejected: empty_title.
   with open(root / "c.csv", "w", newline="", encoding="utf-8") as f:
     csv.writer(f).writerows(rows)
-  tok = root / "tok"
-  tok.mkdir()
-  (tok / "vocab.txt").write_text("\n".join(
-      ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-  (tok / "tokenizer_config.json").write_text(json.dumps(
-      {"do_lower_case": True, "tokenizer_class": "BertTokenizer"}))
+  tok = demo.write_tokenizer(root / "tok", WORDS)
   return root / "c.csv", tok
 
 

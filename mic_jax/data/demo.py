@@ -106,13 +106,22 @@ def write_catalogue(directory: str | os.PathLike[str], *, image_size: int,
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  tok = root / "tokenizer"
-  tok.mkdir(exist_ok=True)
-  (tok / "vocab.txt").write_text("\n".join(SPECIAL + sorted(words)) + "\n",
+  write_tokenizer(root / "tokenizer", sorted(words))
+  return csv_path
+
+
+def write_tokenizer(directory: str | os.PathLike[str],
+                    words: list[str]) -> pathlib.Path:
+  """A lower-casing WordPiece tokenizer directory whose vocabulary is BERT's
+  special tokens and ``words`` in that order (whole words only): the demo's,
+  and the tests' tiny catalogues'."""
+  tok = pathlib.Path(directory)
+  tok.mkdir(parents=True, exist_ok=True)
+  (tok / "vocab.txt").write_text("\n".join(SPECIAL + list(words)) + "\n",
                                  encoding="utf-8")
   (tok / "tokenizer_config.json").write_text(json.dumps(
       {"do_lower_case": True, "tokenizer_class": "BertTokenizer"}))
-  return csv_path
+  return tok
 
 
 def ensure_demo_dataset(data_dir: str | os.PathLike[str], *, max_length: int,
