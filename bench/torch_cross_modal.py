@@ -11,6 +11,11 @@ The fusion follows the paper, not our code: one head, no biases on
 ``W_Q, W_K, W_V``, no output projection, an element-wise visual gate
 ``VG_i = sigmoid(W_1 h_i + W_2 v_0 + b)``, padding keys masked, and the
 sum of ``h'`` over the real title tokens.
+
+``image_tower=False`` is the frozen-tower recipe on cached photo tokens:
+no ``ViTModel`` is built, and ``forward`` takes the tower's output tokens
+``image_tokens [B, T, D]`` (class token first) in place of
+``pixel_values``.
 """
 
 from __future__ import annotations
@@ -66,12 +71,13 @@ class CrossModalClassifier(nn.Module):
   """BERT + ViT towers, gated cross-modal fusion, linear head (eq. 4)."""
 
   def __init__(self, text_dir: str, image: dict[str, Any], num_classes: int,
-               fusion_dropout: float, head_dropout: float):
+               fusion_dropout: float, head_dropout: float,
+               image_tower: bool = True):
     super().__init__()
     import transformers  # pylint: disable=g-import-not-at-top
     self.text = transformers.BertModel.from_pretrained(
         text_dir, add_pooling_layer=False)
-    self.image = transformers.ViTModel(transformers.ViTConfig(
+    self.image = None if not image_tower else transformers.ViTModel(transformers.ViTConfig(
         hidden_size=image["width"], num_hidden_layers=image["depth"],
         num_attention_heads=image["num_heads"],
         intermediate_size=image["mlp_dim"], image_size=image["size"],
@@ -85,10 +91,14 @@ class CrossModalClassifier(nn.Module):
     self.head = nn.Linear(text_dim, num_classes, bias=False)
 
   def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              token_type_ids: torch.Tensor, pixel_values: torch.Tensor
-              ) -> torch.Tensor:
+              token_type_ids: torch.Tensor,
+              pixel_values: torch.Tensor | None = None,
+              image_tokens: torch.Tensor | None = None) -> torch.Tensor:
     h = self.text(input_ids=input_ids, attention_mask=attention_mask,
                   token_type_ids=token_type_ids).last_hidden_state
-    v = self.image(pixel_values=pixel_values).last_hidden_state
+    if image_tokens is not None:  # Cached: the tower does not run.
+      v = image_tokens
+    else:
+      v = self.image(pixel_values=pixel_values).last_hidden_state
     fused = self.fusion(h, v, attention_mask.bool())
     return self.head(self.dropout(fused))
